@@ -1,0 +1,44 @@
+"""Build the one extension, spte_fast._core.
+
+Compiler directives live here and nowhere else.  ``SPTE_FAST_DEBUG=1`` turns the
+checks back on (bounds, wraparound, initialized), adds line tracing and builds
+with ``-O0 -g``; the release build is ``-O3`` with portable flags (no
+``-march=native``: set ``SPTE_FAST_CFLAGS`` to add your own, e.g. for a local
+benchmark).
+"""
+import os
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("SPTE_FAST_DEBUG", "") not in ("", "0")
+
+DIRECTIVES = dict(
+    language_level=3,
+    boundscheck=DEBUG,
+    wraparound=DEBUG,
+    initializedcheck=DEBUG,
+    nonecheck=False,
+    cdivision=True,
+    embedsignature=True,
+    linetrace=DEBUG,
+)
+
+macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
+if DEBUG:
+    macros += [("CYTHON_TRACE_NOGIL", "1"), ("SPTE_FAST_DEBUG", "1")]
+    cflags = ["-O0", "-g"]
+else:
+    cflags = ["-O3"]
+cflags += os.environ.get("SPTE_FAST_CFLAGS", "").split()
+
+ext = Extension(
+    "spte_fast._core",
+    ["spte_fast/_core.pyx"],
+    include_dirs=[numpy.get_include()],
+    define_macros=macros,
+    extra_compile_args=cflags,
+)
+
+setup(ext_modules=cythonize([ext], compiler_directives=DIRECTIVES, annotate=DEBUG))

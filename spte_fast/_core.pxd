@@ -91,7 +91,7 @@ cdef extern from *:
      * run time); any other pattern uses a loop that GCC/Clang clone for
      * AVX2 with run-time dispatch, so portable builds still get wide stores. */
     #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-    __attribute__((target_clones("avx2", "default")))
+    __attribute__((target_clones("avx512f", "avx2", "default")))
     #endif
     static void spte_memset64_pattern(uint64_t *p, uint64_t v, size_t n) {
         for (size_t i = 0; i < n; i++) p[i] = v;

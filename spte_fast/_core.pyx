@@ -483,8 +483,11 @@ cdef memslot_t* _slot_for_pfn(mmu_t* mmu, pfn_t pfn) noexcept nogil:
 
 cdef inline void _mark_host_page(mmu_t* mmu, pfn_t pfn, uint8_t flag) noexcept nogil:
     cdef memslot_t* s = _slot_for_pfn(mmu, pfn)
+    cdef uint8_t* f
     if s != NULL:
-        spte_byte_or(&s.host_flags[pfn - s.pfn], flag)
+        f = &s.host_flags[pfn - s.pfn]
+        if not (f[0] & flag):          # flags only ever get set: skip the locked op
+            spte_byte_or(f, flag)
 
 
 cdef inline tdp_ptep_t spte_to_child_pt(mmu_t* mmu, u64 spte) noexcept nogil:
@@ -1269,22 +1272,25 @@ def _layout_npt(nonpresent_value):
 # -- kernels, Python side -------------------------------------------------------------
 
 cdef cnp.ndarray _u64_array(object a, str name, bint writable):
-    if not isinstance(a, np.ndarray):
+    """Check with numpy's C API (no attribute lookups: this runs on every kernel call)."""
+    if not cnp.PyArray_Check(a):
         raise TypeError(f"{name} must be a numpy.ndarray of uint64, not {type(a).__name__}")
     cdef cnp.ndarray arr = <cnp.ndarray>a
-    if arr.dtype != np.uint64:
+    if cnp.PyArray_TYPE(arr) != cnp.NPY_UINT64:
         raise TypeError(f"{name} must have dtype uint64, not {arr.dtype}")
-    if not arr.flags.c_contiguous:
+    if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
         raise ValueError(f"{name} must be C-contiguous")
-    if writable and not arr.flags.writeable:
+    if writable and not cnp.PyArray_ISWRITEABLE(arr):
         raise ValueError(f"{name} is read-only")
     return arr
 
 
 cdef cnp.ndarray _pages_array(object a, str name, bint writable):
     cdef cnp.ndarray arr = _u64_array(a, name, writable)
-    if not ((arr.ndim == 2 and arr.shape[1] == SPTE_ENT_PER_PAGE) or
-            (arr.ndim == 1 and arr.shape[0] == SPTE_ENT_PER_PAGE)):
+    cdef int nd = cnp.PyArray_NDIM(arr)
+    cdef cnp.npy_intp* shape = cnp.PyArray_DIMS(arr)
+    if not ((nd == 2 and shape[1] == SPTE_ENT_PER_PAGE) or
+            (nd == 1 and shape[0] == SPTE_ENT_PER_PAGE)):
         raise ValueError(f"{name} must have shape (n, 512) or (512,), not {(<object>arr).shape}")
     return arr
 
@@ -1298,9 +1304,12 @@ def fill_pages(pages, value):
     cdef cnp.ndarray arr = _pages_array(pages, "pages", True)
     cdef u64 v = _as_u64(value, "value")
     cdef u64* p = <u64*>cnp.PyArray_DATA(arr)
-    cdef int64_t n = arr.size // SPTE_ENT_PER_PAGE
-    with nogil:
-        fill_pages_kernel(p, n, v)
+    cdef int64_t n = cnp.PyArray_SIZE(arr) // SPTE_ENT_PER_PAGE
+    if n <= 16:
+        fill_pages_kernel(p, n, v)     # shorter than releasing the GIL
+    else:
+        with nogil:
+            fill_pages_kernel(p, n, v)
 
 
 def scan_present(page, nonpresent_value):
@@ -2280,3 +2289,196 @@ cdef cnp.ndarray _access_array(object a, Py_ssize_t n):
     if arr.size and int(arr.max()) > 3:
         raise ValueError("access values must be 0..3 (bit 0 write, bit 1 exec)")
     return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+# =====================================================================================
+# Bench hooks: C loops under nogil, so benchmarks can separate kernel cost from calls
+# =====================================================================================
+# Not part of the public API (leading underscore); bench/ uses them for baselines.
+
+cdef extern from *:
+    """
+    /* C baselines for bench/: a plain (not vectorised) store loop and libc memset. */
+    #if defined(__GNUC__) && !defined(__clang__)
+    __attribute__((noinline, optimize("no-tree-vectorize")))
+    #else
+    __attribute__((noinline))
+    #endif
+    static void spte_bench_store_loop(uint64_t *p, uint64_t v, size_t n) {
+        for (size_t i = 0; i < n; i++) p[i] = v;
+        __asm__ volatile("" : : "r"(p) : "memory");
+    }
+    __attribute__((noinline)) static void spte_bench_memset(uint64_t *p, size_t n) {
+        memset(p, 0, n * sizeof(uint64_t));
+        __asm__ volatile("" : : "r"(p) : "memory");
+    }
+    """
+    void spte_bench_store_loop(u64* p, u64 v, size_t n) noexcept nogil
+    void spte_bench_memset(u64* p, size_t n) noexcept nogil
+
+
+def _bench_fill_repeat(page, value, int64_t reps):
+    """memset64 (the engine's fill) of one page, ``reps`` times (cache-hot)."""
+    cdef cnp.ndarray arr = _pages_array(page, "page", True)
+    cdef u64* p = <u64*>cnp.PyArray_DATA(arr)
+    cdef u64 v = _as_u64(value, "value")
+    cdef int64_t n = arr.size // SPTE_ENT_PER_PAGE
+    cdef int64_t i
+    with nogil:
+        for i in range(reps):
+            fill_pages_kernel(p, n, v)
+
+
+def _bench_store_loop_repeat(page, value, int64_t reps):
+    """C baseline: a plain 8-byte store loop over one page, ``reps`` times."""
+    cdef cnp.ndarray arr = _pages_array(page, "page", True)
+    cdef u64* p = <u64*>cnp.PyArray_DATA(arr)
+    cdef u64 v = _as_u64(value, "value")
+    cdef int64_t i
+    with nogil:
+        for i in range(reps):
+            spte_bench_store_loop(p, v, arr.size)
+
+
+def _bench_memset_repeat(page, int64_t reps):
+    """C baseline: libc memset(0) of one page, ``reps`` times."""
+    cdef cnp.ndarray arr = _pages_array(page, "page", True)
+    cdef u64* p = <u64*>cnp.PyArray_DATA(arr)
+    cdef int64_t i
+    with nogil:
+        for i in range(reps):
+            spte_bench_memset(p, arr.size)
+
+
+def _bench_cmpxchg(array, int64_t n):
+    """n compare-and-exchanges (old → old ^ 1) at a large odd stride; returns a checksum."""
+    cdef cnp.ndarray arr = _u64_array(array, "array", True)
+    cdef u64* p = <u64*>cnp.PyArray_DATA(arr)
+    cdef int64_t size = arr.size
+    cdef int64_t i, j = 0
+    cdef u64 old, acc = 0
+    with nogil:
+        for i in range(n):
+            old = spte_read_once(p + j)
+            spte_try_cmpxchg64(p + j, &old, old ^ 1)
+            acc += old
+            j = (j + <int64_t>2654435761) % size
+    return acc
+
+
+def _bench_plain_rmw(array, int64_t n):
+    """Control for _bench_cmpxchg: the same loop with a plain read-modify-write."""
+    cdef cnp.ndarray arr = _u64_array(array, "array", True)
+    cdef u64* p = <u64*>cnp.PyArray_DATA(arr)
+    cdef int64_t size = arr.size
+    cdef int64_t i, j = 0
+    cdef u64 old, acc = 0
+    with nogil:
+        for i in range(n):
+            old = spte_read_once(p + j)
+            spte_write_once(p + j, old ^ 1)
+            acc += old
+            j = (j + <int64_t>2654435761) % size
+    return acc
+
+
+def _bench_scan(pages, nonpresent_value, int64_t reps):
+    """count_present over every page, ``reps`` times; returns the total."""
+    cdef cnp.ndarray arr = _pages_array(pages, "pages", False)
+    cdef const u64* p = <const u64*>cnp.PyArray_DATA(arr)
+    cdef u64 v = _as_u64(nonpresent_value, "nonpresent_value")
+    cdef int64_t n = arr.size // SPTE_ENT_PER_PAGE
+    cdef int64_t i, r, total = 0
+    with nogil:
+        for r in range(reps):
+            for i in range(n):
+                total += count_present_kernel(p + i * SPTE_ENT_PER_PAGE, v)
+    return total
+
+
+@cython.final
+cdef class _BareTdp:
+    """Bench baseline: the physical limit the engine is measured against.
+
+    A minimal 4-level radix tree of 512-entry tables in one arena: a walk, a
+    bump-allocated table filled with the non-present value (memset64), linked
+    and installed with compare-and-exchange — no slots, no stats, no bookkeeping.
+    """
+    cdef object _arr
+    cdef u64* pages
+    cdef int64_t capacity
+    cdef int64_t next_free
+    cdef u64 nonpresent
+
+    def __cinit__(self, int64_t capacity, nonpresent=SHADOW_NONPRESENT_VALUE):
+        self._arr = np.zeros((capacity, SPTE_ENT_PER_PAGE), dtype=np.uint64)
+        self.pages = <u64*>cnp.PyArray_DATA(<cnp.ndarray>self._arr)
+        self.capacity = capacity
+        self.nonpresent = _as_u64(nonpresent, "nonpresent")
+        self.reset()
+
+    def reset(self):
+        """Forget every table (the arena's memory is reused: already faulted in)."""
+        spte_memset64(self.pages, self.nonpresent, SPTE_ENT_PER_PAGE)
+        self.next_free = 1
+
+    def insert(self, gfns):
+        """Install a 4K leaf for every gfn (gfn < 2**36); returns how many were new."""
+        cdef cnp.ndarray g_arr = np.ascontiguousarray(gfns, dtype=np.uint64)
+        cdef const u64* g = <const u64*>cnp.PyArray_DATA(g_arr)
+        cdef Py_ssize_t n = g_arr.shape[0]
+        cdef int64_t added = 0
+        with nogil:
+            added = self._insert(g, n)
+        if added < 0:
+            raise OutOfMemory("bare arena exhausted")
+        return added
+
+    cdef int64_t _insert(self, const u64* g, Py_ssize_t n) noexcept nogil:
+        cdef Py_ssize_t i
+        cdef int level
+        cdef u64* table
+        cdef u64* e
+        cdef u64 old, nl
+        cdef int64_t child, added = 0
+        for i in range(n):
+            table = self.pages
+            for level in range(4, 1, -1):
+                e = table + ((g[i] >> (9 * (level - 1))) & 511)
+                old = spte_read_once(e)
+                if not (old & SPTE_MMU_PRESENT_MASK):
+                    if self.next_free >= self.capacity:
+                        return -1
+                    child = self.next_free
+                    self.next_free += 1
+                    spte_memset64(self.pages + child * SPTE_ENT_PER_PAGE, self.nonpresent,
+                                  SPTE_ENT_PER_PAGE)
+                    nl = self.nonpresent | SPTE_MMU_PRESENT_MASK | (<u64>child << 12) | 0x107
+                    if spte_try_cmpxchg64(e, &old, nl):
+                        old = nl
+                table = self.pages + ((old & SPTE_BASE_ADDR_MASK) >> 12) * SPTE_ENT_PER_PAGE
+            e = table + (g[i] & 511)
+            old = self.nonpresent
+            if spte_try_cmpxchg64(e, &old, self.nonpresent | SPTE_MMU_PRESENT_MASK |
+                                  ((g[i] + 0x100000) << 12) | 0x377):
+                added += 1
+        return added
+
+    def walk(self, gfns):
+        """Walk to the leaf of every gfn; returns the sum of the leaves (a checksum)."""
+        cdef cnp.ndarray g_arr = np.ascontiguousarray(gfns, dtype=np.uint64)
+        cdef const u64* g = <const u64*>cnp.PyArray_DATA(g_arr)
+        cdef Py_ssize_t n = g_arr.shape[0], i
+        cdef int level
+        cdef u64* table
+        cdef u64 e, acc = 0
+        with nogil:
+            for i in range(n):
+                table = self.pages
+                for level in range(4, 0, -1):
+                    e = spte_read_once(table + ((g[i] >> (9 * (level - 1))) & 511))
+                    if level == 1 or not (e & SPTE_MMU_PRESENT_MASK):
+                        break
+                    table = self.pages + ((e & SPTE_BASE_ADDR_MASK) >> 12) * SPTE_ENT_PER_PAGE
+                acc += e
+        return acc

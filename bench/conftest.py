@@ -1,0 +1,45 @@
+"""Fixtures for the pytest-benchmark suite (run: pytest bench --benchmark-only).
+
+Figures are ratios taken side by side in one run (these machines are small and
+noisy): `python bench/ratios.py RESULT.json` prints them from
+`--benchmark-json=RESULT.json`.
+"""
+import numpy as np
+import pytest
+
+import spte_fast as sf
+
+GIB_PAGES = 1 << 18          # 4 KiB pages per GiB
+
+
+@pytest.fixture(scope="session")
+def rng():
+    return np.random.default_rng(12345)
+
+
+@pytest.fixture(scope="session")
+def seq_4g():
+    """Sequential gfns covering 4 GiB of guest memory."""
+    return np.arange(4 * GIB_PAGES, dtype=np.uint64)
+
+
+@pytest.fixture(scope="session")
+def random_64g(rng):
+    """4 Mi distinct gfns drawn uniformly from 64 GiB, in random order."""
+    return rng.permutation(64 * GIB_PAGES)[: 4 << 20].astype(np.uint64)
+
+
+def make_vm(impl=sf, *, npages, max_level=sf.PG_LEVEL_4K, max_pt_pages=1 << 16,
+            layout=None, root_level=4):
+    layout = layout or impl.SpteLayout.ept()
+    vm = impl.Vm(layout, root_level=root_level, max_level=max_level,
+                 max_pt_pages=max_pt_pages)
+    vm.add_memslot(0, npages, pfn=0x100000)
+    return vm, vm.vcpu()
+
+
+def per_item(benchmark, n, unit="faults"):
+    """Record items/s of the median round in the saved JSON (extra_info)."""
+    med = benchmark.stats.stats.median
+    benchmark.extra_info[f"{unit}_per_s"] = n / med
+    benchmark.extra_info["ns_per_item"] = med / n * 1e9

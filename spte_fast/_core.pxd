@@ -81,6 +81,7 @@ cdef extern from *:
     static inline uint64_t spte_fetch_and64(uint64_t *p, uint64_t m) { return __atomic_fetch_and(p, m, __ATOMIC_SEQ_CST); }
     static inline void spte_byte_or(uint8_t *p, uint8_t m) { __atomic_fetch_or(p, m, __ATOMIC_RELAXED); }
     static inline void spte_add64(int64_t *p, int64_t v) { __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+    static inline void spte_prefetch(const void *p) { __builtin_prefetch(p, 1, 3); }
     static inline void spte_cpu_relax(void) {
     #if defined(__x86_64__) || defined(__i386__)
         __builtin_ia32_pause();
@@ -151,6 +152,7 @@ cdef extern from *:
     void spte_byte_or(uint8_t *p, uint8_t m) noexcept nogil
     void spte_add64(int64_t *p, int64_t v) noexcept nogil
     void spte_cpu_relax() noexcept nogil
+    void spte_prefetch(const void* p) noexcept nogil
     void spte_memset64(u64 *p, u64 v, size_t n) noexcept nogil
 
     ctypedef struct pthread_mutex_t:

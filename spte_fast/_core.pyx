@@ -249,6 +249,11 @@ cdef inline u64 get_mmio_spte_generation(u64 spte) noexcept nogil:
         ((spte & MMIO_SPTE_GEN_HIGH_MASK) >> MMIO_SPTE_GEN_HIGH_SHIFT)
 
 
+cdef inline gfn_t get_mmio_spte_gfn(const spte_masks_t* m, u64 spte) noexcept nogil:
+    """The GPA bits of an MMIO SPTE: the PFN field minus the MMIO marker bits (NPT bit 51)."""
+    return (spte & SPTE_BASE_ADDR_MASK & ~m.shadow_mmio_mask) >> 12
+
+
 cdef u64 make_mmio_spte(const spte_masks_t* m, gfn_t gfn, unsigned int access, u64 gen) noexcept nogil:
     cdef u64 spte = generation_mmio_spte_mask(gen & MMIO_SPTE_GEN_MASK)
     spte |= m.shadow_mmio_value | (access & m.shadow_mmio_access_mask)
@@ -385,12 +390,9 @@ cdef void mc_init_page(mem_cache_t* mc, int64_t idx) noexcept nogil:
     """mmu_memory_cache_alloc_obj's initialisation: GFP_ZERO or the 6.10 init_value fill."""
     cdef pool_t* p = mc.pool
     cdef u64* page = p.pages + idx * SPTE_ENT_PER_PAGE
-    if mc.init_value != 0:
-        _mc_fill_page(page, mc.init_value)
-        mc.fills += 1
-        mc.init_bytes_written += 4096
-        p.clean[idx] = 0
-    elif mc.gfp_zero:
+    # __GFP_ZERO first (only reachable together with init_value through an alloc from an
+    # empty cache: top-up refuses that combination), then the 6.10 memset64 fill.
+    if mc.gfp_zero:
         if p.clean[idx]:
             mc.zero_untouched += 1          # never-used memory is already zero
         else:
@@ -398,6 +400,11 @@ cdef void mc_init_page(mem_cache_t* mc, int64_t idx) noexcept nogil:
             mc.zero_inits += 1
             mc.init_bytes_written += 4096
             p.clean[idx] = 1
+    if mc.init_value != 0:
+        _mc_fill_page(page, mc.init_value)
+        mc.fills += 1
+        mc.init_bytes_written += 4096
+        p.clean[idx] = 0
     # init_value 0 without gfp_zero: KVM's uninitialised cache, page handed out as is.
 
 
@@ -454,7 +461,7 @@ cdef int64_t mmu_memory_cache_alloc(mem_cache_t* mc) noexcept nogil:
 cdef void mmu_free_memory_cache(mem_cache_t* mc) noexcept nogil:
     cdef int i
     pthread_mutex_lock(&mc.pool.lock)
-    for i in range(mc.nobjs):
+    for i in range(mc.nobjs - 1, -1, -1):      # objects[--nobjs] first, as KVM frees
         pool_free_locked(mc.pool, mc.objects[i])
     pthread_mutex_unlock(&mc.pool.lock)
     mc.nobjs = 0
@@ -531,8 +538,28 @@ cdef void handle_removed_pt(mmu_t* mmu, mmu_stats_t* st, int64_t pt, bint shared
     pool_free(p, pt)
 
 
-cdef void handle_changed_spte(mmu_t* mmu, mmu_stats_t* st, gfn_t gfn, u64 old_spte,
-                              u64 new_spte, int level, bint shared) noexcept nogil:
+cdef inline void handle_changed_spte(mmu_t* mmu, mmu_stats_t* st, gfn_t gfn, u64 old_spte,
+                                     u64 new_spte, int level, bint shared) noexcept nogil:
+    """Bookkeeping for one SPTE change (spec §3.7).
+
+    The common fault case — the non-present value becomes a present entry — needs
+    only the counters; it is decided here, inline, and everything else goes to
+    _handle_changed_spte_slow.
+    """
+    if old_spte == mmu.m.shadow_nonpresent_value and is_shadow_present_pte(new_spte) and \
+            level >= 1 and level <= PT64_ROOT_MAX_LEVEL and \
+            not (gfn & (pages_per_level(level) - 1)):
+        st.spte_changes += 1
+        if is_last_spte(new_spte, level):
+            if not _writable_invariants_ok(&mmu.m, new_spte):
+                st.warnings += 1
+            st.pages[level] += 1
+        return
+    _handle_changed_spte_slow(mmu, st, gfn, old_spte, new_spte, level, shared)
+
+
+cdef void _handle_changed_spte_slow(mmu_t* mmu, mmu_stats_t* st, gfn_t gfn, u64 old_spte,
+                                    u64 new_spte, int level, bint shared) noexcept nogil:
     cdef const spte_masks_t* m = &mmu.m
     cdef bint was_present = is_shadow_present_pte(old_spte)
     cdef bint is_present = is_shadow_present_pte(new_spte)
@@ -731,6 +758,10 @@ cdef void tdp_iter_next(tdp_iter_t* it) noexcept nogil:
 # SPTEs only by compare-and-exchange; the other zaps are exclusive.  Nothing here
 # raises: results are RET_PF_* codes, flush flags, or negative SPTE_E* codes.
 
+cdef enum:
+    VCPU_CACHE_MIN = 5          # mmu_topup_memory_caches: 1 + PT64_ROOT_MAX_LEVEL - 1
+
+
 cdef memslot_t* _gfn_to_memslot(mmu_t* mmu, gfn_t gfn) noexcept nogil:
     cdef int i = mmu.last_slot
     cdef memslot_t* s
@@ -770,21 +801,6 @@ cdef inline bint _is_access_allowed(const spte_masks_t* m, u64 spte, bint write,
     return (spte & PT_PRESENT_MASK) != 0
 
 
-cdef bint _fast_page_fault_spurious(mmu_t* mmu, gfn_t gfn, bint write, bint exec) noexcept nogil:
-    """fast_page_fault's first question: does the last SPTE already allow the access?"""
-    cdef int level = mmu.root_level
-    cdef tdp_ptep_t table = mmu.pages + mmu.root * SPTE_ENT_PER_PAGE
-    cdef u64 spte
-    while True:
-        spte = spte_read_once(table + spte_index(gfn, level))
-        if not is_shadow_present_pte(spte):
-            return False
-        if is_last_spte(spte, level):
-            return _is_access_allowed(&mmu.m, spte, write, exec)
-        table = spte_to_child_pt(mmu, spte)
-        level -= 1
-
-
 cdef int _tdp_mmu_link_sp(mmu_t* mmu, mmu_stats_t* st, tdp_iter_t* it, int64_t sp) noexcept nogil:
     cdef u64 new_spte = make_nonleaf_spte(&mmu.m, <pfn_t>sp, mmu.m.ad_disabled)
     cdef int r = tdp_mmu_set_spte_atomic(mmu, st, it, new_spte)
@@ -820,9 +836,15 @@ cdef inline void _iter_step_into(tdp_iter_t* it) noexcept nogil:
 
 
 cdef int _tdp_mmu_map(mmu_t* mmu, mmu_stats_t* st, mem_cache_t* mc, memslot_t* slot,
-                      gfn_t gfn, bint write, bint exec) noexcept nogil:
-    """kvm_tdp_mmu_map (6.10) with kvm_mmu_hugepage_adjust folded in."""
-    cdef tdp_iter_t it
+                      gfn_t gfn, bint write, bint exec, tdp_iter_t* walk) noexcept nogil:
+    """kvm_tdp_mmu_map (6.10) with kvm_mmu_hugepage_adjust folded in.
+
+    `walk` is the fast path's walk from the root, stopped at the first entry that is
+    not a present non-leaf.  Every level above both that entry and the goal level
+    holds a present non-leaf, where KVM's loop would only step down; the loop below
+    therefore resumes at the deeper of the two, re-reading the entry first.
+    """
+    cdef tdp_iter_t* it = walk
     cdef int goal_level = 1
     cdef int req_level = 1
     cdef bint huge_page_disallowed = False
@@ -833,7 +855,10 @@ cdef int _tdp_mmu_map(mmu_t* mmu, mmu_stats_t* st, mem_cache_t* mc, memslot_t* s
         req_level = _max_mapping_level(mmu, slot, gfn)
         huge_page_disallowed = exec and mmu.nx_huge_pages
         goal_level = 1 if huge_page_disallowed else req_level
-    tdp_iter_start(&it, mmu.pages, mmu.root, mmu.root_level, 1, gfn)
+    if it.level < goal_level:
+        it.level = goal_level
+        it.gfn = gfn_round_for_level(gfn, goal_level)
+    tdp_iter_refresh_sptep(it)
     while True:
         # disallowed_hugepage_adjust: keep the table an exec fault had to create.
         if mmu.nx_huge_pages and it.level > 1 and it.level == goal_level and \
@@ -846,7 +871,7 @@ cdef int _tdp_mmu_map(mmu_t* mmu, mmu_stats_t* st, mem_cache_t* mc, memslot_t* s
         if it.level == goal_level:
             break
         if is_shadow_present_pte(it.old_spte) and not is_large_pte(it.old_spte):
-            _iter_step_into(&it)
+            _iter_step_into(it)
             continue
         # Non-present, or a huge page that must be split: a new table from the cache.
         sp = mmu_memory_cache_alloc(mc)
@@ -857,10 +882,11 @@ cdef int _tdp_mmu_map(mmu_t* mmu, mmu_stats_t* st, mem_cache_t* mc, memslot_t* s
         p.gfn[sp] = it.gfn
         p.pflags[sp] = SP_NX_HUGE_PAGE_DISALLOWED if huge_page_disallowed else 0
         p.state[sp] = PAGE_TABLE
+        p.clean[sp] = 0                 # the VM writes into its tables
         if is_shadow_present_pte(it.old_spte):
-            r = _tdp_mmu_split_huge_page(mmu, st, &it, sp)
+            r = _tdp_mmu_split_huge_page(mmu, st, it, sp)
         else:
-            r = _tdp_mmu_link_sp(mmu, st, &it, sp)
+            r = _tdp_mmu_link_sp(mmu, st, it, sp)
         if r:
             # Lost the race: the page goes back to the allocator, not the cache.
             st.tables_freed += 1
@@ -869,8 +895,8 @@ cdef int _tdp_mmu_map(mmu_t* mmu, mmu_stats_t* st, mem_cache_t* mc, memslot_t* s
         if huge_page_disallowed and req_level >= it.level:
             p.pflags[sp] |= SP_NX_TRACKED
             st.nx_lpage_splits += 1
-        _iter_step_into(&it)
-    return _tdp_mmu_map_handle_target_level(mmu, st, slot, &it, write)
+        _iter_step_into(it)
+    return _tdp_mmu_map_handle_target_level(mmu, st, slot, it, write)
 
 
 cdef int _tdp_mmu_map_handle_target_level(mmu_t* mmu, mmu_stats_t* st, memslot_t* slot,
@@ -905,17 +931,36 @@ cdef int _tdp_mmu_map_handle_target_level(mmu_t* mmu, mmu_stats_t* st, memslot_t
 
 cdef int kvm_tdp_mmu_page_fault(mmu_t* mmu, mmu_stats_t* st, mem_cache_t* mc, gfn_t gfn,
                                 bint write, bint exec) noexcept nogil:
-    """One guest fault. Caller: caches topped up, mmu_lock held. Returns RET_PF_* or < 0."""
-    cdef memslot_t* slot = _gfn_to_memslot(mmu, gfn)
+    """One guest fault (kvm_tdp_mmu_page_fault, 6.10). Caller holds mmu_lock and mc.lock.
+
+    Order as in KVM: the fast path's question (does the last SPTE already allow the
+    access?), then the vCPU cache top-up, then the pfn (a write to a read-only slot
+    is emulated), then kvm_tdp_mmu_map.  Returns RET_PF_* or -SPTE_ENOMEM.
+    """
+    cdef memslot_t* slot
+    cdef tdp_iter_t it
     cdef int r
-    if slot != NULL and write and slot.readonly:
-        r = RET_PF_EMULATE          # KVM_PFN_ERR_RO_FAULT: emulate, install nothing
-    elif _fast_page_fault_spurious(mmu, gfn, write, exec):
+    tdp_iter_start(&it, mmu.pages, mmu.root, mmu.root_level, 1, gfn)
+    while it.level > 1 and is_shadow_present_pte(it.old_spte) and \
+            not is_large_pte(it.old_spte):
+        it.level -= 1
+        it.pt_path[it.level - 1] = spte_to_child_pt(mmu, it.old_spte)
+        it.gfn = gfn_round_for_level(gfn, it.level)
+        tdp_iter_refresh_sptep(&it)
+    if is_shadow_present_pte(it.old_spte) and _is_access_allowed(&mmu.m, it.old_spte, write, exec):
         r = RET_PF_SPURIOUS
     else:
-        r = _tdp_mmu_map(mmu, st, mc, slot, gfn, write, exec)
-        if r < 0:
-            return r
+        if mc.nobjs < VCPU_CACHE_MIN:
+            r = mmu_topup_memory_cache(mc, KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE, VCPU_CACHE_MIN)
+            if r < 0:
+                return r
+        slot = _gfn_to_memslot(mmu, gfn)
+        if slot != NULL and write and slot.readonly:
+            r = RET_PF_EMULATE      # KVM_PFN_ERR_RO_FAULT: emulate, install nothing
+        else:
+            r = _tdp_mmu_map(mmu, st, mc, slot, gfn, write, exec, &it)
+            if r < 0:
+                return r
     st.faults[r] += 1
     return r
 
@@ -1238,7 +1283,7 @@ cdef class SpteLayout:
         return s
 
     def get_mmio_spte_gfn(self, spte):
-        return (self._mmio_arg(spte) & SPTE_BASE_ADDR_MASK) >> 12
+        return get_mmio_spte_gfn(&self.m, self._mmio_arg(spte))
 
     def get_mmio_spte_generation(self, spte):
         return get_mmio_spte_generation(self._mmio_arg(spte))
@@ -1315,9 +1360,9 @@ def fill_pages(pages, value):
 def scan_present(page, nonpresent_value):
     """sync_page scan: indices of the entries that differ from ``nonpresent_value``."""
     cdef cnp.ndarray arr = _u64_array(page, "page", False)
-    cdef u64 v = _as_u64(nonpresent_value, "nonpresent_value")
     if arr.ndim != 1 or arr.shape[0] != SPTE_ENT_PER_PAGE:
         raise ValueError(f"page must have shape (512,), not {(<object>arr).shape}")
+    cdef u64 v = _as_u64(nonpresent_value, "nonpresent_value")
     cdef const u64* p = <const u64*>cnp.PyArray_DATA(arr)
     cdef cnp.ndarray out = np.empty(SPTE_ENT_PER_PAGE, dtype=np.intp)
     cdef Py_ssize_t* o = <Py_ssize_t*>cnp.PyArray_DATA(out)
@@ -1579,8 +1624,6 @@ cdef class MemoryCache:
             <int>_as_int(capacity, "capacity", 0, 1 << 24)
         cdef int mn = <int>_as_int(min, "min", 0, 1 << 24)
         cdef int rc
-        if mn > cap:
-            raise ValueError(f"min ({mn}) must not exceed the capacity ({cap})")
         with nogil:
             self._lock()
             rc = mmu_topup_memory_cache(&self.mc, cap, mn)
@@ -1639,10 +1682,6 @@ cdef inline void _stats_add(mmu_stats_t* acc, const mmu_stats_t* s) noexcept nog
     acc.mmio_sptes_created += s.mmio_sptes_created
 
 
-cdef enum:
-    VCPU_CACHE_MIN = 5          # mmu_topup_memory_caches: PT64_ROOT_MAX_LEVEL - 1 + 1
-
-
 @cython.final
 cdef class Vm:
     """A VM's TDP MMU: one root, memslots, vCPUs, zaps, stats and an audit.
@@ -1692,6 +1731,7 @@ cdef class Vm:
         if root < 0:
             raise OutOfMemory("no page for the root")
         self.pool.p.state[root] = PAGE_TABLE
+        self.pool.p.clean[root] = 0
         self.pool.p.level[root] = <int8_t>rl
         self.pool.p.gfn[root] = 0
         self.mmu.root = root
@@ -2111,7 +2151,7 @@ cdef class Vm:
             if is_mmio_spte(m, e):
                 if level != 1:
                     self._fail("mmio-level", "MMIO SPTE above 4K", g, level, e)
-                if ((e & SPTE_BASE_ADDR_MASK) >> 12) != (g & ((PFN_LIMIT) - 1)):
+                if get_mmio_spte_gfn(m, e) != (g & ((SPTE_BASE_ADDR_MASK & ~m.shadow_mmio_mask) >> 12)):
                     self._fail("mmio-gfn", "MMIO SPTE encodes another gfn", g, level, e)
                 continue
             if not is_shadow_present_pte(e):
@@ -2169,9 +2209,7 @@ cdef class Vcpu:
         with nogil:
             pthread_rwlock_wrlock(&mmu.mmu_lock)
             pthread_mutex_lock(&mc.lock)
-            r = mmu_topup_memory_cache(mc, KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE, VCPU_CACHE_MIN)
-            if r == 0:
-                r = kvm_tdp_mmu_page_fault(mmu, &self.st, mc, g, w, x)
+            r = kvm_tdp_mmu_page_fault(mmu, &self.st, mc, g, w, x)
             pthread_mutex_unlock(&mc.lock)
             pthread_rwlock_unlock(&mmu.mmu_lock)
         self.vm._raise_fatal()
@@ -2228,6 +2266,25 @@ cdef class Vcpu:
                 "faults_emulate": self.st.faults[RET_PF_EMULATE]}
 
 
+cdef inline void _prefetch_leaf(mmu_t* mmu, gfn_t gfn) noexcept nogil:
+    """Walk the upper levels (cache-resident) and prefetch the 4K entry of a later fault,
+    so the leaf-table misses of a batch overlap instead of queueing one by one."""
+    cdef int level = mmu.root_level
+    cdef tdp_ptep_t table = mmu.pages + mmu.root * SPTE_ENT_PER_PAGE
+    cdef u64 spte
+    while level > 1:
+        spte = spte_read_once(table + spte_index(gfn, level))
+        if not is_shadow_present_pte(spte) or is_large_pte(spte):
+            return
+        table = spte_to_child_pt(mmu, spte)
+        level -= 1
+    spte_prefetch(table + spte_index(gfn, 1))
+
+
+cdef enum:
+    PREFETCH_DISTANCE = 12
+
+
 cdef int _fault_batch(mmu_t* mmu, mmu_stats_t* st, mem_cache_t* mc, const gfn_t* gfns,
                       const uint8_t* access, int8_t* out, Py_ssize_t n, int64_t* counts,
                       Py_ssize_t* done) noexcept nogil:
@@ -2238,14 +2295,14 @@ cdef int _fault_batch(mmu_t* mmu, mmu_stats_t* st, mem_cache_t* mc, const gfn_t*
     pthread_rwlock_wrlock(&mmu.mmu_lock)
     pthread_mutex_lock(&mc.lock)
     for i in range(n):
+        # Prefetch only when a later fault enters another leaf table (random access).
+        if i + PREFETCH_DISTANCE < n and \
+                (gfns[i + PREFETCH_DISTANCE] ^ gfns[i + PREFETCH_DISTANCE - 1]) >> 9:
+            _prefetch_leaf(mmu, gfns[i + PREFETCH_DISTANCE])
         if access != NULL:
             w = access[i] & 1
             x = (access[i] >> 1) & 1
         while True:
-            if mc.nobjs < VCPU_CACHE_MIN:
-                r = mmu_topup_memory_cache(mc, KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE, VCPU_CACHE_MIN)
-                if r < 0:
-                    break
             r = kvm_tdp_mmu_page_fault(mmu, st, mc, gfns[i], w, x)
             if r < 0:
                 break

@@ -266,11 +266,6 @@ class SpteLayout:
     def __delattr__(self, name):
         raise AttributeError(f"SpteLayout.{name} is read-only")
 
-    @property
-    def shadow_present_mask(self):
-        """KVM's name of :attr:`present_mask`."""
-        return self.present_mask
-
     def _key(self):
         return tuple(getattr(self, name) for name in self._ATTRIBUTES)
 
@@ -719,8 +714,13 @@ class PagePool:
     def free(self, index):
         """Return an allocated page to the free list."""
         index = self._check_index(index)
-        if self._state[index] == "free":
-            raise ValueError(f"page {index} is not allocated")
+        if self._state[index] != "raw":
+            raise ValueError(f"page {index} was not handed out by alloc() "
+                             f"(state {self._state[index]})")
+        self._release(index)
+
+    def _release(self, index):
+        """Back to the free list (caches and VMs use this for the pages they own)."""
         self._state[index] = "free"
         self._clean[index] = False  # a page returned to the pool is no longer clean
         self._freed.append(index)
@@ -749,6 +749,8 @@ class PagePool:
     def _set_state(self, index, state):
         """A user of the pool took this page over (not public)."""
         self._state[index] = state
+        if state == "table":
+            self._clean[index] = False  # a VM writes into its tables
 
     @property
     def stats(self):
@@ -847,8 +849,6 @@ class MemoryCache:
         min = _check_int("min", min, 0)  # noqa: A001
         capacity = (self._default_capacity if capacity is None
                     else _check_int("capacity", capacity, 0))
-        if min > capacity:
-            raise ValueError(f"min ({min}) must not exceed capacity ({capacity})")
 
         # 1. Enough objects: nothing else happens (no checks, no allocation).
         if self.nobjs >= min:
@@ -894,7 +894,7 @@ class MemoryCache:
         """kvm_mmu_free_memory_cache: every cached page back to the pool."""
         # API.md is silent: the order pages go back; KVM pops from the top (objects[-1] first).
         while self._objects:
-            self._pool.free(self._objects.pop())
+            self._pool._release(self._objects.pop())
         self._objects = None
         self._capacity = 0
 
@@ -1379,7 +1379,7 @@ class Vm:
     def _tdp_mmu_free_sp(self, sp):
         """The table goes back to the pool (not to a vCPU cache)."""
         del self._sps[sp.spt]
-        self._pool.free(sp.spt)
+        self._pool._release(sp.spt)
         self._counters["tables_freed"] += 1
 
     # --- setters (spec §3.4 - §3.6) -------------------------------------------------------------
@@ -1449,24 +1449,25 @@ class Vm:
     # --- the fault path (spec §3.9) -------------------------------------------------------------
 
     def _page_fault(self, vcpu, gfn, write, exec):  # noqa: A002
-        """One vCPU fault: top-up, then kvm_tdp_mmu_page_fault; counts the result."""
-        # mmu_topup_memory_caches: OutOfMemory leaves the page tables untouched.
-        vcpu.cache.topup(5)
+        """One vCPU fault (kvm_tdp_mmu_page_fault); counts the result."""
         ret = self._kvm_tdp_mmu_page_fault(vcpu, gfn, write, exec)
         self._counters["faults_" + _RET_PF_NAMES[ret]] += 1
         return ret
 
     def _kvm_tdp_mmu_page_fault(self, vcpu, gfn, write, exec):  # noqa: A002
+        """KVM's order: fast path, then the cache top-up, then the pfn, then the map."""
         L = self._layout
-        slot = self._slot_for_gfn(gfn)
-        # kvm_faultin_pfn: a write to a read-only memslot is emulated (KVM_PFN_ERR_RO_FAULT).
-        if slot is not None and slot.readonly and write:
-            return PF.EMULATE
         # fast_page_fault's first test: the last SPTE on the walk already allows the access.
         level, spte = self.walk(gfn)[-1]
         if (L.is_shadow_present_pte(spte) and L.is_last_spte(spte, level)
                 and self._is_access_allowed(spte, write, exec)):
             return PF.SPURIOUS
+        # mmu_topup_memory_caches: OutOfMemory leaves the page tables untouched.
+        vcpu.cache.topup(5)
+        slot = self._slot_for_gfn(gfn)
+        # kvm_faultin_pfn: a write to a read-only memslot is emulated (KVM_PFN_ERR_RO_FAULT).
+        if slot is not None and slot.readonly and write:
+            return PF.EMULATE
         fault = _PageFault(gfn, write, exec, slot)
         self._kvm_mmu_hugepage_adjust(fault)
         return self._tdp_mmu_map(vcpu, fault)
@@ -1658,8 +1659,11 @@ class Vm:
         return zapped
 
     def zap_all(self):
-        if self._zap_root():
+        """Zap everything; True when anything was zapped (one full TLB flush then)."""
+        zapped = self._zap_root()
+        if zapped:
             self._counters["tlb_flushes"] += 1
+        return zapped
 
     def _zap_sp(self, sp):
         """kvm_tdp_mmu_zap_sp (exclusive): unlink `sp` by zapping its parent entry."""

@@ -393,6 +393,18 @@ ctypedef struct tdp_iter_t:
     bint yielded
 
 
+# A vCPU's memory of its last walk to a 4K table (a paging-structure cache, in the
+# hardware sense).  Valid only while the level-2 entry that links that table still
+# holds the value seen, so using it is the same as a walk from the root that ran a
+# moment earlier; dropped whenever the vCPU leaves the MMU lock.
+ctypedef struct walk_hint_t:
+    bint valid
+    gfn_t region                # gfn >> 9 of the 4K table reached
+    tdp_ptep_t l2_sptep         # the level-2 entry linking it
+    u64 l2_spte                 # that entry's value when cached
+    tdp_ptep_t pt_path[5]       # the walk's tables, root down to the 4K table
+
+
 # ---------------------------------------------------------------------------
 # Kernels and engine entry points (callable from other Cython modules)
 # ---------------------------------------------------------------------------
@@ -418,5 +430,5 @@ cdef void tdp_iter_start(tdp_iter_t* it, u64* pages, int64_t root, int root_leve
                          int min_level, gfn_t gfn) noexcept nogil
 cdef void tdp_iter_next(tdp_iter_t* it) noexcept nogil
 
-cdef int kvm_tdp_mmu_page_fault(mmu_t* mmu, mmu_stats_t* st, mem_cache_t* mc, gfn_t gfn,
-                                bint write, bint exec) noexcept nogil
+cdef int kvm_tdp_mmu_page_fault(mmu_t* mmu, mmu_stats_t* st, mem_cache_t* mc,
+                                walk_hint_t* hint, gfn_t gfn, bint write, bint exec) noexcept nogil

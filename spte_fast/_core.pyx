@@ -184,6 +184,14 @@ cdef u64 make_spte(const spte_masks_t* m, int level, unsigned int pte_access, pf
                    u64 old_spte, bint prefetch, bint host_writable, bint ad_disabled,
                    bint nx_huge_pages, bint write_tracked, bint* wrprot) noexcept nogil:
     """v6.10 make_spte: the leaf for pfn at level; *wrprot set when write was refused."""
+    return _make_spte(m, level, pte_access, pfn, old_spte, prefetch, host_writable,
+                      ad_disabled, nx_huge_pages, write_tracked, wrprot)
+
+
+cdef inline u64 _make_spte(const spte_masks_t* m, int level, unsigned int pte_access, pfn_t pfn,
+                           u64 old_spte, bint prefetch, bint host_writable, bint ad_disabled,
+                           bint nx_huge_pages, bint write_tracked, bint* wrprot) noexcept nogil:
+    """make_spte's body, inlined into the fault path."""
     cdef u64 spte = SPTE_MMU_PRESENT_MASK
     wrprot[0] = False
     if ad_disabled:
@@ -909,7 +917,7 @@ cdef int _tdp_mmu_map_handle_target_level(mmu_t* mmu, mmu_stats_t* st, memslot_t
         new_spte = make_mmio_spte(&mmu.m, it.gfn, ACC_ALL, mmu.mmio_gen)
     else:
         pfn = slot.pfn + (it.gfn - slot.base_gfn)
-        new_spte = make_spte(&mmu.m, it.level, ACC_ALL, pfn, it.old_spte, False,
+        new_spte = _make_spte(&mmu.m, it.level, ACC_ALL, pfn, it.old_spte, False,
                              not slot.readonly, mmu.m.ad_disabled, mmu.nx_huge_pages,
                              False, &wrprot)
     if new_spte == it.old_spte:
@@ -929,8 +937,40 @@ cdef int _tdp_mmu_map_handle_target_level(mmu_t* mmu, mmu_stats_t* st, memslot_t
     return ret
 
 
-cdef int kvm_tdp_mmu_page_fault(mmu_t* mmu, mmu_stats_t* st, mem_cache_t* mc, gfn_t gfn,
-                                bint write, bint exec) noexcept nogil:
+cdef inline bint _walk_from_hint(mmu_t* mmu, walk_hint_t* hint, tdp_iter_t* it,
+                                 gfn_t gfn) noexcept nogil:
+    """Resume at the 4K table of the last walk if the entry linking it is unchanged."""
+    if hint == NULL or not hint.valid or (gfn >> 9) != hint.region or \
+            spte_read_once(hint.l2_sptep) != hint.l2_spte:
+        return False
+    memcpy(it.pt_path, hint.pt_path, sizeof(hint.pt_path))
+    it.pages = mmu.pages
+    it.root_level = mmu.root_level
+    it.min_level = 1
+    it.next_last_level_gfn = gfn
+    it.yielded_gfn = gfn
+    it.yielded = False
+    it.valid = True
+    it.level = 1
+    it.gfn = gfn
+    tdp_iter_refresh_sptep(it)
+    return True
+
+
+cdef inline void _save_hint(mmu_t* mmu, walk_hint_t* hint, tdp_iter_t* it, gfn_t gfn) noexcept nogil:
+    cdef tdp_ptep_t l2 = it.pt_path[1] + spte_index(gfn, 2)
+    cdef u64 v = spte_read_once(l2)
+    hint.valid = is_shadow_present_pte(v) and not is_large_pte(v) and \
+        spte_to_child_pt(mmu, v) == it.pt_path[0]
+    hint.region = gfn >> 9
+    hint.l2_sptep = l2
+    hint.l2_spte = v
+    memcpy(hint.pt_path, it.pt_path, sizeof(hint.pt_path))
+
+
+cdef int kvm_tdp_mmu_page_fault(mmu_t* mmu, mmu_stats_t* st, mem_cache_t* mc,
+                                walk_hint_t* hint, gfn_t gfn, bint write,
+                                bint exec) noexcept nogil:
     """One guest fault (kvm_tdp_mmu_page_fault, 6.10). Caller holds mmu_lock and mc.lock.
 
     Order as in KVM: the fast path's question (does the last SPTE already allow the
@@ -940,13 +980,14 @@ cdef int kvm_tdp_mmu_page_fault(mmu_t* mmu, mmu_stats_t* st, mem_cache_t* mc, gf
     cdef memslot_t* slot
     cdef tdp_iter_t it
     cdef int r
-    tdp_iter_start(&it, mmu.pages, mmu.root, mmu.root_level, 1, gfn)
-    while it.level > 1 and is_shadow_present_pte(it.old_spte) and \
-            not is_large_pte(it.old_spte):
-        it.level -= 1
-        it.pt_path[it.level - 1] = spte_to_child_pt(mmu, it.old_spte)
-        it.gfn = gfn_round_for_level(gfn, it.level)
-        tdp_iter_refresh_sptep(&it)
+    if not _walk_from_hint(mmu, hint, &it, gfn):
+        tdp_iter_start(&it, mmu.pages, mmu.root, mmu.root_level, 1, gfn)
+        while it.level > 1 and is_shadow_present_pte(it.old_spte) and \
+                not is_large_pte(it.old_spte):
+            it.level -= 1
+            it.pt_path[it.level - 1] = spte_to_child_pt(mmu, it.old_spte)
+            it.gfn = gfn_round_for_level(gfn, it.level)
+            tdp_iter_refresh_sptep(&it)
     if is_shadow_present_pte(it.old_spte) and _is_access_allowed(&mmu.m, it.old_spte, write, exec):
         r = RET_PF_SPURIOUS
     else:
@@ -961,6 +1002,8 @@ cdef int kvm_tdp_mmu_page_fault(mmu_t* mmu, mmu_stats_t* st, mem_cache_t* mc, gf
             r = _tdp_mmu_map(mmu, st, mc, slot, gfn, write, exec, &it)
             if r < 0:
                 return r
+    if hint != NULL and it.level == 1:
+        _save_hint(mmu, hint, &it, gfn)
     st.faults[r] += 1
     return r
 
@@ -2209,7 +2252,7 @@ cdef class Vcpu:
         with nogil:
             pthread_rwlock_wrlock(&mmu.mmu_lock)
             pthread_mutex_lock(&mc.lock)
-            r = kvm_tdp_mmu_page_fault(mmu, &self.st, mc, g, w, x)
+            r = kvm_tdp_mmu_page_fault(mmu, &self.st, mc, NULL, g, w, x)
             pthread_mutex_unlock(&mc.lock)
             pthread_rwlock_unlock(&mmu.mmu_lock)
         self.vm._raise_fatal()
@@ -2292,6 +2335,8 @@ cdef int _fault_batch(mmu_t* mmu, mmu_stats_t* st, mem_cache_t* mc, const gfn_t*
     cdef Py_ssize_t i
     cdef int r = 0
     cdef bint w = False, x = False
+    cdef walk_hint_t hint
+    hint.valid = False
     pthread_rwlock_wrlock(&mmu.mmu_lock)
     pthread_mutex_lock(&mc.lock)
     for i in range(n):
@@ -2303,7 +2348,7 @@ cdef int _fault_batch(mmu_t* mmu, mmu_stats_t* st, mem_cache_t* mc, const gfn_t*
             w = access[i] & 1
             x = (access[i] >> 1) & 1
         while True:
-            r = kvm_tdp_mmu_page_fault(mmu, st, mc, gfns[i], w, x)
+            r = kvm_tdp_mmu_page_fault(mmu, st, mc, &hint, gfns[i], w, x)
             if r < 0:
                 break
             counts[r] += 1

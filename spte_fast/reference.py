@@ -14,6 +14,8 @@ Names follow KVM.  ``FROZEN_SPTE`` is the >= 6.11 name of v6.10's
 Places where API.md says nothing and a choice had to be made are marked with a
 comment starting ``API.md is silent:``.
 """
+import threading
+
 import numpy as np
 
 from .errors import AuditError, CacheConfigError, OutOfMemory, SpteError
@@ -147,6 +149,9 @@ def _spte_index(gfn, level):
 # =================================================================================================
 # Argument checks (the API boundary: TypeError / ValueError before anything changes)
 # =================================================================================================
+
+
+_MAX_CACHE_OBJS = 1 << 24   # bound on a cache's min and capacity (API.md)
 
 
 def _check_int(name, value, lo=None, hi=None):
@@ -594,15 +599,21 @@ def _atomic_target(array, index):
     return array.reshape(-1), index
 
 
+# The oracle's atomics are atomic with respect to each other: one lock around the
+# read-modify-write (Python may switch threads between any two bytecodes).
+_ATOMIC = threading.Lock()
+
+
 def cmpxchg(array, index, expected, new):
     """Compare-and-exchange on ``array.flat[index]`` -> ``(ok, observed)``."""
     flat, index = _atomic_target(array, index)
     expected = _check_u64("expected", expected)
     new = _check_u64("new", new)
-    observed = int(flat[index])
-    if observed != expected:
-        return False, observed
-    flat[index] = new
+    with _ATOMIC:
+        observed = int(flat[index])
+        if observed != expected:
+            return False, observed
+        flat[index] = new
     return True, observed
 
 
@@ -610,8 +621,9 @@ def xchg(array, index, new):
     """Exchange: store `new`, return the old value."""
     flat, index = _atomic_target(array, index)
     new = _check_u64("new", new)
-    old = int(flat[index])
-    flat[index] = new
+    with _ATOMIC:
+        old = int(flat[index])
+        flat[index] = new
     return old
 
 
@@ -619,8 +631,9 @@ def atomic_or(array, index, mask):
     """Fetch-and-or: set `mask`, return the old value."""
     flat, index = _atomic_target(array, index)
     mask = _check_u64("mask", mask)
-    old = int(flat[index])
-    flat[index] = old | mask
+    with _ATOMIC:
+        old = int(flat[index])
+        flat[index] = old | mask
     return old
 
 
@@ -628,8 +641,9 @@ def atomic_and_not(array, index, mask):
     """Fetch-and-andnot: clear `mask`, return the old value."""
     flat, index = _atomic_target(array, index)
     mask = _check_u64("mask", mask)
-    old = int(flat[index])
-    flat[index] = old & ~mask
+    with _ATOMIC:
+        old = int(flat[index])
+        flat[index] = old & ~mask
     return old
 
 
@@ -796,7 +810,7 @@ class MemoryCache:
             raise TypeError(f"pool must be a PagePool, not {type(pool).__name__}")
         self._pool = pool
         self._init_value = _check_u64("init_value", init_value)
-        self._default_capacity = _check_int("capacity", capacity, 0)
+        self._default_capacity = _check_int("capacity", capacity, 0, _MAX_CACHE_OBJS + 1)
         self._gfp_zero = (self._init_value == 0) if gfp_zero is None else bool(gfp_zero)
         self._objects = None  # KVM: NULL until the first real top-up
         self._capacity = 0
@@ -846,9 +860,9 @@ class MemoryCache:
     def topup(self, min, capacity=None):  # noqa: A002 - KVM's parameter name
         """__kvm_mmu_topup_memory_cache(mc, capacity, min) (spec §1.3)."""
         # The API boundary first: types and ranges.
-        min = _check_int("min", min, 0)  # noqa: A001
+        min = _check_int("min", min, 0, _MAX_CACHE_OBJS + 1)  # noqa: A001
         capacity = (self._default_capacity if capacity is None
-                    else _check_int("capacity", capacity, 0))
+                    else _check_int("capacity", capacity, 0, _MAX_CACHE_OBJS + 1))
 
         # 1. Enough objects: nothing else happens (no checks, no allocation).
         if self.nobjs >= min:

@@ -202,17 +202,18 @@ def test_inv3_cache_config_error_is_a_value_error(impl):
 
 
 def test_inv3_capacity_zero_refused_nothing_allocated(impl):
-    """Capacity 0 can never hold min >= 1 objects; KVM answers -EIO, API.md's argument
-    check answers ValueError.  Either way: a ValueError and nothing allocated."""
+    """Spec §6 item 3: the first real top-up with capacity 0 is KVM's WARN + -EIO:
+    CacheConfigError, a warning counted, nothing allocated."""
     pool = impl.PagePool(4)
     cache = impl.MemoryCache(pool, capacity=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(impl.CacheConfigError):
         cache.topup(1)
-    assert cache.nobjs == 0 and cache.capacity == 0
+    assert cache.nobjs == 0 and cache.capacity == 0 and cache.warnings == 1
     assert pool.stats["allocated"] == 0
-    with pytest.raises(ValueError):
-        impl.MemoryCache(pool).topup(1, capacity=0)
-    assert pool.stats["allocated"] == 0
+    other = impl.MemoryCache(pool)
+    with pytest.raises(impl.CacheConfigError):
+        other.topup(1, capacity=0)
+    assert other.warnings == 1 and pool.stats["allocated"] == 0
 
 
 def test_inv3_different_capacity_later_refused(impl):
@@ -525,17 +526,17 @@ def test_two_caches_on_one_pool_share_it(impl, poisoned_pool):
         ((1.0,), {}, TypeError),
         (("1",), {}, TypeError),
         ((None,), {}, TypeError),
-        ((41,), {}, ValueError),  # min > capacity (the default, 40)
-        ((5,), {"capacity": 4}, ValueError),
+        ((2**24 + 1,), {}, ValueError),
         ((1,), {"capacity": -1}, ValueError),
+        ((1,), {"capacity": 2**24 + 1}, ValueError),
         ((1,), {"capacity": 2.0}, TypeError),
     ],
-    ids=["min-neg", "min-float", "min-str", "min-none", "min-above-default-capacity",
-         "min-above-given-capacity", "capacity-neg", "capacity-float"],
+    ids=["min-neg", "min-float", "min-str", "min-none", "min-huge",
+         "capacity-neg", "capacity-huge", "capacity-float"],
 )
 def test_topup_bad_arguments_change_nothing(impl, args, kwargs, exc):
-    """API.md: min must be an int >= 0 and <= capacity, else ValueError (TypeError if not
-    an int), checked before KVM's rules, and nothing changes (issue #2 point 7)."""
+    """API.md: min and capacity must be ints in [0, 2**24], else ValueError (TypeError if
+    not an int), checked before KVM's rules, and nothing changes (issue #2 point 7)."""
     pool = impl.PagePool(50)
     cache = impl.MemoryCache(pool, init_value=NP63)
     before = snapshot(cache, pool)
@@ -550,10 +551,20 @@ def test_topup_bad_arguments_on_filled_cache_change_nothing(impl):
     cache.topup(1)
     cache.alloc()
     before = snapshot(cache, pool)
-    for bad in (-1, 11, 1.5):
+    for bad in (-1, 2**24 + 1, 1.5):
         with pytest.raises((TypeError, ValueError)):
             cache.topup(bad)
     assert_unchanged(before, snapshot(cache, pool))
+
+
+def test_topup_min_above_capacity_fills_to_capacity_like_kvm(impl):
+    """KVM's loop stops at capacity and returns 0 even when nobjs < min: no error."""
+    pool = impl.PagePool(50)
+    cache = impl.MemoryCache(pool, init_value=NP63, capacity=4)
+    cache.topup(9)
+    assert cache.nobjs == 4 and cache.capacity == 4
+    cache.topup(9)                       # still below min: refills (nothing to add)
+    assert cache.nobjs == 4 and pool.stats["allocated"] == 4
 
 
 def test_topup_accepts_numpy_int_min(impl):

@@ -292,6 +292,142 @@ cdef inline gfn_t gfn_round_for_level(gfn_t gfn, int level) noexcept nogil:
 
 
 # ---------------------------------------------------------------------------
+# Constructors (spec §2.5): pure, inline, never store
+# ---------------------------------------------------------------------------
+
+cdef inline bint spte_has_volatile_bits(const spte_masks_t* m, u64 spte) noexcept nogil:
+    """Bits hardware or the lockless fast path may set behind our back (6.10)."""
+    if not is_writable_pte(spte) and is_mmu_writable_spte(m, spte):
+        return True        # fast page fault may set W
+    if is_access_track_spte(m, spte):
+        return True        # fast page fault may restore access
+    if spte_ad_enabled(spte):
+        if not (spte & m.shadow_accessed_mask) or \
+                (is_writable_pte(spte) and not (spte & m.shadow_dirty_mask)):
+            return True    # the CPU may set A or D
+    return False
+
+
+cdef inline u64 mark_spte_for_access_track(const spte_masks_t* m, u64 spte) noexcept nogil:
+    if spte_ad_enabled(spte):
+        return spte & ~m.shadow_accessed_mask
+    if is_access_track_spte(m, spte):
+        return spte
+    # Save R and X above the A/D-type field; W is dropped, not saved.
+    spte |= (spte & SHADOW_ACC_TRACK_SAVED_BITS_MASK) << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT
+    spte &= ~m.shadow_acc_track_mask
+    return spte
+
+
+cdef inline u64 restore_acc_track_spte(const spte_masks_t* m, u64 spte) noexcept nogil:
+    cdef u64 saved = (spte >> SHADOW_ACC_TRACK_SAVED_BITS_SHIFT) & SHADOW_ACC_TRACK_SAVED_BITS_MASK
+    spte &= ~m.shadow_acc_track_mask
+    spte &= ~(SHADOW_ACC_TRACK_SAVED_BITS_MASK << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT)
+    return spte | saved
+
+
+cdef inline u64 make_spte(const spte_masks_t* m, int level, unsigned int pte_access, pfn_t pfn,
+                           u64 old_spte, bint prefetch, bint host_writable, bint ad_disabled,
+                           bint nx_huge_pages, bint write_tracked, bint* wrprot) noexcept nogil:
+    """v6.10 make_spte: the leaf for pfn at level; *wrprot set when write was refused."""
+    cdef u64 spte = SPTE_MMU_PRESENT_MASK
+    wrprot[0] = False
+    if ad_disabled:
+        spte |= SPTE_TDP_AD_DISABLED
+    spte |= m.shadow_present_mask
+    if not prefetch:
+        spte |= spte_shadow_accessed_mask(m, spte)
+    # NX huge-page mitigation: a huge page is never executable.
+    if level > 1 and (pte_access & ACC_EXEC_MASK) and nx_huge_pages:
+        pte_access &= ~ACC_EXEC_MASK
+    if pte_access & ACC_EXEC_MASK:
+        spte |= m.shadow_x_mask
+    else:
+        spte |= m.shadow_nx_mask
+    if pte_access & ACC_USER_MASK:
+        spte |= m.shadow_user_mask
+    if level > 1:
+        spte |= PT_PAGE_SIZE_MASK
+    if m.shadow_memtype_mask:
+        spte |= m.shadow_memtype_ram
+    if host_writable:
+        spte |= m.shadow_host_writable_mask
+    else:
+        pte_access &= ~ACC_WRITE_MASK
+    spte |= pfn << 12
+    if pte_access & ACC_WRITE_MASK:
+        spte |= PT_WRITABLE_MASK | m.shadow_mmu_writable_mask
+        # KVM skips the unsync check *and the dirty bit* when the old SPTE was writable.
+        if is_writable_pte(old_spte):
+            if prefetch:
+                spte = mark_spte_for_access_track(m, spte)
+            return spte
+        if write_tracked:
+            wrprot[0] = True
+            pte_access &= ~ACC_WRITE_MASK
+            spte &= ~(PT_WRITABLE_MASK | m.shadow_mmu_writable_mask)
+    if pte_access & ACC_WRITE_MASK:
+        spte |= spte_shadow_dirty_mask(m, spte)
+    if prefetch:
+        spte = mark_spte_for_access_track(m, spte)
+    return spte
+
+
+cdef inline u64 make_nonleaf_spte(const spte_masks_t* m, pfn_t child_pfn, bint ad_disabled) noexcept nogil:
+    cdef u64 spte = SPTE_MMU_PRESENT_MASK
+    spte |= (child_pfn << 12) | m.shadow_present_mask | PT_WRITABLE_MASK | \
+        m.shadow_user_mask | m.shadow_x_mask
+    if ad_disabled:
+        spte |= SPTE_TDP_AD_DISABLED
+    else:
+        spte |= m.shadow_accessed_mask
+    return spte
+
+
+cdef inline u64 generation_mmio_spte_mask(u64 gen) noexcept nogil:
+    cdef u64 mask = (gen << MMIO_SPTE_GEN_LOW_START) & MMIO_SPTE_GEN_LOW_MASK
+    mask |= (gen << MMIO_SPTE_GEN_HIGH_SHIFT) & MMIO_SPTE_GEN_HIGH_MASK
+    return mask
+
+
+cdef inline u64 get_mmio_spte_generation(u64 spte) noexcept nogil:
+    return ((spte & MMIO_SPTE_GEN_LOW_MASK) >> MMIO_SPTE_GEN_LOW_START) | \
+        ((spte & MMIO_SPTE_GEN_HIGH_MASK) >> MMIO_SPTE_GEN_HIGH_SHIFT)
+
+
+cdef inline gfn_t get_mmio_spte_gfn(const spte_masks_t* m, u64 spte) noexcept nogil:
+    """The GPA bits of an MMIO SPTE: the PFN field minus the MMIO marker bits (NPT bit 51)."""
+    return (spte & SPTE_BASE_ADDR_MASK & ~m.shadow_mmio_mask) >> 12
+
+
+cdef inline u64 make_mmio_spte(const spte_masks_t* m, gfn_t gfn, unsigned int access, u64 gen) noexcept nogil:
+    cdef u64 spte = generation_mmio_spte_mask(gen & MMIO_SPTE_GEN_MASK)
+    spte |= m.shadow_mmio_value | (access & m.shadow_mmio_access_mask)
+    spte |= (gfn << 12) & SPTE_BASE_ADDR_MASK
+    return spte
+
+
+cdef inline u64 make_huge_page_split_spte(const spte_masks_t* m, u64 huge_spte, int child_level,
+                                   int index, bint nx_huge_pages) noexcept nogil:
+    """Child `index` of a huge SPTE: same bits, pfn advanced (6.10; later make_small_spte)."""
+    cdef u64 child = huge_spte
+    cdef bint tracked
+    child += (<u64>index * pages_per_level(child_level)) << 12
+    if child_level == 1:
+        child &= ~PT_PAGE_SIZE_MASK
+        if nx_huge_pages:
+            # make_spte_executable: the 4K children may run code again.
+            tracked = is_access_track_spte(m, child)
+            if tracked:
+                child = restore_acc_track_spte(m, child)
+            child &= ~m.shadow_nx_mask
+            child |= m.shadow_x_mask
+            if tracked:
+                child = mark_spte_for_access_track(m, child)
+    return child
+
+
+# ---------------------------------------------------------------------------
 # Structs of the engine
 # ---------------------------------------------------------------------------
 
@@ -408,17 +544,6 @@ ctypedef struct walk_hint_t:
 # ---------------------------------------------------------------------------
 # Kernels and engine entry points (callable from other Cython modules)
 # ---------------------------------------------------------------------------
-
-cdef u64 make_spte(const spte_masks_t* m, int level, unsigned int pte_access, pfn_t pfn,
-                   u64 old_spte, bint prefetch, bint host_writable, bint ad_disabled,
-                   bint nx_huge_pages, bint write_tracked, bint* wrprot) noexcept nogil
-cdef u64 make_nonleaf_spte(const spte_masks_t* m, pfn_t child_pfn, bint ad_disabled) noexcept nogil
-cdef u64 make_mmio_spte(const spte_masks_t* m, gfn_t gfn, unsigned int access, u64 gen) noexcept nogil
-cdef u64 make_huge_page_split_spte(const spte_masks_t* m, u64 huge_spte, int child_level,
-                                   int index, bint nx_huge_pages) noexcept nogil
-cdef u64 mark_spte_for_access_track(const spte_masks_t* m, u64 spte) noexcept nogil
-cdef u64 restore_acc_track_spte(const spte_masks_t* m, u64 spte) noexcept nogil
-cdef bint spte_has_volatile_bits(const spte_masks_t* m, u64 spte) noexcept nogil
 
 cdef void fill_pages_kernel(u64* pages, int64_t n, u64 value) noexcept nogil
 cdef int64_t count_present_kernel(const u64* page, u64 nonpresent_value) noexcept nogil

@@ -16,6 +16,7 @@ code to an exception.  Compiler directives live in setup.py only.
 cimport cython
 from cpython.mem cimport PyMem_RawCalloc, PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
 from libc.stdint cimport int8_t, int64_t, uint8_t, uint64_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
 import numpy as np
@@ -148,145 +149,9 @@ cdef void masks_init_npt(spte_masks_t* m, u64 nonpresent) noexcept nogil:
 # =====================================================================================
 # Constructors (spec §2.5): pure, never store
 # =====================================================================================
-
-cdef bint spte_has_volatile_bits(const spte_masks_t* m, u64 spte) noexcept nogil:
-    """Bits hardware or the lockless fast path may set behind our back (6.10)."""
-    if not is_writable_pte(spte) and is_mmu_writable_spte(m, spte):
-        return True        # fast page fault may set W
-    if is_access_track_spte(m, spte):
-        return True        # fast page fault may restore access
-    if spte_ad_enabled(spte):
-        if not (spte & m.shadow_accessed_mask) or \
-                (is_writable_pte(spte) and not (spte & m.shadow_dirty_mask)):
-            return True    # the CPU may set A or D
-    return False
-
-
-cdef u64 mark_spte_for_access_track(const spte_masks_t* m, u64 spte) noexcept nogil:
-    if spte_ad_enabled(spte):
-        return spte & ~m.shadow_accessed_mask
-    if is_access_track_spte(m, spte):
-        return spte
-    # Save R and X above the A/D-type field; W is dropped, not saved.
-    spte |= (spte & SHADOW_ACC_TRACK_SAVED_BITS_MASK) << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT
-    spte &= ~m.shadow_acc_track_mask
-    return spte
-
-
-cdef u64 restore_acc_track_spte(const spte_masks_t* m, u64 spte) noexcept nogil:
-    cdef u64 saved = (spte >> SHADOW_ACC_TRACK_SAVED_BITS_SHIFT) & SHADOW_ACC_TRACK_SAVED_BITS_MASK
-    spte &= ~m.shadow_acc_track_mask
-    spte &= ~(SHADOW_ACC_TRACK_SAVED_BITS_MASK << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT)
-    return spte | saved
-
-
-cdef u64 make_spte(const spte_masks_t* m, int level, unsigned int pte_access, pfn_t pfn,
-                   u64 old_spte, bint prefetch, bint host_writable, bint ad_disabled,
-                   bint nx_huge_pages, bint write_tracked, bint* wrprot) noexcept nogil:
-    """v6.10 make_spte: the leaf for pfn at level; *wrprot set when write was refused."""
-    return _make_spte(m, level, pte_access, pfn, old_spte, prefetch, host_writable,
-                      ad_disabled, nx_huge_pages, write_tracked, wrprot)
-
-
-cdef inline u64 _make_spte(const spte_masks_t* m, int level, unsigned int pte_access, pfn_t pfn,
-                           u64 old_spte, bint prefetch, bint host_writable, bint ad_disabled,
-                           bint nx_huge_pages, bint write_tracked, bint* wrprot) noexcept nogil:
-    """make_spte's body, inlined into the fault path."""
-    cdef u64 spte = SPTE_MMU_PRESENT_MASK
-    wrprot[0] = False
-    if ad_disabled:
-        spte |= SPTE_TDP_AD_DISABLED
-    spte |= m.shadow_present_mask
-    if not prefetch:
-        spte |= spte_shadow_accessed_mask(m, spte)
-    # NX huge-page mitigation: a huge page is never executable.
-    if level > 1 and (pte_access & ACC_EXEC_MASK) and nx_huge_pages:
-        pte_access &= ~ACC_EXEC_MASK
-    if pte_access & ACC_EXEC_MASK:
-        spte |= m.shadow_x_mask
-    else:
-        spte |= m.shadow_nx_mask
-    if pte_access & ACC_USER_MASK:
-        spte |= m.shadow_user_mask
-    if level > 1:
-        spte |= PT_PAGE_SIZE_MASK
-    if m.shadow_memtype_mask:
-        spte |= m.shadow_memtype_ram
-    if host_writable:
-        spte |= m.shadow_host_writable_mask
-    else:
-        pte_access &= ~ACC_WRITE_MASK
-    spte |= pfn << 12
-    if pte_access & ACC_WRITE_MASK:
-        spte |= PT_WRITABLE_MASK | m.shadow_mmu_writable_mask
-        # KVM skips the unsync check *and the dirty bit* when the old SPTE was writable.
-        if is_writable_pte(old_spte):
-            if prefetch:
-                spte = mark_spte_for_access_track(m, spte)
-            return spte
-        if write_tracked:
-            wrprot[0] = True
-            pte_access &= ~ACC_WRITE_MASK
-            spte &= ~(PT_WRITABLE_MASK | m.shadow_mmu_writable_mask)
-    if pte_access & ACC_WRITE_MASK:
-        spte |= spte_shadow_dirty_mask(m, spte)
-    if prefetch:
-        spte = mark_spte_for_access_track(m, spte)
-    return spte
-
-
-cdef u64 make_nonleaf_spte(const spte_masks_t* m, pfn_t child_pfn, bint ad_disabled) noexcept nogil:
-    cdef u64 spte = SPTE_MMU_PRESENT_MASK
-    spte |= (child_pfn << 12) | m.shadow_present_mask | PT_WRITABLE_MASK | \
-        m.shadow_user_mask | m.shadow_x_mask
-    if ad_disabled:
-        spte |= SPTE_TDP_AD_DISABLED
-    else:
-        spte |= m.shadow_accessed_mask
-    return spte
-
-
-cdef inline u64 generation_mmio_spte_mask(u64 gen) noexcept nogil:
-    cdef u64 mask = (gen << MMIO_SPTE_GEN_LOW_START) & MMIO_SPTE_GEN_LOW_MASK
-    mask |= (gen << MMIO_SPTE_GEN_HIGH_SHIFT) & MMIO_SPTE_GEN_HIGH_MASK
-    return mask
-
-
-cdef inline u64 get_mmio_spte_generation(u64 spte) noexcept nogil:
-    return ((spte & MMIO_SPTE_GEN_LOW_MASK) >> MMIO_SPTE_GEN_LOW_START) | \
-        ((spte & MMIO_SPTE_GEN_HIGH_MASK) >> MMIO_SPTE_GEN_HIGH_SHIFT)
-
-
-cdef inline gfn_t get_mmio_spte_gfn(const spte_masks_t* m, u64 spte) noexcept nogil:
-    """The GPA bits of an MMIO SPTE: the PFN field minus the MMIO marker bits (NPT bit 51)."""
-    return (spte & SPTE_BASE_ADDR_MASK & ~m.shadow_mmio_mask) >> 12
-
-
-cdef u64 make_mmio_spte(const spte_masks_t* m, gfn_t gfn, unsigned int access, u64 gen) noexcept nogil:
-    cdef u64 spte = generation_mmio_spte_mask(gen & MMIO_SPTE_GEN_MASK)
-    spte |= m.shadow_mmio_value | (access & m.shadow_mmio_access_mask)
-    spte |= (gfn << 12) & SPTE_BASE_ADDR_MASK
-    return spte
-
-
-cdef u64 make_huge_page_split_spte(const spte_masks_t* m, u64 huge_spte, int child_level,
-                                   int index, bint nx_huge_pages) noexcept nogil:
-    """Child `index` of a huge SPTE: same bits, pfn advanced (6.10; later make_small_spte)."""
-    cdef u64 child = huge_spte
-    cdef bint tracked
-    child += (<u64>index * pages_per_level(child_level)) << 12
-    if child_level == 1:
-        child &= ~PT_PAGE_SIZE_MASK
-        if nx_huge_pages:
-            # make_spte_executable: the 4K children may run code again.
-            tracked = is_access_track_spte(m, child)
-            if tracked:
-                child = restore_acc_track_spte(m, child)
-            child &= ~m.shadow_nx_mask
-            child |= m.shadow_x_mask
-            if tracked:
-                child = mark_spte_for_access_track(m, child)
-    return child
+# make_spte, make_nonleaf_spte, make_mmio_spte, make_huge_page_split_spte, access
+# tracking and spte_has_volatile_bits are `cdef inline` in _core.pxd beside the
+# predicates, so a module that cimports spte_fast inlines them too.
 
 
 # =====================================================================================
@@ -437,7 +302,7 @@ cdef int mmu_topup_memory_cache(mem_cache_t* mc, int capacity, int min) noexcept
         if mc.init_value != 0 and mc.gfp_zero:
             mc.warnings += 1
             return -SPTE_EIO
-        mc.objects = <int64_t*>PyMem_RawMalloc(capacity * sizeof(int64_t))
+        mc.objects = <int64_t*>malloc(capacity * sizeof(int64_t))
         if mc.objects == NULL:
             return -SPTE_ENOMEM
         mc.capacity = capacity
@@ -475,7 +340,7 @@ cdef void mmu_free_memory_cache(mem_cache_t* mc) noexcept nogil:
     mc.nobjs = 0
     mc.capacity = 0
     if mc.objects != NULL:
-        PyMem_RawFree(mc.objects)
+        free(mc.objects)
         mc.objects = NULL
 
 
@@ -917,7 +782,7 @@ cdef int _tdp_mmu_map_handle_target_level(mmu_t* mmu, mmu_stats_t* st, memslot_t
         new_spte = make_mmio_spte(&mmu.m, it.gfn, ACC_ALL, mmu.mmio_gen)
     else:
         pfn = slot.pfn + (it.gfn - slot.base_gfn)
-        new_spte = _make_spte(&mmu.m, it.level, ACC_ALL, pfn, it.old_spte, False,
+        new_spte = make_spte(&mmu.m, it.level, ACC_ALL, pfn, it.old_spte, False,
                              not slot.readonly, mmu.m.ad_disabled, mmu.nx_huge_pages,
                              False, &wrprot)
     if new_spte == it.old_spte:
@@ -1623,7 +1488,7 @@ cdef class MemoryCache:
         if self.pool is not None:
             mmu_free_memory_cache(&self.mc)
         elif self.mc.objects != NULL:
-            PyMem_RawFree(self.mc.objects)
+            free(self.mc.objects)
         pthread_mutex_destroy(&self.mc.lock)
 
     cdef inline void _lock(self) noexcept nogil:

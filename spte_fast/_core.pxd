@@ -447,6 +447,10 @@ ctypedef struct pool_t:
     int64_t allocated
     int64_t freed
     int64_t failed
+    int64_t zero_inits      # initialisation done by the caches on this pool (atomic adds)
+    int64_t zero_untouched
+    int64_t fills
+    int64_t init_bytes_written
     pthread_mutex_t lock    # short lock: vCPUs top up concurrently
 
 # kvm_mmu_memory_cache

@@ -268,15 +268,20 @@ cdef void mc_init_page(mem_cache_t* mc, int64_t idx) noexcept nogil:
     if mc.gfp_zero:
         if p.clean[idx]:
             mc.zero_untouched += 1          # never-used memory is already zero
+            spte_add64(&p.zero_untouched, 1)
         else:
             _mc_fill_page(page, 0)
             mc.zero_inits += 1
             mc.init_bytes_written += 4096
+            spte_add64(&p.zero_inits, 1)
+            spte_add64(&p.init_bytes_written, 4096)
             p.clean[idx] = 1
     if mc.init_value != 0:
         _mc_fill_page(page, mc.init_value)
         mc.fills += 1
         mc.init_bytes_written += 4096
+        spte_add64(&p.fills, 1)
+        spte_add64(&p.init_bytes_written, 4096)
         p.clean[idx] = 0
     # init_value 0 without gfp_zero: KVM's uninitialised cache, page handed out as is.
 
@@ -1455,7 +1460,9 @@ cdef class PagePool:
     @property
     def stats(self):
         return {"allocated": self.p.allocated, "freed": self.p.freed,
-                "in_use": self.p.capacity - self.nr_free, "failed": self.p.failed}
+                "in_use": self.p.capacity - self.nr_free, "failed": self.p.failed,
+                "zero_inits": self.p.zero_inits, "zero_untouched": self.p.zero_untouched,
+                "fills": self.p.fills, "init_bytes_written": self.p.init_bytes_written}
 
     def __repr__(self):
         return f"PagePool(capacity={self.p.capacity}, free={self.nr_free})"

@@ -81,7 +81,29 @@ cdef extern from *:
     static inline uint64_t spte_fetch_and64(uint64_t *p, uint64_t m) { return __atomic_fetch_and(p, m, __ATOMIC_SEQ_CST); }
     static inline void spte_byte_or(uint8_t *p, uint8_t m) { __atomic_fetch_or(p, m, __ATOMIC_RELAXED); }
     static inline void spte_add64(int64_t *p, int64_t v) { __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+    static inline uint64_t spte_load_acq(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+    static inline void spte_store_rel(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+    static inline uint64_t spte_inc_return(uint64_t *p) { return __atomic_add_fetch(p, 1, __ATOMIC_SEQ_CST); }
+    static inline int64_t spte_load64(const int64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+    static inline int spte_take_one(int64_t *p) {   /* decrement if positive; 1 if taken */
+        int64_t v = __atomic_load_n(p, __ATOMIC_RELAXED);
+        while (v > 0)
+            if (__atomic_compare_exchange_n(p, &v, v - 1, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+                return 1;
+        return 0;
+    }
     static inline void spte_prefetch(const void *p) { __builtin_prefetch(p, 1, 3); }
+    /* mmu_lock prefers writers, so zaps are not starved by a stream of fault chunks. */
+    static inline int spte_rwlock_init(pthread_rwlock_t *l) {
+        pthread_rwlockattr_t a;
+        pthread_rwlockattr_init(&a);
+    #if defined(__GLIBC__)
+        pthread_rwlockattr_setkind_np(&a, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    #endif
+        int r = pthread_rwlock_init(l, &a);
+        pthread_rwlockattr_destroy(&a);
+        return r;
+    }
     static inline void spte_cpu_relax(void) {
     #if defined(__x86_64__) || defined(__i386__)
         __builtin_ia32_pause();
@@ -151,6 +173,11 @@ cdef extern from *:
     u64 spte_fetch_and64(u64 *p, u64 m) noexcept nogil
     void spte_byte_or(uint8_t *p, uint8_t m) noexcept nogil
     void spte_add64(int64_t *p, int64_t v) noexcept nogil
+    u64 spte_load_acq(const u64 *p) noexcept nogil
+    void spte_store_rel(u64 *p, u64 v) noexcept nogil
+    u64 spte_inc_return(u64 *p) noexcept nogil
+    int64_t spte_load64(const int64_t *p) noexcept nogil
+    bint spte_take_one(int64_t *p) noexcept nogil
     void spte_cpu_relax() noexcept nogil
     void spte_prefetch(const void* p) noexcept nogil
     void spte_memset64(u64 *p, u64 v, size_t n) noexcept nogil
@@ -168,6 +195,7 @@ cdef extern from *:
     int pthread_rwlock_rdlock(pthread_rwlock_t *l) nogil
     int pthread_rwlock_wrlock(pthread_rwlock_t *l) nogil
     int pthread_rwlock_unlock(pthread_rwlock_t *l) nogil
+    int spte_rwlock_init(pthread_rwlock_t *l) nogil
 
 
 # Status codes: kernels return 0 or a negative code, as KVM does.
@@ -193,6 +221,11 @@ cdef enum:
     PAGE_RAW = 1      # handed out by pool_alloc / cache alloc, owner unknown
     PAGE_CACHED = 2   # held by a memory cache
     PAGE_TABLE = 3    # a page table of a Vm (linked, or the root)
+    PAGE_PARKED = 4   # a removed table waiting for the readers that may still walk it
+
+# Concurrency limits
+cdef enum:
+    MAX_VCPUS = 256
 
 # Per-table flags (pool.pflags)
 cdef enum:
@@ -510,7 +543,14 @@ ctypedef struct mmu_t:
     int nslots
     int last_slot
     int64_t inject_cas_fail # test aid: fail this many CAS attempts
-    pthread_rwlock_t mmu_lock
+    pthread_rwlock_t mmu_lock   # faults take it for read, zaps and memslot changes for write
+    # Grace period for tables removed in shared mode (KVM frees them after RCU):
+    u64 epoch                   # bumped by every shared-mode removal
+    u64 reader_epoch[256]       # per vCPU: epoch seen on entering the read side; 0 = outside
+    int nvcpus
+    int64_t* parked             # removed tables not yet returned to the pool (pool.lock)
+    u64* parked_epoch           # epoch stamped on each at removal
+    int64_t nparked
     int fatal               # a BUG() case was hit (present leaf -> other pfn)
     gfn_t fatal_gfn
     int fatal_level
@@ -538,6 +578,7 @@ ctypedef struct tdp_iter_t:
 # holds the value seen, so using it is the same as a walk from the root that ran a
 # moment earlier; dropped whenever the vCPU leaves the MMU lock.
 ctypedef struct walk_hint_t:
+    int last_slot               # memslot index of the previous fault (kvm's last_used_slot)
     bint valid
     gfn_t region                # gfn >> 9 of the 4K table reached
     tdp_ptep_t l2_sptep         # the level-2 entry linking it
@@ -561,3 +602,5 @@ cdef void tdp_iter_next(tdp_iter_t* it) noexcept nogil
 
 cdef int kvm_tdp_mmu_page_fault(mmu_t* mmu, mmu_stats_t* st, mem_cache_t* mc,
                                 walk_hint_t* hint, gfn_t gfn, bint write, bint exec) noexcept nogil
+cdef void mmu_read_lock(mmu_t* mmu, int vcpu_slot) noexcept nogil
+cdef void mmu_read_unlock(mmu_t* mmu, int vcpu_slot) noexcept nogil

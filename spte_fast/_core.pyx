@@ -413,7 +413,66 @@ cdef void handle_removed_pt(mmu_t* mmu, mmu_stats_t* st, int64_t pt, bint shared
         handle_changed_spte(mmu, st, base_gfn + <u64>i * pages_per_level(level),
                             old_spte, frozen, level, shared)
     st.tables_freed += 1
-    pool_free(p, pt)
+    if shared:
+        _park_table(mmu, pt)        # readers may still be walking it: free after them
+    else:
+        pool_free(p, pt)            # exclusive: nobody else is in the tables
+
+
+# -- grace period ------------------------------------------------------------------------
+# KVM frees a table removed under the read lock only after an RCU grace period.  Here
+# every vCPU publishes, while it holds mmu_lock for read, the epoch it saw on entry;
+# a removed table is stamped with a new epoch and goes back to the pool once every
+# vCPU is outside the read side or entered after the stamp.  Taking mmu_lock for
+# write (no readers at all) returns every parked table.
+
+cdef void _park_table(mmu_t* mmu, int64_t pt) noexcept nogil:
+    cdef u64 stamp = spte_inc_return(&mmu.epoch)
+    pthread_mutex_lock(&mmu.pool.lock)
+    mmu.pool.state[pt] = PAGE_PARKED
+    mmu.parked[mmu.nparked] = pt
+    mmu.parked_epoch[mmu.nparked] = stamp
+    mmu.nparked += 1
+    pthread_mutex_unlock(&mmu.pool.lock)
+
+
+cdef void _reclaim_parked(mmu_t* mmu) noexcept nogil:
+    """Return the parked tables that no reader can still be walking."""
+    cdef u64 oldest = U64_MAX, e
+    cdef int i
+    cdef int64_t j, kept = 0
+    if spte_load64(&mmu.nparked) == 0:
+        return
+    for i in range(mmu.nvcpus):
+        e = spte_load_acq(&mmu.reader_epoch[i])
+        if e != 0 and e < oldest:
+            oldest = e
+    pthread_mutex_lock(&mmu.pool.lock)
+    for j in range(mmu.nparked):
+        if mmu.parked_epoch[j] <= oldest:
+            mmu.pool.state[mmu.parked[j]] = PAGE_RAW
+            pool_free_locked(mmu.pool, mmu.parked[j])
+        else:
+            mmu.parked[kept] = mmu.parked[j]
+            mmu.parked_epoch[kept] = mmu.parked_epoch[j]
+            kept += 1
+    mmu.nparked = kept
+    pthread_mutex_unlock(&mmu.pool.lock)
+
+
+cdef void mmu_read_lock(mmu_t* mmu, int vcpu_slot) noexcept nogil:
+    pthread_rwlock_rdlock(&mmu.mmu_lock)
+    spte_store_rel(&mmu.reader_epoch[vcpu_slot], spte_load_acq(&mmu.epoch))
+
+
+cdef void mmu_read_unlock(mmu_t* mmu, int vcpu_slot) noexcept nogil:
+    spte_store_rel(&mmu.reader_epoch[vcpu_slot], 0)
+    pthread_rwlock_unlock(&mmu.mmu_lock)
+
+
+cdef void mmu_write_lock(mmu_t* mmu) noexcept nogil:
+    pthread_rwlock_wrlock(&mmu.mmu_lock)
+    _reclaim_parked(mmu)            # no reader is inside: every parked table is free
 
 
 cdef inline void handle_changed_spte(mmu_t* mmu, mmu_stats_t* st, gfn_t gfn, u64 old_spte,
@@ -503,8 +562,7 @@ cdef inline void tdp_mmu_iter_set_spte(mmu_t* mmu, mmu_stats_t* st, tdp_iter_t* 
 
 cdef inline bint _cas(mmu_t* mmu, mmu_stats_t* st, tdp_ptep_t sptep, u64* old, u64 new) noexcept nogil:
     """The engine's compare-and-exchange, with the test hook that loses races on demand."""
-    if mmu.inject_cas_fail > 0:
-        mmu.inject_cas_fail -= 1
+    if mmu.inject_cas_fail > 0 and spte_take_one(&mmu.inject_cas_fail):
         old[0] = spte_read_once(sptep)
         st.cas_failures += 1
         return False
@@ -640,17 +698,19 @@ cdef enum:
     VCPU_CACHE_MIN = 5          # mmu_topup_memory_caches: 1 + PT64_ROOT_MAX_LEVEL - 1
 
 
-cdef memslot_t* _gfn_to_memslot(mmu_t* mmu, gfn_t gfn) noexcept nogil:
-    cdef int i = mmu.last_slot
+cdef memslot_t* _gfn_to_memslot(mmu_t* mmu, gfn_t gfn, int* last) noexcept nogil:
+    """The slot holding gfn, trying the caller's last-used slot first (per vCPU)."""
+    cdef int i = last[0] if last != NULL else 0
     cdef memslot_t* s
     if i < mmu.nslots:
         s = &mmu.slots[i]
-        if gfn - s.base_gfn < s.npages and gfn >= s.base_gfn:
+        if gfn >= s.base_gfn and gfn - s.base_gfn < s.npages:
             return s
     for i in range(mmu.nslots):
         s = &mmu.slots[i]
         if gfn >= s.base_gfn and gfn - s.base_gfn < s.npages:
-            mmu.last_slot = i
+            if last != NULL:
+                last[0] = i
             return s
     return NULL
 
@@ -863,9 +923,13 @@ cdef int kvm_tdp_mmu_page_fault(mmu_t* mmu, mmu_stats_t* st, mem_cache_t* mc,
     else:
         if mc.nobjs < VCPU_CACHE_MIN:
             r = mmu_topup_memory_cache(mc, KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE, VCPU_CACHE_MIN)
+            if r == -SPTE_ENOMEM and mmu.nparked:
+                _reclaim_parked(mmu)        # removed tables may be reusable by now
+                r = mmu_topup_memory_cache(mc, KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE,
+                                           VCPU_CACHE_MIN)
             if r < 0:
                 return r
-        slot = _gfn_to_memslot(mmu, gfn)
+        slot = _gfn_to_memslot(mmu, gfn, &hint.last_slot if hint != NULL else NULL)
         if slot != NULL and write and slot.readonly:
             r = RET_PF_EMULATE      # KVM_PFN_ERR_RO_FAULT: emulate, install nothing
         else:
@@ -1437,7 +1501,7 @@ cdef class PagePool:
         try:
             if self.p.state[idx] != PAGE_RAW:
                 raise ValueError(f"page {idx} was not handed out by alloc() "
-                                 f"(state {('free', 'raw', 'cached', 'table')[self.p.state[idx]]})")
+                                 f"(state {('free', 'raw', 'cached', 'table', 'parked')[self.p.state[idx]]})")
             pool_free_locked(&self.p, idx)
         finally:
             pthread_mutex_unlock(&self.p.lock)
@@ -1455,7 +1519,7 @@ cdef class PagePool:
 
     def page_state(self, index):
         """'free', 'raw', 'cached' or 'table'."""
-        return ("free", "raw", "cached", "table")[self.p.state[self._index(index)]]
+        return ("free", "raw", "cached", "table", "parked")[self.p.state[self._index(index)]]
 
     @property
     def stats(self):
@@ -1626,7 +1690,8 @@ cdef class Vm:
         memset(&self.mmu, 0, sizeof(mmu_t))
         memset(&self.st, 0, sizeof(mmu_stats_t))
         memset(&self.root_mc, 0, sizeof(mem_cache_t))
-        pthread_rwlock_init(&self.mmu.mmu_lock, NULL)
+        spte_rwlock_init(&self.mmu.mmu_lock)
+        self.mmu.epoch = 1
         pthread_mutex_init(&self.root_mc.lock, NULL)
         self.layout = layout
         self.pool = PagePool(cap, poison=poison)
@@ -1639,6 +1704,10 @@ cdef class Vm:
         self.mmu.max_level = ml
         self.mmu.nx_huge_pages = bool(nx_huge_pages)
         self.mmu.gfn_limit = (<u64>1) << (9 * rl)
+        self.mmu.parked = <int64_t*>malloc(cap * sizeof(int64_t))
+        self.mmu.parked_epoch = <u64*>malloc(cap * sizeof(u64))
+        if self.mmu.parked == NULL or self.mmu.parked_epoch == NULL:
+            raise MemoryError()
         self.root_mc.pool = &self.pool.p
         self.root_mc.init_value = layout.m.shadow_nonpresent_value
         self.root_mc.gfp_zero = layout.m.shadow_nonpresent_value == 0
@@ -1655,12 +1724,14 @@ cdef class Vm:
 
     def __dealloc__(self):
         PyMem_RawFree(self.mmu.slots)
+        free(self.mmu.parked)
+        free(self.mmu.parked_epoch)
         pthread_rwlock_destroy(&self.mmu.mmu_lock)
         pthread_mutex_destroy(&self.root_mc.lock)
 
     # -- locking: always taken with the GIL released (no deadlock with fault threads) ---
     cdef inline void _wrlock(self) noexcept nogil:
-        pthread_rwlock_wrlock(&self.mmu.mmu_lock)
+        mmu_write_lock(&self.mmu)
 
     cdef inline void _unlock(self) noexcept nogil:
         pthread_rwlock_unlock(&self.mmu.mmu_lock)
@@ -1718,7 +1789,6 @@ cdef class Vm:
             arr[i].host_flags = <uint8_t*>cnp.PyArray_DATA(flags)
         self.mmu.slots = arr
         self.mmu.nslots = n
-        self.mmu.last_slot = 0
 
     cdef void _bump_generation(self) noexcept nogil:
         self.mmu.mmio_gen = (self.mmu.mmio_gen + 1) & MMIO_SPTE_GEN_MASK
@@ -1786,8 +1856,21 @@ cdef class Vm:
 
     # -- vCPUs -------------------------------------------------------------------------
     def vcpu(self):
-        """A new vCPU with its own shadow-page cache (init_value = the non-present value)."""
+        """A new vCPU with its own shadow-page cache (init_value = the non-present value).
+
+        Each vCPU may fault from its own thread: faults run with the GIL released and
+        mmu_lock held for read, as KVM's TDP MMU faults do.
+        """
+        cdef Vcpu v
+        if self.mmu.nvcpus >= MAX_VCPUS:
+            raise ValueError(f"at most {MAX_VCPUS} vCPUs per Vm")
         v = Vcpu(self)
+        with nogil:
+            self._wrlock()
+            v.slot = self.mmu.nvcpus
+            self.mmu.reader_epoch[v.slot] = 0
+            self.mmu.nvcpus += 1
+            self._unlock()
         self._vcpus.append(v)
         return v
 
@@ -1806,7 +1889,7 @@ cdef class Vm:
         cdef u64 out[5]
         cdef int n = 0
         with nogil:
-            pthread_rwlock_rdlock(&self.mmu.mmu_lock)
+            self._wrlock()
             while True:
                 spte = spte_read_once(table + spte_index(g, level))
                 out[n] = spte
@@ -1850,7 +1933,7 @@ cdef class Vm:
         cdef int64_t warns = self.root_mc.warnings
         memset(&acc, 0, sizeof(acc))
         with nogil:
-            pthread_rwlock_rdlock(&self.mmu.mmu_lock)
+            self._wrlock()          # a consistent snapshot of every vCPU's counters
         try:
             _stats_add(&acc, &self.st)
             for v in self._vcpus:
@@ -2031,6 +2114,10 @@ cdef class Vm:
                                "or is cached twice", entry=False)
                 seen[idx] |= 4
                 n_cached += 1
+        for i in range(self.mmu.nparked):
+            if p.state[self.mmu.parked[i]] != PAGE_PARKED:
+                self._fail("pool-accounting", f"parked table {self.mmu.parked[i]} is not in "
+                           "state parked", entry=False)
         for i in range(cap):
             if p.state[i] == PAGE_FREE:
                 n_free -= 1
@@ -2088,7 +2175,7 @@ cdef class Vm:
             if not _writable_invariants_ok(m, e):
                 self._fail("writable-state", "W without MMU-writable, or MMU-writable without "
                            "host-writable", g, level, e)
-            slot = _gfn_to_memslot(&self.mmu, g)
+            slot = _gfn_to_memslot(&self.mmu, g, NULL)
             if slot == NULL or g + pages_per_level(level) > slot.base_gfn + slot.npages:
                 self._fail("leaf-in-slot", "leaf outside every memslot", g, level, e)
             if spte_to_pfn(e) != slot.pfn + (g - slot.base_gfn):
@@ -2106,6 +2193,7 @@ cdef class Vcpu:
     cdef readonly Vm vm
     cdef readonly MemoryCache cache
     cdef mmu_stats_t st
+    cdef int slot                   # index of this vCPU's reader epoch in the mmu
 
     def __cinit__(self, Vm vm not None):
         self.vm = vm
@@ -2122,11 +2210,12 @@ cdef class Vcpu:
         cdef mmu_t* mmu = &self.vm.mmu
         cdef mem_cache_t* mc = &self.cache.mc
         with nogil:
-            pthread_rwlock_wrlock(&mmu.mmu_lock)
+            mmu_read_lock(mmu, self.slot)
             pthread_mutex_lock(&mc.lock)
             r = kvm_tdp_mmu_page_fault(mmu, &self.st, mc, NULL, g, w, x)
             pthread_mutex_unlock(&mc.lock)
-            pthread_rwlock_unlock(&mmu.mmu_lock)
+            mmu_read_unlock(mmu, self.slot)
+            _reclaim_parked(mmu)
         self.vm._raise_fatal()
         _check_rc(r, f"fault(gfn={g:#x})")
         return PF(r)
@@ -2164,7 +2253,8 @@ cdef class Vcpu:
         cdef int rc
         memset(counts, 0, sizeof(counts))
         with nogil:
-            rc = _fault_batch(&self.vm.mmu, &self.st, &self.cache.mc, g, a, o, n, counts, &done)
+            rc = _fault_batch(&self.vm.mmu, &self.st, &self.cache.mc, self.slot, g, a, o, n,
+                              counts, &done)
         self.vm._raise_fatal()
         if rc < 0:
             raise OutOfMemory(f"fault_batch: page pool exhausted after {done} of {n} faults",
@@ -2200,40 +2290,53 @@ cdef enum:
     PREFETCH_DISTANCE = 12
 
 
-cdef int _fault_batch(mmu_t* mmu, mmu_stats_t* st, mem_cache_t* mc, const gfn_t* gfns,
-                      const uint8_t* access, int8_t* out, Py_ssize_t n, int64_t* counts,
-                      Py_ssize_t* done) noexcept nogil:
-    """The batch loop: top up, fault, re-fault on RETRY. Returns 0 or -SPTE_ENOMEM."""
-    cdef Py_ssize_t i
+cdef enum:
+    FAULT_CHUNK = 1024          # faults per read-side section: zaps get in between chunks
+
+
+cdef int _fault_batch(mmu_t* mmu, mmu_stats_t* st, mem_cache_t* mc, int slot,
+                      const gfn_t* gfns, const uint8_t* access, int8_t* out, Py_ssize_t n,
+                      int64_t* counts, Py_ssize_t* done) noexcept nogil:
+    """The batch loop: fault, re-fault on RETRY. Returns 0 or -SPTE_ENOMEM.
+
+    mmu_lock is held for read FAULT_CHUNK faults at a time; between chunks the vCPU
+    leaves the read side (the walk hint is dropped with it) and parked tables whose
+    readers are gone return to the pool.
+    """
+    cdef Py_ssize_t i = 0, chunk_end
     cdef int r = 0
     cdef bint w = False, x = False
     cdef walk_hint_t hint
-    hint.valid = False
-    pthread_rwlock_wrlock(&mmu.mmu_lock)
-    pthread_mutex_lock(&mc.lock)
-    for i in range(n):
-        # Prefetch only when a later fault enters another leaf table (random access).
-        if i + PREFETCH_DISTANCE < n and \
-                (gfns[i + PREFETCH_DISTANCE] ^ gfns[i + PREFETCH_DISTANCE - 1]) >> 9:
-            _prefetch_leaf(mmu, gfns[i + PREFETCH_DISTANCE])
-        if access != NULL:
-            w = access[i] & 1
-            x = (access[i] >> 1) & 1
-        while True:
-            r = kvm_tdp_mmu_page_fault(mmu, st, mc, &hint, gfns[i], w, x)
+    hint.last_slot = 0
+    while i < n and r >= 0:
+        chunk_end = min(n, i + FAULT_CHUNK)
+        hint.valid = False
+        # Lock order everywhere: mmu_lock, then a cache's lock, then the pool's.
+        mmu_read_lock(mmu, slot)
+        pthread_mutex_lock(&mc.lock)
+        while i < chunk_end:
+            # Prefetch only when a later fault enters another leaf table (random access).
+            if i + PREFETCH_DISTANCE < n and \
+                    (gfns[i + PREFETCH_DISTANCE] ^ gfns[i + PREFETCH_DISTANCE - 1]) >> 9:
+                _prefetch_leaf(mmu, gfns[i + PREFETCH_DISTANCE])
+            if access != NULL:
+                w = access[i] & 1
+                x = (access[i] >> 1) & 1
+            while True:
+                r = kvm_tdp_mmu_page_fault(mmu, st, mc, &hint, gfns[i], w, x)
+                if r < 0:
+                    break
+                counts[r] += 1
+                if r != RET_PF_RETRY:
+                    break
             if r < 0:
                 break
-            counts[r] += 1
-            if r != RET_PF_RETRY:
-                break
-        if r < 0:
-            break
-        if out != NULL:
-            out[i] = <int8_t>r
-    else:
-        i = n
-    pthread_mutex_unlock(&mc.lock)
-    pthread_rwlock_unlock(&mmu.mmu_lock)
+            if out != NULL:
+                out[i] = <int8_t>r
+            i += 1
+        pthread_mutex_unlock(&mc.lock)
+        mmu_read_unlock(mmu, slot)
+        _reclaim_parked(mmu)
     done[0] = i
     return r if r < 0 else 0
 

@@ -504,6 +504,7 @@ ctypedef struct mem_cache_t:
 
 # Per-context counters (a vCPU's or the VM's own); vm.stats sums them.
 ctypedef struct mmu_stats_t:
+    int slot                # the vCPU's reader slot; -1 for the VM's own operations
     int64_t faults[6]       # by RET_PF_*
     int64_t pages[4]        # present leaves by level (1..3)
     int64_t pt_pages[6]     # linked tables by their own level (1..5)
@@ -546,6 +547,7 @@ ctypedef struct mmu_t:
     pthread_rwlock_t mmu_lock   # faults take it for read, zaps and memslot changes for write
     # Grace period for tables removed in shared mode (KVM frees them after RCU):
     u64 epoch                   # bumped by every shared-mode removal
+    u64 removals                # tables removed so far (walk hints compare it)
     u64 reader_epoch[256]       # per vCPU: epoch seen on entering the read side; 0 = outside
     int nvcpus
     int64_t* parked             # removed tables not yet returned to the pool (pool.lock)
@@ -579,6 +581,7 @@ ctypedef struct tdp_iter_t:
 # moment earlier; dropped whenever the vCPU leaves the MMU lock.
 ctypedef struct walk_hint_t:
     int last_slot               # memslot index of the previous fault (kvm's last_used_slot)
+    u64 removals                # mmu.removals when cached: any removal since drops the hint
     bint valid
     gfn_t region                # gfn >> 9 of the 4K table reached
     tdp_ptep_t l2_sptep         # the level-2 entry linking it

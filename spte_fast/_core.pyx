@@ -413,10 +413,11 @@ cdef void handle_removed_pt(mmu_t* mmu, mmu_stats_t* st, int64_t pt, bint shared
         handle_changed_spte(mmu, st, base_gfn + <u64>i * pages_per_level(level),
                             old_spte, frozen, level, shared)
     st.tables_freed += 1
-    if shared:
-        _park_table(mmu, pt)        # readers may still be walking it: free after them
+    spte_inc_return(&mmu.removals)
+    if shared and _other_readers(mmu, st.slot):
+        _park_table(mmu, pt)        # another vCPU may still be walking it: free after it
     else:
-        pool_free(p, pt)            # exclusive: nobody else is in the tables
+        pool_free(p, pt)            # nobody else can reach the unlinked table
 
 
 # -- grace period ------------------------------------------------------------------------
@@ -425,6 +426,16 @@ cdef void handle_removed_pt(mmu_t* mmu, mmu_stats_t* st, int64_t pt, bint shared
 # a removed table is stamped with a new epoch and goes back to the pool once every
 # vCPU is outside the read side or entered after the stamp.  Taking mmu_lock for
 # write (no readers at all) returns every parked table.
+
+cdef bint _other_readers(mmu_t* mmu, int self_slot) noexcept nogil:
+    """Is another vCPU inside the read side?  A vCPU entering after this check cannot
+    reach a table that was unlinked before it (its walk starts after it publishes)."""
+    cdef int i
+    for i in range(mmu.nvcpus):
+        if i != self_slot and spte_load_acq(&mmu.reader_epoch[i]) != 0:
+            return True
+    return False
+
 
 cdef void _park_table(mmu_t* mmu, int64_t pt) noexcept nogil:
     cdef u64 stamp = spte_inc_return(&mmu.epoch)
@@ -871,6 +882,7 @@ cdef inline bint _walk_from_hint(mmu_t* mmu, walk_hint_t* hint, tdp_iter_t* it,
                                  gfn_t gfn) noexcept nogil:
     """Resume at the 4K table of the last walk if the entry linking it is unchanged."""
     if hint == NULL or not hint.valid or (gfn >> 9) != hint.region or \
+            spte_load_acq(&mmu.removals) != hint.removals or \
             spte_read_once(hint.l2_sptep) != hint.l2_spte:
         return False
     memcpy(it.pt_path, hint.pt_path, sizeof(hint.pt_path))
@@ -893,6 +905,7 @@ cdef inline void _save_hint(mmu_t* mmu, walk_hint_t* hint, tdp_iter_t* it, gfn_t
     hint.valid = is_shadow_present_pte(v) and not is_large_pte(v) and \
         spte_to_child_pt(mmu, v) == it.pt_path[0]
     hint.region = gfn >> 9
+    hint.removals = spte_load_acq(&mmu.removals)
     hint.l2_sptep = l2
     hint.l2_spte = v
     memcpy(hint.pt_path, it.pt_path, sizeof(hint.pt_path))
@@ -1689,6 +1702,7 @@ cdef class Vm:
         cdef int64_t root
         memset(&self.mmu, 0, sizeof(mmu_t))
         memset(&self.st, 0, sizeof(mmu_stats_t))
+        self.st.slot = -1               # the VM's own operations hold mmu_lock for write
         memset(&self.root_mc, 0, sizeof(mem_cache_t))
         spte_rwlock_init(&self.mmu.mmu_lock)
         self.mmu.epoch = 1
@@ -1868,6 +1882,7 @@ cdef class Vm:
         with nogil:
             self._wrlock()
             v.slot = self.mmu.nvcpus
+            v.st.slot = v.slot
             self.mmu.reader_epoch[v.slot] = 0
             self.mmu.nvcpus += 1
             self._unlock()
@@ -2200,6 +2215,7 @@ cdef class Vcpu:
         self.cache = MemoryCache(vm.pool, init_value=vm.layout.m.shadow_nonpresent_value,
                                  capacity=KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE)
         memset(&self.st, 0, sizeof(mmu_stats_t))
+        self.st.slot = -1               # set by Vm.vcpu()
 
     def fault(self, gfn, write=False, exec=False):
         """One guest page fault → PF.FIXED / SPURIOUS / RETRY / EMULATE."""

@@ -1237,7 +1237,13 @@ class Vm:
     # --- vCPUs, fault injection -----------------------------------------------------------------
 
     def vcpu(self):
+        if len(self._vcpus) >= 256:
+            raise ValueError("at most 256 vCPUs per Vm")
         return Vcpu(self)
+
+    @property
+    def vcpus(self):
+        return tuple(self._vcpus)
 
     def inject_cas_failures(self, n):
         self._cas_failures_to_inject = _check_int("n", n, 0)
@@ -1473,6 +1479,7 @@ class Vm:
         """One vCPU fault (kvm_tdp_mmu_page_fault); counts the result."""
         ret = self._kvm_tdp_mmu_page_fault(vcpu, gfn, write, exec)
         self._counters["faults_" + _RET_PF_NAMES[ret]] += 1
+        vcpu._fault_counts["faults_" + _RET_PF_NAMES[ret]] += 1
         return ret
 
     def _kvm_tdp_mmu_page_fault(self, vcpu, gfn, write, exec):  # noqa: A002
@@ -1854,8 +1861,15 @@ class Vcpu:
         self._cache = MemoryCache(vm.pool, init_value=vm.layout.nonpresent_value,
                                   capacity=KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE)
         vm._vcpus.append(self)
+        self._fault_counts = {"faults_fixed": 0, "faults_spurious": 0, "faults_retry": 0,
+                              "faults_emulate": 0}
 
     vm = property(lambda self: self._vm)
+
+    @property
+    def stats(self):
+        """This vCPU's own fault counts."""
+        return dict(self._fault_counts)
     cache = property(lambda self: self._cache)
 
     def fault(self, gfn, write=False, exec=False):  # noqa: A002 - the contract's name

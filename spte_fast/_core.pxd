@@ -71,7 +71,9 @@ cdef extern from *:
     /* The three primitives that store into page-table memory (plus the
      * memset64 page fill).  Real 64-bit atomics: vCPU threads run them with
      * the GIL released. */
-    static inline uint64_t spte_read_once(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+    /* Acquire: a table linked by another vCPU (CAS, seq_cst) was filled before the link. On
+     * x86 this is the same plain load as READ_ONCE; it tells the C memory model (and TSan). */
+    static inline uint64_t spte_read_once(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void spte_write_once(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
     static inline uint64_t spte_xchg64(uint64_t *p, uint64_t v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
     static inline int spte_try_cmpxchg64(uint64_t *p, uint64_t *old, uint64_t new_) {

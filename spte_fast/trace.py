@@ -1,0 +1,289 @@
+"""Memory-access traces: the valgrind lackey converter and the binary trace reader.
+
+Binary trace format
+-------------------
+A file of little-endian ``uint64`` records and nothing else (no header)::
+
+    record = (page_number << 2) | kind
+
+``page_number`` is the 4 KiB page of the access (``address >> 12``); ``kind`` is
+
+* 0 read  -- lackey ``L`` (load),
+* 1 write -- lackey ``S`` (store) and ``M`` (modify: a read-modify-write, recorded as a write),
+* 2 exec  -- lackey ``I`` (instruction fetch),
+* 3 is invalid.
+
+The kind doubles as ``Vcpu.fault_batch``'s access bits (bit 0 write, bit 1 exec), so a
+decoded chunk is faulted as ``fault_batch(records >> 2, access=records & 3)``.  The length
+of a file must be a multiple of 8.  Files are compressed by their name: ``.gz`` (gzip),
+``.xz`` (xz/LZMA), anything else plain.  Everything here streams in bounded chunks: neither
+a lackey log nor a trace is ever held in memory whole.
+
+Converting a lackey log (``valgrind --tool=lackey --trace-mem=yes``)
+--------------------------------------------------------------------
+Records are the lines ``I  addr,size``, `` L addr,size``, `` S addr,size`` and
+`` M addr,size`` (``addr`` hexadecimal, ``size`` decimal); valgrind's ``==pid==`` lines
+and empty lines are skipped, and any other line is an error naming its line number.
+Consecutive duplicate records are dropped.  With a TLB of N entries only the misses of a
+FIFO TLB keyed by the record itself (page and kind: a read, a write and an instruction
+fetch of one page are three entries, so the first write to a page that was only read is
+kept) are written.
+"""
+import collections
+import gzip
+import lzma
+import os
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+KIND_READ, KIND_WRITE, KIND_EXEC = 0, 1, 2
+KIND_NAMES = ("read", "write", "exec")
+CHUNK_RECORDS = 1 << 20          # records per chunk when reading a trace (8 MiB)
+LACKEY_BLOCK = 4 << 20           # bytes of lackey text parsed at a time
+_PAGE_DIGITS = 13                # hex digits of an address above the 3 of the page offset
+
+
+class TraceError(ValueError):
+    """A malformed lackey log or binary trace (the message names the file and place)."""
+
+
+def open_compressed(path, mode):
+    """Open ``path`` in binary ``mode`` ("rb"/"wb"), (de)compressing by its extension."""
+    path = os.fspath(path)
+    if path.endswith(".gz"):
+        return gzip.open(path, mode)
+    if path.endswith(".xz"):
+        return lzma.open(path, mode)
+    return open(path, mode)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading binary traces
+# ---------------------------------------------------------------------------------------
+
+def iter_records(path, gfn_limit=None, chunk=CHUNK_RECORDS):
+    """Yield the records of a trace as uint64 arrays of at most ``chunk`` records.
+
+    Checks as it goes: a length that is not a multiple of 8, a record of kind 3 and (with
+    ``gfn_limit``) a page number ``>= gfn_limit`` raise ``TraceError``.
+    """
+    done = 0
+    with open_compressed(path, "rb") as f:
+        while True:
+            buf = _read_full(f, chunk * 8, path)
+            if not buf:
+                return
+            if len(buf) % 8:
+                raise TraceError(f"{path}: truncated trace: {done * 8 + len(buf)} bytes is "
+                                 f"not a whole number of 8-byte records")
+            recs = np.frombuffer(buf, dtype="<u8").astype(np.uint64, copy=False)
+            bad = np.flatnonzero((recs & 3) == 3)
+            if bad.size:
+                raise TraceError(f"{path}: record {done + bad[0]}: unknown kind 3 "
+                                 f"(value {int(recs[bad[0]]):#x})")
+            if gfn_limit is not None:
+                over = np.flatnonzero((recs >> 2) >= gfn_limit)
+                if over.size:
+                    raise TraceError(
+                        f"{path}: record {done + over[0]}: page number "
+                        f"{int(recs[over[0]] >> 2):#x} is beyond the address width "
+                        f"(page < {gfn_limit:#x})")
+            done += recs.size
+            yield recs
+
+
+def _read_full(f, n, path):
+    """Read up to n bytes, looping over short reads (decompressors return less).
+
+    A corrupt or cut compressed stream raises ``TraceError`` naming ``path``."""
+    parts, got = [], 0
+    while got < n:
+        try:
+            b = f.read(n - got)
+        except (EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile) as e:
+            raise TraceError(f"{path}: corrupt compressed data: {e}") from None
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)
+
+
+@dataclass
+class TraceSummary:
+    """What a first pass over a trace found (all it takes to size a VM for it)."""
+    records: int
+    max_page: int                # -1 for an empty trace
+    kinds: tuple                 # records per kind (read, write, exec)
+    regions: tuple               # distinct 512^l-page regions touched, for l = 1, 2, ...
+
+
+def scan_trace(path, gfn_limit, levels=4, chunk=CHUNK_RECORDS):
+    """Validate a whole trace and summarise it (``regions`` has ``levels`` entries)."""
+    n, max_page = 0, -1
+    kinds = np.zeros(4, dtype=np.int64)
+    regions = np.zeros(0, dtype=np.uint64)          # distinct page >> 9 seen so far
+    for recs in iter_records(path, gfn_limit, chunk):
+        pages = recs >> 2
+        n += recs.size
+        max_page = max(max_page, int(pages.max()))
+        kinds += np.bincount((recs & 3).astype(np.intp), minlength=4)
+        regions = np.union1d(regions, np.unique(pages >> 9))
+    counts = tuple(int(np.unique(regions >> (9 * l)).size) for l in range(levels))
+    return TraceSummary(n, max_page, tuple(int(k) for k in kinds[:3]), counts)
+
+
+# ---------------------------------------------------------------------------------------
+# Converting lackey logs
+# ---------------------------------------------------------------------------------------
+
+def _byte_table(chars, values=None):
+    t = np.zeros(256, dtype=np.uint8)
+    for i, c in enumerate(chars.encode()):
+        t[c] = 1 if values is None else values[i]
+    return t
+
+
+_IS_HEX = _byte_table("0123456789abcdefABCDEF")
+_HEX_VALUE = _byte_table("0123456789abcdefABCDEF", list(range(16)) + list(range(10, 16)))
+_IS_DEC = _byte_table("0123456789")
+_DATA_KIND = _byte_table("LSM", [KIND_READ + 1, KIND_WRITE + 1, KIND_WRITE + 1])  # kind + 1
+
+
+def parse_lackey(text, first_line=1, name="<lackey>"):
+    """The records (uint64, before duplicate dropping) of complete lackey lines.
+
+    ``text`` is bytes ending in a newline; ``first_line`` is the line number of its first
+    line, for error messages.  Vectorised: no Python per line.
+    """
+    a = np.frombuffer(text, dtype=np.uint8)
+    ends = np.flatnonzero(a == 10)                     # the newline ending each line
+    starts = np.empty_like(ends)
+    starts[:1] = 0
+    starts[1:] = ends[:-1] + 1
+    length = ends - starts
+    first = a[starts]                                  # the newline itself when empty
+    second = a[np.minimum(starts + 1, ends)]
+    skip = (length == 0) | ((first == ord("=")) & (second == ord("=")))
+    s, e = starts[~skip], ends[~skip]
+    lines = np.flatnonzero(~skip)                      # index of each record line
+    third = a[np.minimum(s + 2, e)]
+    first, second = first[~skip], second[~skip]
+    data_kind = _DATA_KIND[second]
+    instr = (first == ord("I")) & (second == ord(" "))
+    ok = (instr | ((first == ord(" ")) & (data_kind > 0))) & (third == ord(" ")) & (e - s >= 6)
+    # Exactly one comma per line, with 1..16 hex digits before it and decimal after it.
+    commas = np.flatnonzero(a == ord(","))
+    ci = np.searchsorted(commas, s)
+    ok &= np.searchsorted(commas, e) - ci == 1
+    comma = commas[np.minimum(ci, commas.size - 1)] if commas.size else e
+    bad_hex = np.zeros(a.size + 1, dtype=np.int32)      # prefix counts of non-hex bytes
+    np.cumsum(_IS_HEX[a] ^ 1, out=bad_hex[1:])
+    bad_dec = np.zeros(a.size + 1, dtype=np.int32)
+    np.cumsum(_IS_DEC[a] ^ 1, out=bad_dec[1:])
+    addr0 = s + 3
+    comma = np.where(ok, comma, e)
+    ok &= (comma - addr0 >= 1) & (comma - addr0 <= 16) & (e - comma >= 2)
+    ok &= (bad_hex[comma] - bad_hex[np.minimum(addr0, comma)] == 0)
+    ok &= (bad_dec[e] - bad_dec[np.minimum(comma + 1, e)] == 0)
+    if not ok.all():
+        i = int(np.flatnonzero(~ok)[0])
+        line = bytes(a[s[i]:e[i]]).decode("utf-8", "replace")
+        raise TraceError(f"{name}:{first_line + int(lines[i])}: not a lackey record: "
+                         f"{line[:60]!r}")
+    # page = the address's hex digits left of the last three, right-aligned, 13 at most.
+    page = np.zeros(s.size, dtype=np.uint64)
+    for k in range(_PAGE_DIGITS, 0, -1):
+        pos = comma - 3 - k
+        digit = _HEX_VALUE[a[np.maximum(pos, 0)]].astype(np.uint64)
+        page = (page << np.uint64(4)) | np.where(pos >= addr0, digit, np.uint64(0))
+    kind = np.where(instr, KIND_EXEC, data_kind.astype(np.int64) - 1).astype(np.uint64)
+    return (page << np.uint64(2)) | kind
+
+
+def drop_duplicates(recs, previous=None):
+    """Drop records equal to the one before them (``previous``: the last of the last chunk)."""
+    if recs.size == 0:
+        return recs
+    keep = np.empty(recs.size, dtype=bool)
+    keep[0] = previous is None or recs[0] != previous
+    np.not_equal(recs[1:], recs[:-1], out=keep[1:])
+    return recs[keep]
+
+
+class FifoTlb:
+    """An N-entry FIFO TLB keyed by the record (page and kind); ``misses`` filters a chunk.
+
+    A hit does not refresh an entry; a miss inserts it and evicts the oldest.  The state
+    carries over from chunk to chunk.  This is inherently sequential: it runs in Python,
+    over records that are already free of consecutive duplicates.
+    """
+
+    def __init__(self, entries):
+        if entries < 1:
+            raise ValueError("a TLB needs at least one entry")
+        self.entries = entries
+        self._fifo = collections.deque()
+        self._present = set()
+
+    def misses(self, recs):
+        keep = np.zeros(recs.size, dtype=bool)
+        fifo, present, n = self._fifo, self._present, self.entries
+        for i, r in enumerate(recs.tolist()):
+            if r in present:
+                continue
+            keep[i] = True
+            present.add(r)
+            fifo.append(r)
+            if len(fifo) > n:
+                present.discard(fifo.popleft())
+        return recs[keep]
+
+
+@dataclass
+class ConvertStats:
+    lines: int = 0               # lines read
+    accesses: int = 0            # lackey records parsed
+    records: int = 0             # records written
+    bytes_out: int = 0           # uncompressed bytes written
+
+
+def convert_lackey(src, dst, tlb=None, block=LACKEY_BLOCK):
+    """Convert the lackey log ``src`` into the binary trace ``dst`` (streaming).
+
+    ``tlb``: None, or the entries of a FIFO TLB whose misses alone are kept.
+    Returns a ``ConvertStats``.  Raises ``TraceError`` on an unparsable line.
+    """
+    stats = ConvertStats()
+    fifo = FifoTlb(tlb) if tlb is not None else None
+    previous, carry = None, b""
+    with open_compressed(src, "rb") as fin, open_compressed(dst, "wb") as fout:
+        while True:
+            buf = _read_full(fin, block, src)
+            text = carry + buf
+            if not buf:                                # end of file: the last line
+                if not text:
+                    break
+                text, carry = text + (b"" if text.endswith(b"\n") else b"\n"), b""
+            else:
+                cut = text.rfind(b"\n") + 1
+                text, carry = text[:cut], text[cut:]
+                if not text:
+                    continue
+            recs = parse_lackey(text, stats.lines + 1, os.fspath(src))
+            stats.lines += text.count(b"\n")
+            stats.accesses += recs.size
+            recs = drop_duplicates(recs, previous)
+            if recs.size:
+                previous = recs[-1]
+            if fifo is not None:
+                recs = fifo.misses(recs)
+            out = recs.astype("<u8", copy=False).tobytes()
+            fout.write(out)
+            stats.records += recs.size
+            stats.bytes_out += len(out)
+            if not buf:
+                break
+    return stats

@@ -1,0 +1,285 @@
+"""The ``spte-fast`` command: every simulate path and error case, run as a subprocess.
+
+Small --faults keep the file fast; one run is the real default (10 M faults).  Values are
+checked against what each option means (counts, stats, configuration), never timings.
+"""
+import lzma
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from clihelpers import ROOT, run_cli
+
+STATS_KEYS = {"faults_fixed", "faults_spurious", "faults_retry", "faults_emulate", "pages_4k",
+              "pages_2m", "pages_1g", "pt_pages", "pt_pages_l1", "pt_pages_l4",
+              "tables_allocated", "tables_freed", "cache_fills", "cache_zero_inits",
+              "init_bytes_written", "tlb_flushes", "tlb_flushes_ranged", "cas_failures",
+              "warnings", "mmio_sptes_created"}
+
+
+def simulate(*args):
+    r = run_cli("simulate", "--json", *args)
+    assert r.rc == 0, r.err
+    assert r.err == ""                  # no progress bar or chatter when stderr is a pipe
+    doc = r.json()
+    res = doc["results"]
+    assert res["fixed"] + res["spurious"] + res["emulate"] == doc["faults"]
+    assert doc["audit"] == "passed"
+    assert STATS_KEYS <= set(doc["stats"])
+    st = doc["stats"]
+    assert (st["faults_fixed"], st["faults_spurious"], st["faults_emulate"], st["faults_retry"]) \
+        == (res["fixed"], res["spurious"], res["emulate"], res["retry"])
+    return doc
+
+
+def test_default_run_is_ten_million_random_faults():
+    doc = simulate()
+    c = doc["config"]
+    assert doc["faults"] == c["faults"] == 10_000_000
+    assert (c["workload"], c["layout"], c["root_level"], c["max_level"], c["vcpus"]) == \
+        ("random", "ept", 4, "4k", 1)
+    assert c["guest_bytes"] == 4 << 30
+    assert doc["faults_per_s"] > 0 and doc["elapsed_s"] > 0
+    # 4 GiB at 4K: 2048 L1 tables, 4 L2, 1 L3, the root; ~1 M pages touched.
+    st = doc["stats"]
+    assert (st["pt_pages_l1"], st["pt_pages_l2"], st["pt_pages_l3"], st["pt_pages_l4"]) == \
+        (2048, 4, 1, 1)
+    assert st["pages_4k"] == doc["results"]["fixed"] > 1_000_000
+
+
+@pytest.mark.parametrize("workload", ["seq", "random", "zipf", "hotcold", "huge", "mixed"])
+def test_every_workload(workload):
+    doc = simulate("--workload", workload, "--faults", 20_000, "--seed", 1)
+    assert doc["faults"] == 20_000
+    assert doc["config"]["workload"] == workload
+    st = doc["stats"]
+    if workload == "huge":
+        # 64 GiB: 1G leaves in the lower half, 2M leaves in the 2M-only upper half.
+        assert doc["config"]["max_level"] == "1g" and doc["config"]["guest_bytes"] == 64 << 30
+        assert st["pages_1g"] > 0 and st["pages_2m"] > 0 and st["pages_4k"] == 0
+        assert len(doc["config"]["memslots"]) == 2
+    else:
+        assert st["pages_2m"] == st["pages_1g"] == 0
+    if workload == "mixed":
+        assert doc["results"]["emulate"] > 0 and st["mmio_sptes_created"] > 0
+        assert [s["readonly"] for s in doc["config"]["memslots"]] == [False, True]
+    else:
+        assert doc["results"]["emulate"] == 0
+
+
+def test_seq_touches_each_page_once_then_retouches():
+    doc = simulate("--workload", "seq", "--guest-size", "16M", "--faults", 10_000)
+    assert doc["results"]["fixed"] == 4096                # 16 MiB = 4096 pages
+    assert doc["results"]["spurious"] == 10_000 - 4096
+
+
+def test_skewed_workloads_touch_fewer_pages_than_uniform():
+    args = ("--guest-size", "64M", "--faults", 50_000)
+    fixed = {w: simulate("--workload", w, *args)["results"]["fixed"]
+             for w in ("random", "zipf", "hotcold")}
+    assert fixed["zipf"] < fixed["random"] and fixed["hotcold"] < fixed["random"]
+
+
+@pytest.mark.parametrize("layout, nonpresent, fills", [
+    ("ept", "0x8000000000000000", True), ("tdx", "0x8000000000000000", True),
+    ("ept-noad", "0x8000000000000000", True), ("npt", "0x8000000000000000", True),
+    ("legacy", "0x0", False)])
+def test_layouts(layout, nonpresent, fills):
+    doc = simulate("--layout", layout, "--faults", 5000)
+    assert doc["config"]["layout"] == layout
+    assert doc["config"]["nonpresent_value"] == nonpresent
+    # Non-zero non-present value: tables are memset64-filled; 0: the GFP_ZERO path.
+    assert (doc["stats"]["cache_fills"] > 0) is fills
+    if not fills:
+        assert doc["stats"]["cache_fills"] == 0
+
+
+def test_root_level_5():
+    doc = simulate("--root-level", 5, "--faults", 5000)
+    assert doc["stats"]["pt_pages_l5"] == 1 and doc["stats"]["pt_pages_l4"] == 1
+
+
+@pytest.mark.parametrize("level, leaves", [("4k", "pages_4k"), ("2m", "pages_2m"),
+                                           ("1g", "pages_1g")])
+def test_max_level(level, leaves):
+    doc = simulate("--max-level", level, "--faults", 5000, "--guest-size", "4G")
+    assert doc["config"]["max_level"] == level
+    st = doc["stats"]
+    assert st[leaves] > 0
+    assert st["pages_4k"] + st["pages_2m"] + st["pages_1g"] == st[leaves]
+
+
+def test_vcpus_split_the_work():
+    doc = simulate("--vcpus", 2, "--faults", 200_000, "--chunk", 50_000)
+    assert doc["config"]["vcpus"] == 2
+    assert doc["faults"] == 200_000
+
+
+def test_zaps_are_interleaved():
+    doc = simulate("--faults", 100_000, "--zap-every", 7_000, "--zap-all-every", 30_000,
+                   "--chunk", 16_384)
+    z, st = doc["zaps"], doc["stats"]
+    assert z["gfn_range"] == 100_000 // 7_000
+    assert z["all"] == 100_000 // 30_000
+    assert st["tlb_flushes"] == z["all_flushed"] > 0
+    assert st["tlb_flushes_ranged"] == z["gfn_range_flushed"]
+    assert st["tables_freed"] > 0            # zap_all frees every table but the root
+    # After the last zap_all at 90 000, only the last 10 000 faults' pages are mapped.
+    assert st["pages_4k"] <= 10_000
+
+
+def test_seed_decides_the_run():
+    args = ("--workload", "mixed", "--faults", 20_000, "--guest-size", "16M")
+    key = lambda d: (d["results"]["fixed"], d["results"]["emulate"],  # noqa: E731
+                     d["stats"]["mmio_sptes_created"])
+    a, b, c = (simulate(*args, "--seed", s) for s in (1, 1, 2))
+    assert key(a) == key(b)
+    assert key(a) != key(c)
+
+
+def test_human_summary():
+    r = run_cli("simulate", "--faults", 20_000, "--zap-every", 5_000)
+    assert r.rc == 0 and r.err == ""
+    for words in ("faults/s", "fixed", "spurious", "page tables", "L1", "L4", "total",
+                  "cache fills", "zero-inits", "bytes written", "TLB flushes",
+                  "2M ranges 4", "audit", "passed"):
+        assert words in r.out, words
+
+
+def test_help_defines_the_workloads():
+    r = run_cli("simulate", "--help")
+    assert r.rc == 0
+    for words in ("seq ", "random ", "zipf ", "hotcold ", "huge ", "mixed ", "90 %",
+                  "MMIO", "legacy", "tdx", "--zap-all-every", "--plot"):
+        assert words in r.out, words
+
+
+def test_progress_bar_only_on_a_terminal():
+    pytest.importorskip("tqdm")
+    import fcntl
+    import struct
+    import termios
+    master, slave = os.openpty()
+    # A terminal of 100 columns (a fresh pty is 0x0, and tqdm draws nothing in 0 columns).
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    try:
+        r = run_cli("simulate", "--faults", 300_000, "--chunk", 100_000, "--json",
+                    stderr=slave)
+    finally:
+        os.close(slave)
+    os.set_blocking(master, False)
+    try:
+        tty = os.read(master, 65536).decode(errors="replace")
+    except BlockingIOError:
+        tty = ""
+    os.close(master)
+    assert r.rc == 0
+    assert "fault" in tty and "300k" in tty       # tqdm's bar, with its total
+    assert r.json()["faults"] == 300_000          # stdout stays one JSON document
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "run.png"
+    doc = simulate("--faults", 40_000, "--chunk", 10_000, "--plot", png)
+    assert doc["plot"] == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib(tmp_path):
+    # Simulate a machine without matplotlib: a package of that name that fails to import.
+    fake = tmp_path / "fake" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), ROOT])}
+    r = run_cli("simulate", "--faults", 1000, "--plot", tmp_path / "x.png", env=env)
+    assert "matplotlib" in r.error_line()
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("argv", [[], ["demo"]])
+def test_demo(argv):
+    r = run_cli(*argv)
+    assert r.rc == 0, r.err
+    assert "GFP_ZERO" in r.out and "memset64 fill" in r.out
+    assert r.out.count("M faults/s") == 3
+
+
+def test_console_script():
+    exe = os.path.join(os.path.dirname(sys.executable), "spte-fast")
+    if not os.path.exists(exe):
+        pytest.skip("spte-fast is not installed next to this Python (pip install -e .)")
+    r = subprocess.run([exe, "simulate", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--workload" in r.stdout
+
+
+def _trace(tmp_path, name, records):
+    path = tmp_path / name
+    path.write_bytes(np.asarray(records, dtype="<u8").tobytes())
+    return path
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["simulate", "--workload", "nope"], "invalid choice: 'nope'"),
+    (["simulate", "--layout", "ept2"], "invalid choice: 'ept2'"),
+    (["simulate", "--root-level", "3"], "invalid choice: 3"),
+    (["simulate", "--max-level", "512g"], "invalid choice: '512g'"),
+    (["simulate", "--faults", "0"], "at least 1"),
+    (["simulate", "--faults", "many"], "not a count"),
+    (["simulate", "--guest-size", "4X"], "not a size"),
+    (["simulate", "--guest-size", "5000"], "multiple of 4 KiB"),
+    (["simulate", "--guest-size", "512T", "--faults", "10"], "address width"),
+    (["simulate", "--vcpus", "1000"], "at most 256"),
+    (["simulate", "--zap-every", "-5"], "not a count"),
+    (["simulate", "--seed", "x"], "invalid int value"),
+    (["simulate", "--workload", "seq", "--trace", "t.bin"], "not allowed with"),
+    (["simulate", "--bogus"], "unrecognized arguments"),
+    (["simulate", "--trace", "does-not-exist.bin"], "no such file"),
+    (["simulate", "--plot", "/no/such/dir/x.png", "--faults", "10"], "does not exist"),
+    (["frobnicate"], "invalid choice"),
+    (["trace"], "required"),
+    (["trace", "split"], "invalid choice"),
+])
+def test_bad_input_is_one_line_and_status_2(argv, message):
+    assert message in run_cli(*argv).error_line()
+
+
+@pytest.mark.parametrize("name, records, message", [
+    ("trunc.bin", None, "truncated trace: 20 bytes"),
+    ("kind3.bin", [4 << 2, 5 << 2 | 3], "record 1: unknown kind 3"),
+    ("wide.bin", [1 << 2, (1 << 36) << 2 | 1], "record 1: page number 0x1000000000 is beyond"),
+    ("empty.bin", [], "empty trace"),
+])
+def test_bad_traces(tmp_path, name, records, message):
+    if records is None:
+        path = tmp_path / name
+        path.write_bytes(b"\x00" * 20)
+    else:
+        path = _trace(tmp_path, name, records)
+    assert message in run_cli("simulate", "--trace", path).error_line()
+
+
+def test_trace_width_follows_the_root_level(tmp_path):
+    # Page 1 << 36 is beyond 4 levels but inside 5; a guest of 4 MiB maps page 1 only and
+    # the far page faults as MMIO.
+    path = _trace(tmp_path, "far.bin", [1 << 2, (1 << 36) << 2 | 1])
+    doc = simulate("--trace", path, "--root-level", 5, "--guest-size", "4M")
+    assert doc["results"] == {"fixed": 1, "spurious": 0, "emulate": 1, "retry": 0}
+
+
+@pytest.mark.parametrize("name, data", [
+    ("t.bin.gz", b"this is not gzip"),
+    ("t.bin.xz", b"this is not xz either"),
+    ("cut.bin.xz", None),                       # a valid stream cut in the middle
+])
+def test_bad_compressed_trace(tmp_path, name, data):
+    path = tmp_path / name
+    if data is None:
+        data = lzma.compress(np.arange(1 << 16, dtype="<u8").tobytes() * 4)
+        data = data[:len(data) // 2]
+    path.write_bytes(data)
+    line = run_cli("simulate", "--trace", path).error_line()
+    assert f"{name}: corrupt compressed data" in line

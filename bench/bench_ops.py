@@ -38,16 +38,21 @@ def test_a_seq_first_touch_4g(benchmark, seq_4g):
     per_item(benchmark, seq_4g.size)
 
 
-def test_a_bare_c_insert_4g(benchmark, seq_4g):
-    benchmark.group = "(a) sequential first-touch 4K, 4 GiB"
-    bare = _core._BareTdp(1 << 14)
+def _bare_insert(benchmark, gfns, capacity, rounds):
+    """The bare-C baseline: the same gfns into the minimal radix tree, reset per round."""
+    bare = _core._BareTdp(capacity)
     out = {}
 
     def run():
-        out["n"] = bare.insert(seq_4g)
-    benchmark.pedantic(run, setup=bare.reset, rounds=5, warmup_rounds=1)
-    assert out["n"] == seq_4g.size
-    per_item(benchmark, seq_4g.size)
+        out["n"] = bare.insert(gfns)
+    benchmark.pedantic(run, setup=bare.reset, rounds=rounds, warmup_rounds=1)
+    assert out["n"] == gfns.size
+    per_item(benchmark, gfns.size)
+
+
+def test_a_bare_c_insert_4g(benchmark, seq_4g):
+    benchmark.group = "(a) sequential first-touch 4K, 4 GiB"
+    _bare_insert(benchmark, seq_4g, 1 << 14, rounds=5)
 
 
 def test_b_random_first_touch_64g(benchmark, random_64g):
@@ -60,14 +65,7 @@ def test_b_random_first_touch_64g(benchmark, random_64g):
 
 def test_b_bare_c_insert_64g(benchmark, random_64g):
     benchmark.group = "(b) random first-touch 4K, 64 GiB"
-    bare = _core._BareTdp((1 << 15) + 256)
-    out = {}
-
-    def run():
-        out["n"] = bare.insert(random_64g)
-    benchmark.pedantic(run, setup=bare.reset, rounds=3, warmup_rounds=1)
-    assert out["n"] == random_64g.size
-    per_item(benchmark, random_64g.size)
+    _bare_insert(benchmark, random_64g, (1 << 15) + 256, rounds=3)
 
 
 def test_c_spurious_4g(benchmark, seq_4g):

@@ -1400,34 +1400,40 @@ def cmpxchg(array, index, expected, new):
     return (bool(ok), old)
 
 
-def xchg(array, index, new):
-    """Atomic exchange; returns the old value."""
+cdef enum:
+    RMW_XCHG = 0
+    RMW_OR = 1
+    RMW_AND_NOT = 2
+
+
+cdef u64 _atomic_rmw(object array, object index, object value, str name, int op) except? 0:
+    """One atomic read-modify-write on ``array.flat[index]``; returns the old value."""
     cdef u64* p = _elem(array, index)
-    cdef u64 nv = _as_u64(new, "new")
+    cdef u64 v = _as_u64(value, name)
     cdef u64 old
     with nogil:
-        old = spte_xchg64(p, nv)
+        if op == RMW_XCHG:
+            old = spte_xchg64(p, v)
+        elif op == RMW_OR:
+            old = spte_fetch_or64(p, v)
+        else:
+            old = spte_fetch_and64(p, ~v)
     return old
+
+
+def xchg(array, index, new):
+    """Atomic exchange; returns the old value."""
+    return _atomic_rmw(array, index, new, "new", RMW_XCHG)
 
 
 def atomic_or(array, index, mask):
     """Atomic fetch-or; returns the old value."""
-    cdef u64* p = _elem(array, index)
-    cdef u64 mk = _as_u64(mask, "mask")
-    cdef u64 old
-    with nogil:
-        old = spte_fetch_or64(p, mk)
-    return old
+    return _atomic_rmw(array, index, mask, "mask", RMW_OR)
 
 
 def atomic_and_not(array, index, mask):
     """Atomic fetch-and of ``~mask`` (tdp_mmu_clear_spte_bits); returns the old value."""
-    cdef u64* p = _elem(array, index)
-    cdef u64 mk = _as_u64(mask, "mask")
-    cdef u64 old
-    with nogil:
-        old = spte_fetch_and64(p, ~mk)
-    return old
+    return _atomic_rmw(array, index, mask, "mask", RMW_AND_NOT)
 
 
 @cython.final

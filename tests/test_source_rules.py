@@ -19,10 +19,10 @@ CORE = Path(__file__).resolve().parent.parent / "spte_fast" / "_core.pyx"
 # Which functions may call which store helper.
 ALLOWED = {
     "spte_write_once": {"_spte_store", "_bench_plain_rmw"},
-    "spte_xchg64": {"_spte_xchg", "xchg"},
+    "spte_xchg64": {"_spte_xchg", "_atomic_rmw"},
     "spte_try_cmpxchg64": {"_spte_cmpxchg", "cmpxchg", "_bench_cmpxchg", "_insert"},
-    "spte_fetch_or64": {"atomic_or"},
-    "spte_fetch_and64": {"atomic_and_not"},
+    "spte_fetch_or64": {"_atomic_rmw"},
+    "spte_fetch_and64": {"_atomic_rmw"},
     "spte_memset64": {"fill_pages_kernel", "_mc_fill_page", "reset", "_insert"},
 }
 

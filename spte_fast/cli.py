@@ -300,9 +300,9 @@ def _check_input(path):
 
 def cmd_simulate(args):
     if args.plot:
-        _require_matplotlib()
         if not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
             raise CliError(f"{args.plot}: its directory does not exist")
+        _require_matplotlib()
     gfn_limit = 1 << (9 * args.root_level)
     if args.trace:
         _check_input(args.trace)

@@ -607,5 +607,16 @@ cdef void tdp_iter_next(tdp_iter_t* it) noexcept nogil
 
 cdef int kvm_tdp_mmu_page_fault(mmu_t* mmu, mmu_stats_t* st, mem_cache_t* mc,
                                 walk_hint_t* hint, gfn_t gfn, bint write, bint exec) noexcept nogil
+
+# An embedder's handle on a Python Vcpu: what the fault path needs, usable without the GIL.
+# Fill it with vcpu_ref() while holding the GIL and keep the Vcpu object alive meanwhile.
+ctypedef struct vcpu_ref_t:
+    mmu_t* mmu
+    mmu_stats_t* st
+    mem_cache_t* mc
+    int slot
+
+cdef int vcpu_ref(object vcpu, vcpu_ref_t* out) except -1
+cdef int vcpu_fault(vcpu_ref_t* v, gfn_t gfn, bint write, bint exec) noexcept nogil
 cdef void mmu_read_lock(mmu_t* mmu, int vcpu_slot) noexcept nogil
 cdef void mmu_read_unlock(mmu_t* mmu, int vcpu_slot) noexcept nogil

@@ -2229,15 +2229,10 @@ cdef class Vcpu:
         cdef bint w = bool(write)
         cdef bint x = bool(exec)
         cdef int r
-        cdef mmu_t* mmu = &self.vm.mmu
-        cdef mem_cache_t* mc = &self.cache.mc
+        cdef vcpu_ref_t ref
+        vcpu_ref(self, &ref)
         with nogil:
-            mmu_read_lock(mmu, self.slot)
-            pthread_mutex_lock(&mc.lock)
-            r = kvm_tdp_mmu_page_fault(mmu, &self.st, mc, NULL, g, w, x)
-            pthread_mutex_unlock(&mc.lock)
-            mmu_read_unlock(mmu, self.slot)
-            _reclaim_parked(mmu)
+            r = vcpu_fault(&ref, g, w, x)
         self.vm._raise_fatal()
         _check_rc(r, f"fault(gfn={g:#x})")
         return PF(r)
@@ -2310,6 +2305,33 @@ cdef inline void _prefetch_leaf(mmu_t* mmu, gfn_t gfn) noexcept nogil:
 
 cdef enum:
     PREFETCH_DISTANCE = 12
+
+
+# -- embedding: a C-level handle on a Python Vcpu ------------------------------------------
+
+cdef int vcpu_ref(object vcpu, vcpu_ref_t* out) except -1:
+    """Fill ``out`` from a Python Vcpu (the embedding API; see README "Embedding")."""
+    if not isinstance(vcpu, Vcpu):
+        raise TypeError(f"expected a spte_fast.Vcpu, not {type(vcpu).__name__}")
+    cdef Vcpu v = <Vcpu>vcpu
+    out.mmu = &v.vm.mmu
+    out.st = &v.st
+    out.mc = &v.cache.mc
+    out.slot = v.slot
+    return 0
+
+
+cdef int vcpu_fault(vcpu_ref_t* v, gfn_t gfn, bint write, bint exec) noexcept nogil:
+    """One fault as Vcpu.fault does it, GIL-free: mmu_lock for read, the vCPU's cache,
+    RET_PF_* or -SPTE_ENOMEM.  The gfn must be below the VM's address width."""
+    cdef int r
+    mmu_read_lock(v.mmu, v.slot)
+    pthread_mutex_lock(&v.mc.lock)
+    r = kvm_tdp_mmu_page_fault(v.mmu, v.st, v.mc, NULL, gfn, write, exec)
+    pthread_mutex_unlock(&v.mc.lock)
+    mmu_read_unlock(v.mmu, v.slot)
+    _reclaim_parked(v.mmu)
+    return r
 
 
 cdef enum:

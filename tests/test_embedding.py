@@ -88,9 +88,10 @@ def test_fault_path_from_c_matches_the_python_vm(embed, layout_name, seed):
     gfns[:512] = np.arange(512, dtype=np.uint64)      # one whole 2M region
     access = rng.integers(0, 4, gfns.size, dtype=np.uint8)
     for max_level in (sf.PG_LEVEL_4K, sf.PG_LEVEL_2M):
-        pages = np.zeros((1024, 512), dtype=np.uint64)
-        counts, leaves, mmio = embed.fault_gfns(layout, 4, max_level, npages, pfn, gfns,
-                                                access, pages)
+        embedded = sf.Vm(layout, root_level=4, max_level=max_level, max_pt_pages=1024)
+        embedded.add_memslot(0, npages, pfn)
+        counts, leaves, mmio = embed.fault_gfns(embedded.vcpu(), gfns, access)
+        embedded.audit()
 
         vm = sf.Vm(layout, root_level=4, max_level=max_level, max_pt_pages=1024)
         vm.add_memslot(0, npages, pfn)
@@ -103,5 +104,6 @@ def test_fault_path_from_c_matches_the_python_vm(embed, layout_name, seed):
         assert counts[sf.PF.EMULATE] == res["emulate"] > 0
         assert leaves == expected
         assert mmio == int((gfns >= npages).sum())
+        assert embedded.stats == vm.stats
         if max_level == sf.PG_LEVEL_2M:
             assert vm.lookup(0)[1] == sf.PG_LEVEL_2M

@@ -1697,6 +1697,7 @@ cdef class Vm:
     cdef readonly SpteLayout layout
     cdef readonly PagePool pool
     cdef list _slots                # [(id, base_gfn, npages, pfn, readonly, flags ndarray)]
+    cdef list _retired_flags        # [(pfn, npages, flags)] of deleted slots: host pages keep them
     cdef list _vcpus
     cdef int _next_slot_id
 
@@ -1716,6 +1717,7 @@ cdef class Vm:
         self.layout = layout
         self.pool = PagePool(cap, poison=poison)
         self._slots = []
+        self._retired_flags = []
         self._vcpus = []
         self.mmu.m = layout.m
         self.mmu.pool = &self.pool.p
@@ -1835,6 +1837,12 @@ cdef class Vm:
             if p < s[3] + s[2] and s[3] < p + n:
                 raise ValueError(f"pfns [{p:#x}, {p + n:#x}) overlap those of slot {s[0]}")
         flags = np.zeros(n, dtype=np.uint8)
+        # Accessed/dirty are flags of host pages (struct page in KVM), not of memslots: a
+        # page that a deleted slot marked keeps its flags when a new slot maps it again.
+        for rp, rn, rflags in self._retired_flags:
+            lo, hi = max(p, rp), min(p + n, rp + rn)
+            if lo < hi:
+                flags[lo - p:hi - p] |= rflags[lo - rp:hi - rp]
         sid = self._next_slot_id
         with nogil:
             self._wrlock()
@@ -1867,6 +1875,7 @@ cdef class Vm:
                 self.st.tlb_flushes_ranged += 1
         try:
             del self._slots[i]
+            self._retired_flags.append((p, n, flags))
             self._sync_slots()
             with nogil:
                 self._bump_generation()

@@ -1120,11 +1120,11 @@ class Vm:
         # (KVM takes it from that cache in kvm_tdp_mmu_alloc_root).
         nonpresent = layout.nonpresent_value
         root = self._pool.alloc()
-        self._pool._set_state(root, "table")
         # API.md is silent: how the root's initialisation is counted; exactly as a vCPU cache
         # page with init_value = nonpresent_value (fill, or zero-unless-clean when it is 0).
         zeroed, _untouched, filled = _mmu_memory_cache_init_page(
             self._pool, root, nonpresent, nonpresent == 0)
+        self._pool._set_state(root, "table")
         self._counters["cache_fills"] += filled
         self._counters["cache_zero_inits"] += zeroed
         self._counters["init_bytes_written"] += _PAGE_BYTES * (zeroed + filled)

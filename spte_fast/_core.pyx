@@ -1437,6 +1437,7 @@ def atomic_and_not(array, index, mask):
 
 
 @cython.final
+@cython.no_gc_clear      # __dealloc__ needs its attributes (the pool's memory)
 cdef class PagePool:
     """Page-table pages: one contiguous uint64 array, shape (capacity, 512).
 
@@ -1552,6 +1553,7 @@ cdef class PagePool:
 
 
 @cython.final
+@cython.no_gc_clear      # __dealloc__ needs its attributes (the pool's memory)
 cdef class MemoryCache:
     """KVM's ``kvm_mmu_memory_cache`` over a PagePool (Linux 6.10 rules).
 

@@ -121,6 +121,16 @@ cdef extern from *:
     static void spte_memset64_pattern(uint64_t *p, uint64_t v, size_t n) {
         for (size_t i = 0; i < n; i++) p[i] = v;
     }
+    /* The sync_page scan's count: entries that differ from the never-used value (cloned
+     * for wide vectors like the fill). */
+    #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+    __attribute__((target_clones("avx512f", "avx2", "default")))
+    #endif
+    static int64_t spte_count_ne(const uint64_t *p, uint64_t v, size_t n) {
+        int64_t c = 0;
+        for (size_t i = 0; i < n; i++) c += p[i] != v;
+        return c;
+    }
     static inline void spte_memset64(uint64_t *p, uint64_t v, size_t n) {
         if (v == 0) memset(p, 0, n * sizeof(uint64_t));
         else spte_memset64_pattern(p, v, n);
@@ -183,6 +193,7 @@ cdef extern from *:
     void spte_cpu_relax() noexcept nogil
     void spte_prefetch(const void* p) noexcept nogil
     void spte_memset64(u64 *p, u64 v, size_t n) noexcept nogil
+    int64_t spte_count_ne(const u64 *p, u64 v, size_t n) noexcept nogil
 
     ctypedef struct pthread_mutex_t:
         pass

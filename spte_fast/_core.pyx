@@ -198,11 +198,7 @@ cdef inline void _mc_fill_page(u64* page, u64 value) noexcept nogil:
 
 cdef int64_t count_present_kernel(const u64* page, u64 nonpresent_value) noexcept nogil:
     """sync_page-style scan: entries that are not the never-used value."""
-    cdef int64_t n = 0
-    cdef int i
-    for i in range(SPTE_ENT_PER_PAGE):
-        n += page[i] != nonpresent_value
-    return n
+    return spte_count_ne(page, nonpresent_value, SPTE_ENT_PER_PAGE)
 
 
 # =====================================================================================

@@ -2267,9 +2267,10 @@ cdef class Vcpu:
                 raise TypeError(f"out must have dtype int8, not {out.dtype}")
             if out.ndim != 1 or out.shape[0] != n:
                 raise ValueError(f"out must have shape ({n},), not {out.shape}")
-            if not out.flags.c_contiguous or not out.flags.writeable:
-                raise ValueError("out must be writable and C-contiguous")
-            o_arr = out
+            if not out.flags.writeable:
+                raise ValueError("out is read-only")
+            # A strided view is filled through a contiguous buffer, copied back below.
+            o_arr = out if out.flags.c_contiguous else np.empty(n, dtype=np.int8)
             o = <int8_t*>cnp.PyArray_DATA(o_arr)
         cdef const gfn_t* g = <const gfn_t*>cnp.PyArray_DATA(g_arr)
         cdef int64_t counts[6]
@@ -2279,6 +2280,8 @@ cdef class Vcpu:
         with nogil:
             rc = _fault_batch(&self.vm.mmu, &self.st, &self.cache.mc, self.slot, g, a, o, n,
                               counts, &done)
+        if o_arr is not None and o_arr is not out:
+            out[:done] = o_arr[:done]
         self.vm._raise_fatal()
         if rc < 0:
             raise OutOfMemory(f"fault_batch: page pool exhausted after {done} of {n} faults",

@@ -1,0 +1,294 @@
+"""Stateful differential test of the TDP MMU engine: the Cython ``Vm`` / ``Vcpu`` and the
+reference model, driven in lockstep through random faults, batches, memslot changes, zaps
+and injected CAS failures, never disagree (issue #3 point 8; STYLE.md §3.7; docs/API.md
+"Vm, Vcpu").
+
+Each side holds one Vm and two vCPUs built from the same drawn configuration (layout,
+non-present value, root level, max level, NX huge pages, poisoned pool, a small
+max_pt_pages so that OutOfMemory happens).  Every rule applies one call to both sides and
+requires the same return value or the same exception type (and, for a batch, the same
+``.completed`` and ``out``).  After every step the invariant compares the stats (every
+key), ``walk()`` of every touched gfn, the state of every pool page, the content of every
+table and cached page, both vCPU caches, the memslots, the MMIO generation and the host
+page flags of the touched pfns, then runs ``audit()`` on both.
+
+Size: see the settings at the end of the file (HYPOTHESIS_PROFILE unset: quick, unshrunk;
+``ci``: longer, shrunk).  ``--hypothesis-show-statistics`` lists what the rules ended in.
+"""
+import importlib
+import os
+
+import numpy as np
+from hypothesis import HealthCheck, Phase, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from vmhelpers import LAYOUT_KINDS, NP63, PAGES_1G, PAGES_2M, POISON, gfn_width, make_layout
+
+PFN_BASE = 1 << 30
+
+#: gfn anchors: 2M / 1G / 512G boundaries, the top of the 4-level and 5-level widths
+ANCHORS = [0, PAGES_2M, 2 * PAGES_2M, PAGES_1G, 2 * PAGES_1G, 3 * PAGES_1G, 4 * PAGES_1G,
+           1 << 27, (1 << 36) - PAGES_1G, 1 << 36, (1 << 45) - PAGES_2M]
+OFFSETS = [-1, 0, 1, 2, 511, 513]
+
+gfns = st.builds(lambda a, d: max(0, a + d), st.sampled_from(ANCHORS), st.sampled_from(OFFSETS))
+vcpu_ids = st.integers(0, 1)
+INT_DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]
+
+
+def normalise(value):
+    """PF members and numpy scalars compare as plain ints."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, dict):
+        return {k: normalise(v) for k, v in value.items()}
+    return value
+
+
+class Outcome:
+    """What one call did: a return value or an exception."""
+
+    def __init__(self, fn):
+        try:
+            self.value, self.exc = normalise(fn()), None
+        except Exception as e:  # noqa: BLE001 - compared below, never swallowed
+            self.value, self.exc = None, e
+
+    def key(self):
+        if self.exc is None:
+            return ("returned", self.value)
+        return ("raised", type(self.exc).__name__, getattr(self.exc, "completed", None))
+
+
+class Side:
+    """One implementation's Vm and two vCPUs."""
+
+    def __init__(self, mod, kind, nonpresent, root_level, max_level, nx, poisoned, pages):
+        self.mod = mod
+        self.layout = make_layout(mod, kind, nonpresent)
+        self.vm = mod.Vm(self.layout, root_level=root_level, max_level=max_level,
+                         max_pt_pages=pages, nx_huge_pages=nx,
+                         poison=POISON if poisoned else None)
+        self.vcpus = [self.vm.vcpu(), self.vm.vcpu()]
+
+
+class VmDifferential(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        importlib.import_module("spte_fast._core")  # fail loudly if the engine is not built
+        self.fast_mod = importlib.import_module("spte_fast")
+        self.ref_mod = importlib.import_module("spte_fast.reference")
+        self.sides = None
+        self.touched = set()  # gfns faulted or zapped (valid ones)
+        self.pfns = set()  # host pfns of slots, for the host-flag comparison
+        self.slot_ids = []
+
+    # ----------------------------------------------------------------- helpers
+
+    def both(self, name, fn):
+        """Apply fn(side) to (fast, reference); the outcomes must agree."""
+        fast, ref = (Outcome(lambda s=s: fn(s)) for s in self.sides)
+        assert fast.key() == ref.key(), (
+            f"{name}: fast {fast.key()} ({fast.exc!r}) != reference {ref.key()} ({ref.exc!r})")
+        # --hypothesis-show-statistics: what the rules ended in
+        if ref.exc is not None:
+            event(f"{name} -> {type(ref.exc).__name__}")
+        elif name == "fault":
+            event(f"fault -> {ref.value}")
+        else:
+            event(f"{name} -> {'ok' if not isinstance(ref.value, bool) else ref.value}")
+        return ref
+
+    @property
+    def width(self):
+        return gfn_width(self.root_level)
+
+    def touch(self, gfn):
+        """Remember a valid gfn for walk() comparisons, and the host pfns that back it and
+        the heads of the 2M / 1G pages around it, for the host-flag comparisons."""
+        if not 0 <= gfn < self.width:
+            return
+        self.touched.add(gfn)
+        for _sid, base, npages, pfn, _ro in self.sides[1].vm.memslots:
+            if base <= gfn < base + npages:
+                for head in (gfn, gfn & ~(PAGES_2M - 1), gfn & ~(PAGES_1G - 1)):
+                    if head >= base:
+                        self.pfns.add(pfn + head - base)
+
+    # ----------------------------------------------------------------- set-up
+
+    @initialize(
+        kind=st.sampled_from(LAYOUT_KINDS),
+        nonpresent=st.sampled_from([NP63, 0]),
+        root_level=st.sampled_from([4, 5]),
+        max_level=st.integers(1, 3),
+        nx=st.booleans(),
+        poisoned=st.booleans(),
+        pages=st.integers(16, 64),
+        first_slot=st.sampled_from([True, True, True, False]),
+    )
+    def setup(self, kind, nonpresent, root_level, max_level, nx, poisoned, pages, first_slot):
+        self.root_level = root_level
+        self.sides = [Side(mod, kind, nonpresent, root_level, max_level, nx, poisoned, pages)
+                      for mod in (self.fast_mod, self.ref_mod)]
+        if first_slot:
+            # a 1G-aligned slot over [0, 2G), so that huge pages happen
+            self.add_memslot_raw(0, 2 * PAGES_1G, PFN_BASE, False)
+
+    def add_memslot_raw(self, base, npages, pfn, readonly):
+        out = self.both("add_memslot", lambda s: s.vm.add_memslot(base, npages, pfn, readonly))
+        if out.exc is None:
+            self.slot_ids.append(out.value)
+            for p in (pfn, pfn + 1, pfn + npages - 1, pfn + (npages // 2)):
+                self.pfns.add(p)
+
+    # ----------------------------------------------------------------- rules
+
+    @rule(v=vcpu_ids, gfn=gfns, write=st.booleans(), exec_=st.booleans())
+    def fault(self, v, gfn, write, exec_):
+        self.touch(gfn)
+        self.both("fault", lambda s: s.vcpus[v].fault(gfn, write=write, exec=exec_))
+
+    @precondition(lambda self: self.sides is not None and self.sides[1].vm.memslots)
+    @rule(v=vcpu_ids, data=st.data(), write=st.booleans(), exec_=st.booleans())
+    def fault_in_slot(self, v, data, write, exec_):
+        """A gfn inside a slot, near its ends and its 2M boundaries."""
+        _sid, base, npages, _pfn, _ro = data.draw(st.sampled_from(self.sides[1].vm.memslots))
+        offset = data.draw(st.sampled_from(
+            [0, 1, 511, 512, 513, npages // 2, npages - 1, npages - 512]))
+        gfn = base + min(max(offset, 0), npages - 1)
+        self.touch(gfn)
+        self.both("fault", lambda s: s.vcpus[v].fault(gfn, write=write, exec=exec_))
+
+    @rule(v=vcpu_ids, batch=st.lists(st.tuples(gfns, st.integers(0, 3)), max_size=8),
+          dtype=st.sampled_from(INT_DTYPES), with_access=st.booleans(), with_out=st.booleans(),
+          strided=st.booleans())
+    def fault_batch(self, v, batch, dtype, with_access, with_out, strided):
+        """strided: every array is a view with stride 2 (API.md asks for 1-D arrays only)."""
+        info = np.iinfo(dtype)
+        batch = [(g, a) for g, a in batch if g <= info.max]
+        for g, _ in batch:
+            self.touch(g)
+        outs = []
+
+        def arr(values, dt):
+            if not strided:
+                return np.array(values, dtype=dt)
+            a = np.zeros(2 * len(values), dtype=dt)
+            a[::2] = values
+            return a[::2]
+
+        def call(s):
+            g = arr([x for x, _ in batch], dtype)
+            acc = arr([a for _, a in batch], dtype) if with_access else None
+            out = arr([-1] * len(batch), np.int8) if with_out else None
+            outs.append(out)
+            return s.vcpus[v].fault_batch(g, access=acc, out=out)
+
+        self.both("fault_batch", call)
+        if with_out:
+            assert outs[0].tolist() == outs[1].tolist()
+
+    @rule(anchor=st.sampled_from(ANCHORS[:8]), shift=st.sampled_from([0, 1, PAGES_2M]),
+          npages=st.sampled_from([1, 511, 512, 513, 1024, PAGES_1G, PAGES_1G + PAGES_2M]),
+          region=st.integers(0, 3), skew=st.sampled_from([0, 0, 1, PAGES_2M]),
+          readonly=st.booleans())
+    def add_memslot(self, anchor, shift, npages, region, skew, readonly):
+        base = anchor + shift
+        pfn = (region + 2) * PFN_BASE + (base % PAGES_1G) + skew
+        self.add_memslot_raw(base, npages, pfn, readonly)
+
+    @rule(data=st.data())
+    def delete_memslot(self, data):
+        if self.slot_ids and data.draw(st.sampled_from([True, True, True, False])):
+            sid = data.draw(st.sampled_from(self.slot_ids))
+        else:
+            sid = data.draw(st.integers(-1, 20))
+        out = self.both("delete_memslot", lambda s: s.vm.delete_memslot(sid))
+        if out.exc is None:
+            self.slot_ids.remove(sid)
+
+    @rule(start=gfns, span=st.sampled_from([0, 1, 2, 511, 512, 513, PAGES_1G, 1 << 27]))
+    def zap_gfn_range(self, start, span):
+        self.touch(start)
+        end = min(start + span, self.width + 1)
+        self.both("zap_gfn_range", lambda s: s.vm.zap_gfn_range(start, end))
+
+    @precondition(lambda self: self.sides is not None and self.sides[1].vm.stats["pt_pages"] > 1)
+    @rule()
+    def zap_all(self):
+        self.both("zap_all", lambda s: s.vm.zap_all())
+
+    @rule(gfn=gfns, level=st.integers(0, 5))
+    def zap_sp(self, gfn, level):
+        self.touch(gfn)
+        self.both("zap_sp", lambda s: s.vm.zap_sp(gfn, level))
+
+    @rule(gfn=gfns, level=st.integers(1, 5))
+    def zap_spte_atomic(self, gfn, level):
+        self.touch(gfn)
+        self.both("zap_spte_atomic", lambda s: s.vm.zap_spte_atomic(gfn, level))
+
+    @rule(n=st.integers(0, 3))
+    def inject_cas_failures(self, n):
+        self.both("inject_cas_failures", lambda s: s.vm.inject_cas_failures(n))
+
+    # ----------------------------------------------------------------- comparison
+
+    @invariant()
+    def same_state(self):
+        if self.sides is None:
+            return
+        fast, ref = self.sides
+        fv, rv = fast.vm, ref.vm
+        assert fv.stats == rv.stats
+        assert fv.memslots == rv.memslots
+        assert fv.mmio_generation == rv.mmio_generation
+        assert fv.root == rv.root
+        for g in sorted(self.touched):
+            assert fv.walk(g) == rv.walk(g), hex(g)
+            assert fv.lookup(g) == rv.lookup(g), hex(g)
+        cap = rv.pool.capacity
+        fstates = [fv.pool.page_state(i) for i in range(cap)]
+        rstates = [rv.pool.page_state(i) for i in range(cap)]
+        assert fstates == rstates
+        fpages, rpages = fv.pool.pages, rv.pool.pages
+        for i, state in enumerate(rstates):
+            if state in ("table", "cached"):
+                assert np.array_equal(fpages[i], rpages[i]), (i, state)
+        for fc, rc in zip(fast.vcpus, ref.vcpus):
+            assert fc.cache.objects == rc.cache.objects
+            assert fc.cache.stats == rc.cache.stats
+        for pfn in sorted(self.pfns):
+            for name in ("host_page_dirty", "host_page_accessed"):
+                f = Outcome(lambda: getattr(fv, name)(pfn))
+                r = Outcome(lambda: getattr(rv, name)(pfn))
+                assert f.key() == r.key(), (name, hex(pfn))
+        fv.audit()
+        rv.audit()
+
+
+# Size.  Unset HYPOTHESIS_PROFILE: a quick default (a few seconds when both sides agree),
+# without the shrink phase, so that a disagreement fails in seconds with the steps as found
+# (shrinking a stateful failure can take Hypothesis five minutes).  ``ci``: many more and
+# longer runs, shrunk.  Other named profiles: their max_examples, shrunk.
+_profile = os.environ.get("HYPOTHESIS_PROFILE")
+if _profile is None:
+    _examples, _steps, _phases = 150, 30, (Phase.explicit, Phase.reuse, Phase.generate)
+elif _profile == "ci":
+    _examples, _steps, _phases = 400, 60, tuple(Phase)
+else:
+    _examples, _steps, _phases = settings.get_profile(_profile).max_examples, 30, tuple(Phase)
+
+VmDifferential.TestCase.settings = settings(
+    settings.get_profile(_profile or "ci"),
+    max_examples=_examples,
+    stateful_step_count=_steps,
+    phases=_phases,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestVmDifferential = VmDifferential.TestCase

@@ -639,25 +639,27 @@ cdef void tdp_iter_start(tdp_iter_t* it, u64* pages, int64_t root, int root_leve
     tdp_iter_restart(it)
 
 
-cdef inline tdp_ptep_t _iter_child_pt(tdp_iter_t* it) noexcept nogil:
-    if not is_shadow_present_pte(it.old_spte) or is_last_spte(it.old_spte, it.level):
-        return NULL
-    return it.pages + spte_to_pfn(it.old_spte) * SPTE_ENT_PER_PAGE
+cdef inline bint _iter_at_nonleaf(tdp_iter_t* it) noexcept nogil:
+    """The current entry (as last read) is a present non-leaf: there is a table below."""
+    return is_shadow_present_pte(it.old_spte) and not is_last_spte(it.old_spte, it.level)
+
+
+cdef inline void _iter_descend(tdp_iter_t* it) noexcept nogil:
+    """Step into the table the current entry (a present non-leaf, just read) points to."""
+    it.level -= 1
+    it.pt_path[it.level - 1] = it.pages + spte_to_pfn(it.old_spte) * SPTE_ENT_PER_PAGE
+    it.gfn = gfn_round_for_level(it.next_last_level_gfn, it.level)
+    tdp_iter_refresh_sptep(it)
 
 
 cdef bint _try_step_down(tdp_iter_t* it) noexcept nogil:
-    cdef tdp_ptep_t child
     if it.level == it.min_level:
         return False
     # Re-read: the entry may have changed since the snapshot (another vCPU, a zap).
     it.old_spte = spte_read_once(it.sptep)
-    child = _iter_child_pt(it)
-    if child == NULL:
+    if not _iter_at_nonleaf(it):
         return False
-    it.level -= 1
-    it.pt_path[it.level - 1] = child
-    it.gfn = gfn_round_for_level(it.next_last_level_gfn, it.level)
-    tdp_iter_refresh_sptep(it)
+    _iter_descend(it)
     return True
 
 
@@ -774,10 +776,7 @@ cdef int _tdp_mmu_split_huge_page(mmu_t* mmu, mmu_stats_t* st, tdp_iter_t* it,
 cdef inline void _iter_step_into(tdp_iter_t* it) noexcept nogil:
     """Step down after a re-read: the entry is a present non-leaf."""
     it.old_spte = spte_read_once(it.sptep)
-    it.level -= 1
-    it.pt_path[it.level - 1] = it.pages + spte_to_pfn(it.old_spte) * SPTE_ENT_PER_PAGE
-    it.gfn = gfn_round_for_level(it.next_last_level_gfn, it.level)
-    tdp_iter_refresh_sptep(it)
+    _iter_descend(it)
 
 
 cdef int _tdp_mmu_map(mmu_t* mmu, mmu_stats_t* st, mem_cache_t* mc, memslot_t* slot,
@@ -921,12 +920,8 @@ cdef int kvm_tdp_mmu_page_fault(mmu_t* mmu, mmu_stats_t* st, mem_cache_t* mc,
     cdef int r
     if not _walk_from_hint(mmu, hint, &it, gfn):
         tdp_iter_start(&it, mmu.pages, mmu.root, mmu.root_level, 1, gfn)
-        while it.level > 1 and is_shadow_present_pte(it.old_spte) and \
-                not is_large_pte(it.old_spte):
-            it.level -= 1
-            it.pt_path[it.level - 1] = spte_to_child_pt(mmu, it.old_spte)
-            it.gfn = gfn_round_for_level(gfn, it.level)
-            tdp_iter_refresh_sptep(&it)
+        while _iter_at_nonleaf(&it):
+            _iter_descend(&it)
     if is_shadow_present_pte(it.old_spte) and _is_access_allowed(&mmu.m, it.old_spte, write, exec):
         r = RET_PF_SPURIOUS
     else:
@@ -991,9 +986,9 @@ cdef bint _iter_seek(mmu_t* mmu, tdp_iter_t* it, gfn_t gfn, int level) noexcept 
     """Position the iterator on the entry at `level` on gfn's path, if the path exists."""
     tdp_iter_start(it, mmu.pages, mmu.root, mmu.root_level, level, gfn)
     while it.level > level:
-        if not is_shadow_present_pte(it.old_spte) or is_last_spte(it.old_spte, it.level):
+        if not _iter_at_nonleaf(it):
             return False
-        _iter_step_into(it)
+        _iter_descend(it)
     return True
 
 
@@ -1911,21 +1906,18 @@ cdef class Vm:
         """[(level, spte), ...] from the root down to the first entry that is not a
         present non-leaf."""
         cdef gfn_t g = self._gfn(gfn, "gfn")
-        cdef int level = self.mmu.root_level
-        cdef tdp_ptep_t table = self.mmu.pages + self.mmu.root * SPTE_ENT_PER_PAGE
-        cdef u64 spte
+        cdef tdp_iter_t it
         cdef u64 out[5]
         cdef int n = 0
         with nogil:
             self._wrlock()
-            while True:
-                spte = spte_read_once(table + spte_index(g, level))
-                out[n] = spte
+            tdp_iter_start(&it, self.mmu.pages, self.mmu.root, self.mmu.root_level, 1, g)
+            out[n] = it.old_spte
+            n += 1
+            while _iter_at_nonleaf(&it):
+                _iter_descend(&it)
+                out[n] = it.old_spte
                 n += 1
-                if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
-                    break
-                table = spte_to_child_pt(&self.mmu, spte)
-                level -= 1
             self._unlock()
         return [(self.mmu.root_level - i, out[i]) for i in range(n)]
 

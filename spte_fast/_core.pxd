@@ -114,12 +114,17 @@ cdef extern from *:
 
     /* memset64: zero goes to libc memset (it picks the best store width at
      * run time); any other pattern uses a loop that GCC/Clang clone for
-     * AVX2 with run-time dispatch, so portable builds still get wide stores. */
+     * AVX2 with run-time dispatch, so portable builds still get wide stores.
+     * The head is stored 8 bytes at a time up to a 64-byte boundary: numpy and
+     * malloc hand out 16-byte-aligned blocks, and there every other 32-byte
+     * store splits a cache line, which costs ~40% of store bandwidth. */
     #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
     __attribute__((target_clones("avx512f", "avx2", "default")))
     #endif
     static void spte_memset64_pattern(uint64_t *p, uint64_t v, size_t n) {
-        for (size_t i = 0; i < n; i++) p[i] = v;
+        while (n && ((uintptr_t)p & 63)) { *p++ = v; n--; }
+        uint64_t *a = (uint64_t *)__builtin_assume_aligned(p, 64);
+        for (size_t i = 0; i < n; i++) a[i] = v;
     }
     /* The sync_page scan's count: entries that differ from the never-used value (cloned
      * for wide vectors like the fill). */

@@ -59,6 +59,22 @@ def test_fill_pages_accepts_numpy_scalar_value(impl):
     assert (pages == np.uint64(NP63)).all()
 
 
+@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.parametrize("offset", range(9))
+def test_fill_pages_at_any_8_byte_alignment(impl, n, offset):
+    """numpy blocks are 16-byte aligned at best, views can start anywhere: the fill
+    stores single words up to a cache-line boundary, then wide stores — every
+    entry of the view is written, and not one word beyond it."""
+    raw = np.arange(16 + n * 512 + 16, dtype=np.uint64)
+    start = (-raw.ctypes.data // 8) % 8 + offset       # 64-byte boundary + offset words
+    before = raw.copy()
+    view = raw[start:start + n * 512].reshape(n, 512)
+    impl.fill_pages(view, NP63 | 0x1234)
+    assert (view == np.uint64(NP63 | 0x1234)).all()
+    assert np.array_equal(raw[:start], before[:start])
+    assert np.array_equal(raw[start + n * 512:], before[start + n * 512:])
+
+
 def test_fill_pages_leaves_neighbouring_memory_untouched(impl):
     big = np.arange(8 * 512, dtype=np.uint64).reshape(8, 512)
     before = big.copy()

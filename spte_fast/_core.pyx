@@ -1427,6 +1427,21 @@ def atomic_and_not(array, index, mask):
     return _atomic_rmw(array, index, mask, "mask", RMW_AND_NOT)
 
 
+cdef object _page_arena(int64_t cap, object poison):
+    """``cap`` pages as a (cap, 512) uint64 array aligned to 4 KiB, like real
+    page-table pages: numpy.zeros (or full of ``poison``) with one spare page,
+    viewed from the first page boundary.  numpy's own blocks are only 16-byte
+    aligned, which would make every table straddle two host pages and split
+    cache lines under the fill's wide stores."""
+    cdef int64_t n = (cap + 1) * SPTE_ENT_PER_PAGE
+    raw = (np.zeros(n, dtype=np.uint64) if poison is None
+           else np.full(n, poison, dtype=np.uint64))
+    cdef size_t page_bytes = SPTE_ENT_PER_PAGE * sizeof(u64)
+    cdef size_t addr = <size_t>cnp.PyArray_DATA(<cnp.ndarray>raw)
+    cdef int64_t off = <int64_t>(((page_bytes - addr % page_bytes) % page_bytes) // sizeof(u64))
+    return raw[off:off + cap * SPTE_ENT_PER_PAGE].reshape(cap, SPTE_ENT_PER_PAGE)
+
+
 @cython.final
 @cython.no_gc_clear      # __dealloc__ needs its attributes (the pool's memory)
 cdef class PagePool:
@@ -1446,10 +1461,7 @@ cdef class PagePool:
         if poison is not None:
             pv = _as_u64(poison, "poison")
         self.poison = poison
-        if poison is None:
-            self._arr = np.zeros((cap, SPTE_ENT_PER_PAGE), dtype=np.uint64)
-        else:
-            self._arr = np.full((cap, SPTE_ENT_PER_PAGE), pv, dtype=np.uint64)
+        self._arr = _page_arena(cap, None if poison is None else pv)
         self.p.pages = <u64*>cnp.PyArray_DATA(<cnp.ndarray>self._arr)
         self.p.capacity = cap
         self.p.free_stack = <int64_t*>PyMem_RawMalloc(cap * sizeof(int64_t))
@@ -2534,7 +2546,7 @@ cdef class _BareTdp:
     cdef u64 nonpresent
 
     def __cinit__(self, int64_t capacity, nonpresent=SHADOW_NONPRESENT_VALUE):
-        self._arr = np.zeros((capacity, SPTE_ENT_PER_PAGE), dtype=np.uint64)
+        self._arr = _page_arena(capacity, None)
         self.pages = <u64*>cnp.PyArray_DATA(<cnp.ndarray>self._arr)
         self.capacity = capacity
         self.nonpresent = _as_u64(nonpresent, "nonpresent")

@@ -665,15 +665,24 @@ class PagePool:
 
     PAGE_STATES = ("free", "raw", "cached", "table")
 
+    @staticmethod
+    def _page_aligned_block(capacity):
+        """capacity zeroed pages, each starting on a 4 KiB boundary as a real page-table
+        page does (numpy itself only promises 16-byte alignment)."""
+        page_bytes = SPTE_ENT_PER_PAGE * 8
+        spare = np.zeros((capacity + 1) * SPTE_ENT_PER_PAGE, dtype=np.uint64)
+        skip_bytes = -spare.ctypes.data % page_bytes
+        first = skip_bytes // 8
+        return spare[first:first + capacity * SPTE_ENT_PER_PAGE].reshape(capacity, SPTE_ENT_PER_PAGE)
+
     def __init__(self, capacity, poison=None):
         capacity = _check_int("capacity", capacity, 1)
-        if poison is None:
-            self._pages = np.zeros((capacity, SPTE_ENT_PER_PAGE), dtype=np.uint64)
-            self._clean = [True] * capacity
-        else:
+        if poison is not None:
             poison = _check_u64("poison", poison)
-            self._pages = np.full((capacity, SPTE_ENT_PER_PAGE), poison, dtype=np.uint64)
-            self._clean = [False] * capacity
+        self._pages = self._page_aligned_block(capacity)
+        if poison is not None:
+            self._pages.fill(poison)
+        self._clean = [poison is None] * capacity
         self._pages_ro = self._pages.view()
         self._pages_ro.flags.writeable = False
         self._capacity = capacity

@@ -15,6 +15,17 @@ def test_capacity_len_and_pages_view_shape(impl):
     assert pool.nr_free == 5
 
 
+@pytest.mark.parametrize("capacity", [1, 3, 64, 1000])
+@pytest.mark.parametrize("poison", [None, 0xDEAD_BEEF_0BAD_F00D], ids=["zero", "poison"])
+def test_every_page_starts_on_a_4k_boundary(impl, capacity, poison):
+    """Like real page-table pages: a table never straddles two host pages."""
+    pool = impl.PagePool(capacity, poison=poison)
+    assert pool.pages.ctypes.data % 4096 == 0
+    assert pool.pages.strides == (4096, 8)
+    expect = 0 if poison is None else poison
+    assert (pool.pages == np.uint64(expect)).all()
+
+
 def test_pages_view_is_read_only(impl):
     pool = impl.PagePool(2)
     assert not pool.pages.flags.writeable

@@ -1020,9 +1020,24 @@ cdef bint _zap_spte_atomic_at(mmu_t* mmu, mmu_stats_t* st, gfn_t gfn, int level)
 
 import operator as _operator
 
+cdef extern from "Python.h":
+    # Declared without an exception spec: the callers test PyErr_Occurred
+    # themselves and fall back to the slow path, which words the error.
+    bint PyLong_CheckExact(object o)
+    unsigned long long _pylong_as_ull "PyLong_AsUnsignedLongLong"(object o)
+    long long _pylong_as_ll "PyLong_AsLongLong"(object o)
+    void* PyErr_Occurred()
+    void PyErr_Clear()
+
 
 cdef u64 _as_u64(object v, str name) except? 0xFFFFFFFFFFFFFFFF:
     """An int in [0, 2**64) or TypeError/ValueError naming the argument."""
+    cdef unsigned long long r
+    if PyLong_CheckExact(v):            # the common case, without Python-level calls
+        r = _pylong_as_ull(v)
+        if r != <unsigned long long>-1 or PyErr_Occurred() == NULL:
+            return r
+        PyErr_Clear()                   # negative or too wide: worded below
     if isinstance(v, float):
         raise TypeError(f"{name} must be an int, not float")
     try:
@@ -1037,6 +1052,14 @@ cdef u64 _as_u64(object v, str name) except? 0xFFFFFFFFFFFFFFFF:
 
 cdef int64_t _as_int(object v, str name, int64_t lo, int64_t hi) except? -1:
     """An int in [lo, hi] or TypeError/ValueError."""
+    cdef long long r
+    if PyLong_CheckExact(v):
+        r = _pylong_as_ll(v)
+        if r != -1 or PyErr_Occurred() == NULL:
+            if lo <= r <= hi:
+                return r
+        else:
+            PyErr_Clear()               # wider than 64 bits: worded below
     if isinstance(v, float):
         raise TypeError(f"{name} must be an int, not float")
     try:

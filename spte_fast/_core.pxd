@@ -460,10 +460,13 @@ cdef inline u64 make_mmio_spte(const spte_masks_t* m, gfn_t gfn, unsigned int ac
 
 cdef inline u64 make_huge_page_split_spte(const spte_masks_t* m, u64 huge_spte, int child_level,
                                    int index, bint nx_huge_pages) noexcept nogil:
-    """Child `index` of a huge SPTE: same bits, pfn advanced (6.10; later make_small_spte)."""
+    """Child `index` of a huge SPTE: same bits, pfn advanced (6.10; later make_small_spte).
+
+    The offset is OR-ed in, as KVM does: a huge SPTE's pfn is aligned to its size, so
+    this is the sum, and an unaligned pfn can never carry into bits 52 and up."""
     cdef u64 child = huge_spte
     cdef bint tracked
-    child += (<u64>index * pages_per_level(child_level)) << 12
+    child |= (<u64>index * pages_per_level(child_level)) << 12
     if child_level == 1:
         child &= ~PT_PAGE_SIZE_MASK
         if nx_huge_pages:

@@ -14,8 +14,9 @@ code to an exception.  Compiler directives live in setup.py only.
 """
 
 cimport cython
+from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_RawCalloc, PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
-from libc.stdint cimport int8_t, int64_t, uint8_t, uint64_t
+from libc.stdint cimport INT64_MAX, INT64_MIN, int8_t, int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
@@ -795,9 +796,11 @@ cdef int _tdp_mmu_map(mmu_t* mmu, mmu_stats_t* st, mem_cache_t* mc, memslot_t* s
     cdef int64_t sp
     cdef int r
     cdef pool_t* p = mmu.pool
+    # kvm_mmu_hugepage_adjust sets this before it looks for a slot: an exec fault
+    # on a gfn with no memslot (an MMIO SPTE) marks its tables all the same.
+    huge_page_disallowed = exec and mmu.nx_huge_pages
     if slot != NULL:
         req_level = _max_mapping_level(mmu, slot, gfn)
-        huge_page_disallowed = exec and mmu.nx_huge_pages
         goal_level = 1 if huge_page_disallowed else req_level
     if it.level < goal_level:
         it.level = goal_level
@@ -1019,6 +1022,11 @@ cdef bint _zap_spte_atomic_at(mmu_t* mmu, mmu_stats_t* st, gfn_t gfn, int level)
 # =====================================================================================
 
 import operator as _operator
+import threading as _threading
+
+# What the API calls an int: Python ints (bool included) and numpy integer
+# scalars; not any object with __index__ (whose code could run mid-call).
+_INT_TYPES = (int, np.integer)
 
 cdef extern from "Python.h":
     # Declared without an exception spec: the callers test PyErr_Occurred
@@ -1038,12 +1046,9 @@ cdef u64 _as_u64(object v, str name) except? 0xFFFFFFFFFFFFFFFF:
         if r != <unsigned long long>-1 or PyErr_Occurred() == NULL:
             return r
         PyErr_Clear()                   # negative or too wide: worded below
-    if isinstance(v, float):
-        raise TypeError(f"{name} must be an int, not float")
-    try:
-        iv = _operator.index(v)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, not {type(v).__name__}") from None
+    if not isinstance(v, _INT_TYPES):
+        raise TypeError(f"{name} must be an int, not {type(v).__name__}")
+    iv = _operator.index(v)
     if iv < 0 or iv > U64_MAX:
         raise ValueError(f"{name} must be in [0, 2**64), got {iv:#x}" if iv >= 0
                          else f"{name} must be in [0, 2**64), got {iv}")
@@ -1060,12 +1065,9 @@ cdef int64_t _as_int(object v, str name, int64_t lo, int64_t hi) except? -1:
                 return r
         else:
             PyErr_Clear()               # wider than 64 bits: worded below
-    if isinstance(v, float):
-        raise TypeError(f"{name} must be an int, not float")
-    try:
-        iv = _operator.index(v)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, not {type(v).__name__}") from None
+    if not isinstance(v, _INT_TYPES):
+        raise TypeError(f"{name} must be an int, not {type(v).__name__}")
+    iv = _operator.index(v)
     if iv < lo or iv > hi:
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {iv}")
     return <int64_t>iv
@@ -1084,6 +1086,9 @@ cdef int _check_rc(int rc, str what) except -1:
     raise SpteError(f"{what}: error {rc}")
 
 
+cdef object _LAYOUT_TOKEN = object()
+
+
 @cython.final
 cdef class SpteLayout:
     """The SPTE encoding of one paging mode (EPT with/without A/D, exec-only; NPT).
@@ -1098,14 +1103,20 @@ cdef class SpteLayout:
     cdef spte_masks_t m
     cdef readonly bint exec_only
 
-    def __init__(self):
+    def __cinit__(self, *args):
+        # Only ept()/npt() pass the token: a layout whose masks were never set up would
+        # look valid to the kernels (all masks 0, frozen == non-present: endless RETRY).
+        if len(args) != 1 or args[0] is not _LAYOUT_TOKEN:
+            raise TypeError("use SpteLayout.ept(...) or SpteLayout.npt(...)")
+
+    def __init__(self, *args):
         raise TypeError("use SpteLayout.ept(...) or SpteLayout.npt(...)")
 
     @staticmethod
     def ept(ad=True, exec_only=False, nonpresent_value=SHADOW_NONPRESENT_VALUE):
         """Intel EPT masks (kvm_mmu_set_ept_masks)."""
         cdef u64 v = _as_u64(nonpresent_value, "nonpresent_value")
-        cdef SpteLayout self = SpteLayout.__new__(SpteLayout)
+        cdef SpteLayout self = SpteLayout.__new__(SpteLayout, _LAYOUT_TOKEN)
         masks_init_ept(&self.m, bool(ad), bool(exec_only), v)
         self.exec_only = bool(exec_only)
         self._validate()
@@ -1115,7 +1126,7 @@ cdef class SpteLayout:
     def npt(nonpresent_value=SHADOW_NONPRESENT_VALUE):
         """AMD NPT / shadow paging masks (kvm_mmu_reset_all_pte_masks)."""
         cdef u64 v = _as_u64(nonpresent_value, "nonpresent_value")
-        cdef SpteLayout self = SpteLayout.__new__(SpteLayout)
+        cdef SpteLayout self = SpteLayout.__new__(SpteLayout, _LAYOUT_TOKEN)
         masks_init_npt(&self.m, v)
         self.exec_only = False
         self._validate()
@@ -1395,19 +1406,23 @@ def count_present(pages, nonpresent_value):
     return out
 
 
-cdef u64* _elem(object array, object index) except NULL:
+cdef u64* _elem(object array, int64_t i) except NULL:
+    """&array.flat[i]; called after every scalar argument is converted, so that
+    nothing can run between taking the pointer and using it."""
     cdef cnp.ndarray arr = _u64_array(array, "array", True)
-    cdef int64_t i = _as_int(index, "index", 0, max(arr.size - 1, 0))
     if arr.size == 0:
         raise ValueError("array is empty")
+    if i >= arr.size:
+        raise ValueError(f"index must be in [0, {arr.size - 1}], got {i}")
     return (<u64*>cnp.PyArray_DATA(arr)) + i
 
 
 def cmpxchg(array, index, expected, new):
     """A real 64-bit compare-and-exchange on ``array.flat[index]`` → (ok, observed)."""
-    cdef u64* p = _elem(array, index)
+    cdef int64_t i = _as_int(index, "index", 0, INT64_MAX)
     cdef u64 old = _as_u64(expected, "expected")
     cdef u64 nv = _as_u64(new, "new")
+    cdef u64* p = _elem(array, i)
     cdef bint ok
     with nogil:
         ok = spte_try_cmpxchg64(p, &old, nv)
@@ -1422,8 +1437,9 @@ cdef enum:
 
 cdef u64 _atomic_rmw(object array, object index, object value, str name, int op) except? 0:
     """One atomic read-modify-write on ``array.flat[index]``; returns the old value."""
-    cdef u64* p = _elem(array, index)
+    cdef int64_t i = _as_int(index, "index", 0, INT64_MAX)
     cdef u64 v = _as_u64(value, name)
+    cdef u64* p = _elem(array, i)
     cdef u64 old
     with nogil:
         if op == RMW_XCHG:
@@ -1518,10 +1534,12 @@ cdef class PagePool:
 
     @property
     def pages(self):
-        """Read-only view of all pages (index = host frame of the table)."""
-        v = self._arr.view()
-        v.flags.writeable = False
-        return v
+        """Read-only view of all pages (index = host frame of the table).
+
+        Built on a read-only buffer, so ``flags.writeable = True`` is refused: a Python
+        store into a linked table would bypass the setters (and could plant a frozen
+        entry that a zap then waits on forever)."""
+        return np.asarray(memoryview(self._arr).toreadonly())
 
     @property
     def nr_free(self):
@@ -1725,7 +1743,9 @@ cdef class Vm:
     cdef readonly SpteLayout layout
     cdef readonly PagePool pool
     cdef list _slots                # [(id, base_gfn, npages, pfn, readonly, flags ndarray)]
-    cdef list _retired_flags        # [(pfn, npages, flags)] of deleted slots: host pages keep them
+    cdef object _retired_pfns       # sorted uint64: host pages of deleted slots with flags set
+    cdef object _retired_bits       # uint8: their accessed/dirty flags (host pages keep them)
+    cdef object _slots_lock         # slots_lock: one memslot change at a time
     cdef list _vcpus
     cdef int _next_slot_id
 
@@ -1745,7 +1765,9 @@ cdef class Vm:
         self.layout = layout
         self.pool = PagePool(cap, poison=poison)
         self._slots = []
-        self._retired_flags = []
+        self._retired_pfns = np.empty(0, dtype=np.uint64)
+        self._retired_bits = np.empty(0, dtype=np.uint8)
+        self._slots_lock = _threading.Lock()
         self._vcpus = []
         self.mmu.m = layout.m
         self.mmu.pool = &self.pool.p
@@ -1852,6 +1874,10 @@ cdef class Vm:
         cdef gfn_t base = self._gfn(base_gfn, "base_gfn")
         cdef u64 n = _as_u64(npages, "npages")
         cdef u64 p = _as_u64(pfn, "pfn")
+        with self._slots_lock:          # KVM's slots_lock: the checks below stay true
+            return self._add_memslot(base, n, p, bool(readonly))
+
+    cdef object _add_memslot(self, gfn_t base, u64 n, u64 p, bint readonly):
         if n == 0:
             raise ValueError("npages must be >= 1")
         if n > self.mmu.gfn_limit - base:
@@ -1867,15 +1893,18 @@ cdef class Vm:
         flags = np.zeros(n, dtype=np.uint8)
         # Accessed/dirty are flags of host pages (struct page in KVM), not of memslots: a
         # page that a deleted slot marked keeps its flags when a new slot maps it again.
-        for rp, rn, rflags in self._retired_flags:
-            lo, hi = max(p, rp), min(p + n, rp + rn)
-            if lo < hi:
-                flags[lo - p:hi - p] |= rflags[lo - rp:hi - rp]
+        # The new slot owns them from now on (until it is deleted in turn).
+        rp = self._retired_pfns
+        lo, hi = np.searchsorted(rp, np.array([p, p + n], dtype=np.uint64))
+        if lo < hi:
+            flags[(rp[lo:hi] - np.uint64(p)).astype(np.intp)] = self._retired_bits[lo:hi]
+            self._retired_pfns = np.concatenate((rp[:lo], rp[hi:]))
+            self._retired_bits = np.concatenate((self._retired_bits[:lo], self._retired_bits[hi:]))
         sid = self._next_slot_id
         with nogil:
             self._wrlock()
         try:
-            self._slots.append((sid, base, n, p, bool(readonly), flags))
+            self._slots.append((sid, base, n, p, readonly, flags))
             self._slots.sort(key=lambda s: s[1])
             self._sync_slots()
             self._next_slot_id += 1
@@ -1886,13 +1915,18 @@ cdef class Vm:
 
     def delete_memslot(self, slot_id):
         """Zap the slot's range, remove it, bump the MMIO generation."""
+        cdef int64_t sid_wanted = _as_int(slot_id, "slot_id", INT64_MIN, INT64_MAX)
+        with self._slots_lock:
+            self._delete_memslot(sid_wanted)
+
+    cdef int _delete_memslot(self, int64_t sid_wanted) except -1:
         cdef int i
         cdef bint flush
         for i in range(len(self._slots)):
-            if self._slots[i][0] == slot_id:
+            if self._slots[i][0] == sid_wanted:
                 break
         else:
-            raise ValueError(f"no memslot with id {slot_id!r}")
+            raise ValueError(f"no memslot with id {sid_wanted!r}")
         sid, base, n, p, ro, flags = self._slots[i]
         cdef gfn_t start = base
         cdef gfn_t end = base + n
@@ -1903,7 +1937,14 @@ cdef class Vm:
                 self.st.tlb_flushes_ranged += 1
         try:
             del self._slots[i]
-            self._retired_flags.append((p, n, flags))
+            # Keep the flags that are set (no live or retired entry covers these pfns).
+            marked = np.flatnonzero(flags)
+            at = np.searchsorted(self._retired_pfns, np.uint64(p))
+            self._retired_pfns = np.concatenate((self._retired_pfns[:at],
+                                                 marked.astype(np.uint64) + np.uint64(p),
+                                                 self._retired_pfns[at:]))
+            self._retired_bits = np.concatenate((self._retired_bits[:at], flags[marked],
+                                                 self._retired_bits[at:]))
             self._sync_slots()
             with nogil:
                 self._bump_generation()
@@ -1918,10 +1959,12 @@ cdef class Vm:
         Each vCPU may fault from its own thread: faults run with the GIL released and
         mmu_lock held for read, as KVM's TDP MMU faults do.
         """
-        cdef Vcpu v
+        return Vcpu(self)
+
+    cdef int _register_vcpu(self, Vcpu v) except -1:
+        """Give ``v`` a reader-epoch slot and count it in the VM's stats."""
         if self.mmu.nvcpus >= MAX_VCPUS:
             raise ValueError(f"at most {MAX_VCPUS} vCPUs per Vm")
-        v = Vcpu(self)
         with nogil:
             self._wrlock()
             v.slot = self.mmu.nvcpus
@@ -1930,7 +1973,7 @@ cdef class Vm:
             self.mmu.nvcpus += 1
             self._unlock()
         self._vcpus.append(v)
-        return v
+        return 0
 
     @property
     def vcpus(self):
@@ -2093,12 +2136,15 @@ cdef class Vm:
         Raises AuditError naming the invariant and the entry (gfn, level, value).
         """
         cdef Vcpu v
-        with nogil:
-            self._wrlock()
+        cdef list locked = []
         try:
+            # The lock order of the fault path: every vCPU's lock, mmu_lock, the pool's.
             for v in self._vcpus:
                 with nogil:
                     pthread_mutex_lock(&v.cache.mc.lock)
+                locked.append(v)
+            with nogil:
+                self._wrlock()
             try:
                 with nogil:
                     pthread_mutex_lock(&self.pool.p.lock)
@@ -2107,10 +2153,10 @@ cdef class Vm:
                 finally:
                     pthread_mutex_unlock(&self.pool.p.lock)
             finally:
-                for v in self._vcpus:
-                    pthread_mutex_unlock(&v.cache.mc.lock)
+                self._unlock()
         finally:
-            self._unlock()
+            for v in locked:
+                pthread_mutex_unlock(&v.cache.mc.lock)
 
     def _fail(self, invariant, what, gfn=None, level=None, spte=None, entry=True):
         if entry:
@@ -2178,6 +2224,12 @@ cdef class Vm:
                 n_free -= 1
             elif p.state[i] == PAGE_TABLE:
                 n_table += 1
+            elif p.state[i] == PAGE_RAW:
+                self._fail("pool-accounting", f"page {i} was handed out by alloc(): neither "
+                           "free, in a vCPU cache nor linked", entry=False)
+            elif p.state[i] == PAGE_CACHED and not seen[i] & 4:
+                self._fail("pool-accounting", f"page {i} is held by a memory cache that is "
+                           "not a vCPU's", entry=False)
         if n_free != 0:
             self._fail("pool-accounting", "free list and page states disagree", entry=False)
 
@@ -2255,7 +2307,8 @@ cdef class Vcpu:
         self.cache = MemoryCache(vm.pool, init_value=vm.layout.m.shadow_nonpresent_value,
                                  capacity=KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE)
         memset(&self.st, 0, sizeof(mmu_stats_t))
-        self.st.slot = -1               # set by Vm.vcpu()
+        self.st.slot = -1
+        vm._register_vcpu(self)         # Vcpu(vm) and vm.vcpu() are the same thing
 
     def fault(self, gfn, write=False, exec=False):
         """One guest page fault → PF.FIXED / SPURIOUS / RETRY / EMULATE."""
@@ -2301,18 +2354,27 @@ cdef class Vcpu:
             o = <int8_t*>cnp.PyArray_DATA(o_arr)
         cdef const gfn_t* g = <const gfn_t*>cnp.PyArray_DATA(g_arr)
         cdef int64_t counts[6]
-        cdef Py_ssize_t done
-        cdef int rc
+        cdef Py_ssize_t done = 0
+        cdef int rc = BATCH_INTERRUPTIBLE
         memset(counts, 0, sizeof(counts))
-        with nogil:
-            rc = _fault_batch(&self.vm.mmu, &self.st, &self.cache.mc, self.slot, g, a, o, n,
-                              counts, &done)
-        if o_arr is not None and o_arr is not out:
-            out[:done] = o_arr[:done]
+        try:
+            while rc == BATCH_INTERRUPTIBLE:
+                with nogil:
+                    rc = _fault_batch(&self.vm.mmu, &self.st, &self.cache.mc, self.slot, g, a,
+                                      o, n, counts, &done)
+                if rc == BATCH_INTERRUPTIBLE:
+                    PyErr_CheckSignals()    # KeyboardInterrupt propagates from here
+        finally:
+            if o_arr is not None and o_arr is not out:
+                out[:done] = o_arr[:done]
         self.vm._raise_fatal()
-        if rc < 0:
+        if rc == -SPTE_ENOMEM:
             raise OutOfMemory(f"fault_batch: page pool exhausted after {done} of {n} faults",
                               completed=done)
+        if rc == -SPTE_EINVAL:
+            raise ValueError(f"fault_batch: gfns[{done}] changed under the batch to a gfn "
+                             f"beyond the address width; {done} faults were made")
+        _check_rc(rc, f"fault_batch (after {done} of {n} faults)")
         return {"fixed": counts[RET_PF_FIXED], "spurious": counts[RET_PF_SPURIOUS],
                 "retry": counts[RET_PF_RETRY], "emulate": counts[RET_PF_EMULATE]}
 
@@ -2362,39 +2424,50 @@ cdef int vcpu_fault(vcpu_ref_t* v, gfn_t gfn, bint write, bint exec) noexcept no
     """One fault as Vcpu.fault does it, GIL-free: mmu_lock for read, the vCPU's cache,
     RET_PF_* or -SPTE_ENOMEM.  The gfn must be below the VM's address width."""
     cdef int r
+    pthread_mutex_lock(&v.mc.lock)          # the vCPU's own lock (vcpu->mutex), then mmu_lock
     mmu_read_lock(v.mmu, v.slot)
-    pthread_mutex_lock(&v.mc.lock)
     r = kvm_tdp_mmu_page_fault(v.mmu, v.st, v.mc, NULL, gfn, write, exec)
-    pthread_mutex_unlock(&v.mc.lock)
     mmu_read_unlock(v.mmu, v.slot)
+    pthread_mutex_unlock(&v.mc.lock)
     _reclaim_parked(v.mmu)
     return r
 
 
 cdef enum:
     FAULT_CHUNK = 1024          # faults per read-side section: zaps get in between chunks
+    RETRY_CHECK = 1 << 16       # RETRYs of one fault before the caller checks for signals
+    BATCH_INTERRUPTIBLE = 1     # _fault_batch stopped so that signals can be checked
 
 
 cdef int _fault_batch(mmu_t* mmu, mmu_stats_t* st, mem_cache_t* mc, int slot,
                       const gfn_t* gfns, const uint8_t* access, int8_t* out, Py_ssize_t n,
                       int64_t* counts, Py_ssize_t* done) noexcept nogil:
-    """The batch loop: fault, re-fault on RETRY. Returns 0 or -SPTE_ENOMEM.
+    """The batch loop from ``done[0]`` on: fault, re-fault on RETRY.
+
+    Returns 0 when every fault is done, -SPTE_ENOMEM / -SPTE_EIO from a fault,
+    -SPTE_EINVAL for a gfn beyond the address width (the caller checked them, but
+    another thread may rewrite the array meanwhile), or BATCH_INTERRUPTIBLE after
+    RETRY_CHECK RETRYs of one fault: KVM re-enters the guest forever on RETRY, and
+    the caller checks for signals (Ctrl-C) before it resumes the batch.
 
     mmu_lock is held for read FAULT_CHUNK faults at a time; between chunks the vCPU
     leaves the read side (the walk hint is dropped with it) and parked tables whose
     readers are gone return to the pool.
     """
-    cdef Py_ssize_t i = 0, chunk_end
+    cdef Py_ssize_t i = done[0], chunk_end
     cdef int r = 0
+    cdef int64_t retries
+    cdef gfn_t gfn
     cdef bint w = False, x = False
     cdef walk_hint_t hint
     hint.last_slot = 0
     while i < n and r >= 0:
         chunk_end = min(n, i + FAULT_CHUNK)
         hint.valid = False
-        # Lock order everywhere: mmu_lock, then a cache's lock, then the pool's.
-        mmu_read_lock(mmu, slot)
+        # Lock order everywhere: the vCPU's cache lock (it stands for vcpu->mutex: one
+        # thread at a time runs a vCPU), mmu_lock, the pool's lock.
         pthread_mutex_lock(&mc.lock)
+        mmu_read_lock(mmu, slot)
         while i < chunk_end:
             # Prefetch only when a later fault enters another leaf table (random access).
             if i + PREFETCH_DISTANCE < n and \
@@ -2403,27 +2476,40 @@ cdef int _fault_batch(mmu_t* mmu, mmu_stats_t* st, mem_cache_t* mc, int slot,
             if access != NULL:
                 w = access[i] & 1
                 x = (access[i] >> 1) & 1
+            gfn = spte_read_once(<const u64*>&gfns[i])   # one read: the array is the caller's
+            if gfn >= mmu.gfn_limit:
+                r = -SPTE_EINVAL
+                break
+            retries = 0
             while True:
-                r = kvm_tdp_mmu_page_fault(mmu, st, mc, &hint, gfns[i], w, x)
+                r = kvm_tdp_mmu_page_fault(mmu, st, mc, &hint, gfn, w, x)
                 if r < 0:
                     break
                 counts[r] += 1
                 if r != RET_PF_RETRY:
                     break
-            if r < 0:
+                retries += 1
+                if retries == RETRY_CHECK:
+                    break
+            if r < 0 or r == RET_PF_RETRY:
                 break
             if out != NULL:
                 out[i] = <int8_t>r
             i += 1
-        pthread_mutex_unlock(&mc.lock)
         mmu_read_unlock(mmu, slot)
+        pthread_mutex_unlock(&mc.lock)
         _reclaim_parked(mmu)
+        if r == RET_PF_RETRY:
+            done[0] = i
+            return BATCH_INTERRUPTIBLE
     done[0] = i
     return r if r < 0 else 0
 
 
 cdef cnp.ndarray _int_array(object a, str name):
-    arr = np.asarray(a)
+    if not cnp.PyArray_Check(a):
+        raise TypeError(f"{name} must be a numpy.ndarray, not {type(a).__name__}")
+    arr = a                             # untyped: the Python attributes below
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integers, not {arr.dtype}")
     if arr.ndim != 1:

@@ -209,6 +209,18 @@ class SpteLayout:
         """AMD NPT / shadow paging (``kvm_mmu_reset_all_pte_masks``, MMIO caching enabled)."""
         return cls("npt", True, False, nonpresent_value)
 
+    def __new__(cls, *args, **kwargs):
+        # A layout always comes from __init__'s checks (via ept()/npt()); a bare
+        # SpteLayout.__new__(SpteLayout) would be a layout without masks.
+        if not args and not kwargs:
+            raise TypeError("use SpteLayout.ept(...) or SpteLayout.npt(...)")
+        return super().__new__(cls)
+
+    def __reduce__(self):
+        if self.mode == "ept":
+            return (SpteLayout.ept, (self.ad_enabled, self.exec_only, self.nonpresent_value))
+        return (SpteLayout.npt, (self.nonpresent_value,))
+
     def __init__(self, mode, ad, exec_only, nonpresent_value):
         nonpresent = _check_u64("nonpresent_value", nonpresent_value)
         # EPT puts the suppress-#VE bit into the present and MMIO masks exactly when the
@@ -491,10 +503,9 @@ class SpteLayout:
         index = _check_int("index", index, 0, SPTE_ENT_PER_PAGE)
         if not (huge_spte & SPTE_MMU_PRESENT_MASK) or not (huge_spte & PT_PAGE_SIZE_MASK):
             raise ValueError(f"huge_spte {huge_spte:#x} is not a present large SPTE")
-        # The child maps the index-th sub-range: add the offset to the PFN.  (KVM ORs it in,
-        # which is the same for the size-aligned PFNs KVM builds.)
-        pfn = self.spte_to_pfn(huge_spte) + index * _pages_per_hpage(child_level)
-        child_spte = (huge_spte & ~SPTE_BASE_ADDR_MASK) | ((pfn << 12) & SPTE_BASE_ADDR_MASK)
+        # The child maps the index-th sub-range. KVM ORs the offset into the address (the
+        # sum, for the size-aligned PFNs it builds); so does this, also for unaligned ones.
+        child_spte = huge_spte | (index * _pages_per_hpage(child_level)) << 12
         if child_level == PG_LEVEL_4K:
             child_spte &= ~PT_PAGE_SIZE_MASK
             # At 4K the NX huge page mitigation no longer applies: make it executable.
@@ -683,8 +694,8 @@ class PagePool:
         if poison is not None:
             self._pages.fill(poison)
         self._clean = [poison is None] * capacity
-        self._pages_ro = self._pages.view()
-        self._pages_ro.flags.writeable = False
+        # A view of a read-only buffer: numpy refuses `flags.writeable = True` on it.
+        self._pages_ro = np.asarray(memoryview(self._pages).toreadonly())
         self._capacity = capacity
         self._poison = poison
         self._next_never_used = 0  # pages [_next_never_used, capacity) were never handed out
@@ -1212,6 +1223,10 @@ class Vm:
 
     def _bump_mmio_generation(self):
         self._mmio_generation = (self._mmio_generation + 1) % (MMIO_SPTE_GEN_MASK + 1)
+        if self._mmio_generation == 0:
+            # kvm_mmu_invalidate_mmio_sptes: after a wrap an MMIO SPTE from 2**19 changes
+            # ago would look current again, so every SPTE goes (one full flush).
+            self.zap_all()
 
     @property
     def memslots(self):

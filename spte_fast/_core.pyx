@@ -1109,9 +1109,6 @@ cdef class SpteLayout:
         if len(args) != 1 or args[0] is not _LAYOUT_TOKEN:
             raise TypeError("use SpteLayout.ept(...) or SpteLayout.npt(...)")
 
-    def __init__(self, *args):
-        raise TypeError("use SpteLayout.ept(...) or SpteLayout.npt(...)")
-
     @staticmethod
     def ept(ad=True, exec_only=False, nonpresent_value=SHADOW_NONPRESENT_VALUE):
         """Intel EPT masks (kvm_mmu_set_ept_masks)."""
@@ -1491,6 +1488,7 @@ cdef class PagePool:
     """
     cdef pool_t p
     cdef object _arr
+    cdef object _ro                 # _arr seen through a read-only buffer (``pages``)
     cdef readonly object poison
 
     def __cinit__(self, capacity, poison=None):
@@ -1501,6 +1499,10 @@ cdef class PagePool:
             pv = _as_u64(poison, "poison")
         self.poison = poison
         self._arr = _page_arena(cap, None if poison is None else pv)
+        # Built on a read-only buffer, so ``flags.writeable = True`` is refused: a Python
+        # store into a linked table would bypass the setters (and could plant a frozen
+        # entry that a zap then waits on forever).
+        self._ro = np.asarray(memoryview(self._arr).toreadonly())
         self.p.pages = <u64*>cnp.PyArray_DATA(<cnp.ndarray>self._arr)
         self.p.capacity = cap
         self.p.free_stack = <int64_t*>PyMem_RawMalloc(cap * sizeof(int64_t))
@@ -1534,12 +1536,9 @@ cdef class PagePool:
 
     @property
     def pages(self):
-        """Read-only view of all pages (index = host frame of the table).
-
-        Built on a read-only buffer, so ``flags.writeable = True`` is refused: a Python
-        store into a linked table would bypass the setters (and could plant a frozen
-        entry that a zap then waits on forever)."""
-        return np.asarray(memoryview(self._arr).toreadonly())
+        """Read-only view of all pages (index = host frame of the table); a fresh view
+        each time, so that reshaping one cannot change what the next caller sees."""
+        return self._ro.view()
 
     @property
     def nr_free(self):

@@ -688,8 +688,7 @@ class PagePool:
 
     def __init__(self, capacity, poison=None):
         capacity = _check_int("capacity", capacity, 1)
-        if poison is not None:
-            poison = _check_u64("poison", poison)
+        poison = None if poison is None else _check_u64("poison", poison)
         self._pages = self._page_aligned_block(capacity)
         if poison is not None:
             self._pages.fill(poison)
@@ -718,7 +717,7 @@ class PagePool:
 
     @property
     def pages(self):
-        return self._pages_ro
+        return self._pages_ro.view()  # a fresh view: reshaping it cannot leak to the next caller
 
     @property
     def nr_free(self):

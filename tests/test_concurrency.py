@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import spte_fast as sf
+from vmhelpers import run_threads
 
 SEED = int(os.environ.get("SPTE_FAST_TEST_SEED", "42")) if \
     os.environ.get("SPTE_FAST_TEST_SEED", "42") != "all" else 42
@@ -24,27 +25,10 @@ def _vm(layout=None, pages=1 << 22, max_level=sf.PG_LEVEL_4K, max_pt_pages=1 << 
 
 
 def _run_threads(targets):
-    """Start every target at once (barrier), join, re-raise the first error."""
-    barrier = threading.Barrier(len(targets))
-    errors = []
-
-    def wrap(fn):
-        def run():
-            try:
-                barrier.wait(timeout=30)
-                fn()
-            except BaseException as e:  # noqa: BLE001 - surfaced below
-                errors.append(e)
-        return run
-
-    threads = [threading.Thread(target=wrap(t)) for t in targets]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-        assert not t.is_alive(), "a vCPU thread did not finish (deadlock?)"
-    if errors:
-        raise errors[0]
+    """Start every target at once, join, re-raise the first error."""
+    for _, error in run_threads(targets, timeout=120):
+        if error is not None:
+            raise error
 
 
 def _pool_accounting(vm):

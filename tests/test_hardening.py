@@ -27,14 +27,14 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from vmhelpers import NP63, PAGES_2M, PF_EMULATE, PF_FIXED, pages_per
+from vmhelpers import (NP63, PAGES_2M, PF_EMULATE, PF_FIXED, assert_same_snapshot, pages_per,
+                       run_threads, snapshot)
 
 PFN0 = 0x100000  # a 1G-aligned host pfn
 
@@ -59,34 +59,6 @@ def run_child(code, impl, timeout=60):
     of killing pytest."""
     return subprocess.run(child_argv(code, impl), env=child_env(impl), capture_output=True,
                           text=True, timeout=timeout)
-
-
-def run_threads(targets, timeout=60):
-    """Start every target at once (barrier), join; returns [(result, exception)] in order."""
-    barrier = threading.Barrier(len(targets))
-    results = [None] * len(targets)
-
-    def wrap(i, fn):
-        def run():
-            try:
-                barrier.wait(timeout=timeout)
-                results[i] = (fn(), None)
-            except BaseException as e:  # noqa: BLE001 - returned to the test
-                results[i] = (None, e)
-        return run
-
-    threads = [threading.Thread(target=wrap(i, fn)) for i, fn in enumerate(targets)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=timeout)
-        assert not t.is_alive(), "a thread did not finish (deadlock?)"
-    return results
-
-
-def observable_state(vm, gfns):
-    """What a failed call must not change: walks, stats, slots, generation."""
-    return ([vm.walk(g) for g in gfns], vm.stats, vm.memslots, vm.mmio_generation)
 
 
 def ept_vm(impl, **kw):
@@ -442,10 +414,12 @@ def test_non_integer_arguments_raise_type_error_and_change_nothing(impl, call):
     v.fault(5, write=True)
     v.fault(4100, write=True)
     gfns = (1, 2, 5, 4100)
-    before = observable_state(vm, gfns)
+    walks = [vm.walk(g) for g in gfns]
+    before = snapshot(vm, [v])
     with pytest.raises(TypeError):
         BAD_TYPE_CALLS[call](vm, v)
-    assert observable_state(vm, gfns) == before
+    assert [vm.walk(g) for g in gfns] == walks
+    assert_same_snapshot(before, snapshot(vm, [v]))
     vm.audit()
 
 

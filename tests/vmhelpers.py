@@ -5,6 +5,8 @@ Everything here is derived from docs/API.md and KVM_MMU_SPEC.md (§2.1 geometry,
 constructors), never from running the code under test: the table walk decodes raw pool
 memory with the spec's bit positions, not with the implementation's predicates.
 """
+import threading
+
 import numpy as np
 
 NP63 = 1 << 63
@@ -219,3 +221,26 @@ def check_allowed_values(vm, layout, tables=None):
             assert v != 0 or layout.nonpresent_value == 0
             kinds.add("mmio")
     return kinds
+
+
+def run_threads(targets, timeout=60):
+    """Start every target at once (barrier), join; returns [(result, exception)] in order."""
+    barrier = threading.Barrier(len(targets))
+    results = [None] * len(targets)
+
+    def wrap(i, fn):
+        def run():
+            try:
+                barrier.wait(timeout=timeout)
+                results[i] = (fn(), None)
+            except BaseException as e:  # noqa: BLE001 - returned to the test
+                results[i] = (None, e)
+        return run
+
+    threads = [threading.Thread(target=wrap(i, fn)) for i, fn in enumerate(targets)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+        assert not t.is_alive(), "a thread did not finish (deadlock?)"
+    return results

@@ -1,10 +1,11 @@
-"""Build the one extension, spte_fast._core.
+"""Build the engine, spte_fast._core, and the bench hooks, spte_fast._bench.
 
 Compiler directives live here and nowhere else.  ``SPTE_FAST_DEBUG=1`` turns the
 checks back on (bounds, wraparound, initialized), adds line tracing and builds
 with ``-O0 -g``; the release build is ``-O3`` with portable flags (no
 ``-march=native``: set ``SPTE_FAST_CFLAGS`` to add your own, e.g. for a local
-benchmark).
+benchmark).  ``_core`` is one extension assembled from spte_fast/core/*.pxi, so the
+fault path makes no cross-module calls; ``_bench`` cimports it as any embedder would.
 """
 import os
 
@@ -32,13 +33,13 @@ if DEBUG:
 else:
     cflags = ["-O3"]
 cflags += os.environ.get("SPTE_FAST_CFLAGS", "").split()
+INCLUDE = [numpy.get_include(), os.path.join("spte_fast", "include")]
 
-ext = Extension(
-    "spte_fast._core",
-    ["spte_fast/_core.pyx"],
-    include_dirs=[numpy.get_include()],
-    define_macros=macros,
-    extra_compile_args=cflags,
-)
 
-setup(ext_modules=cythonize([ext], compiler_directives=DIRECTIVES, annotate=DEBUG))
+def extension(name):
+    return Extension(f"spte_fast.{name}", [f"spte_fast/{name}.pyx"], include_dirs=INCLUDE,
+                     define_macros=macros, extra_compile_args=cflags)
+
+
+setup(ext_modules=cythonize([extension("_core"), extension("_bench")],
+                            compiler_directives=DIRECTIVES, annotate=DEBUG))

@@ -1,4 +1,4 @@
-"""Kernels: page fill, cache top-up, cmpxchg and scan (issue 2's benchmarks).
+"""Kernels: page fill, cache top-up, cmpxchg and scan.
 
 Ratios to read (python bench/ratios.py): Cython fill vs numpy bulk/per-page
 fill and a pure-Python loop per size; the engine's fill of one cache-hot page
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import spte_fast as sf
-from spte_fast import _core
+from spte_fast import _bench
 
 from conftest import per_item
 
@@ -31,14 +31,14 @@ def test_fill(benchmark, how, n):
     """``c_loop_no_call`` is the ceiling: the same kernel over the same pages,
     repeated inside C, so no Python call is paid.  The per-page numpy loop's
     time over it bounds what any fill callable from Python can beat it by."""
-    benchmark.group = f"fill {n} pages"
+    benchmark.group = f"kernel: fill {n} pages with 1<<63 (ns/page)"
     pages = _pages(n)
     reps = 1
     if how == "cython":
         benchmark(sf.fill_pages, pages, V)
     elif how == "c_loop_no_call":
         reps = max(1, 1024 // n)
-        benchmark(_core._bench_fill_repeat, pages, V, reps)
+        benchmark(_bench.fill_repeat, pages, V, reps)
     elif how == "numpy_bulk":
         benchmark(pages.fill, V)
     elif how == "numpy_per_page":
@@ -65,23 +65,23 @@ REPS = 100_000
 @pytest.mark.parametrize("how", ["engine_fill_1_63", "engine_fill_0", "c_memset", "c_store_loop"])
 def test_fill_hot_page_c_loop(benchmark, how):
     """One cache-hot page filled REPS times inside C: kernel cost without call overhead."""
-    benchmark.group = "fill one hot page, C loop"
+    benchmark.group = "kernel: fill one cache-hot page, looped in C (ns/page)"
     page = _pages(1)[0]
     if how == "engine_fill_1_63":
-        benchmark(_core._bench_fill_repeat, page, V, REPS)
+        benchmark(_bench.fill_repeat, page, V, REPS)
     elif how == "engine_fill_0":
-        benchmark(_core._bench_fill_repeat, page, 0, REPS)
+        benchmark(_bench.fill_repeat, page, 0, REPS)
     elif how == "c_memset":
-        benchmark(_core._bench_memset_repeat, page, REPS)
+        benchmark(_bench.memset_repeat, page, REPS)
     else:
-        benchmark(_core._bench_store_loop_repeat, page, V, REPS)
+        benchmark(_bench.store_loop_repeat, page, V, REPS)
     per_item(benchmark, REPS, "pages")
 
 
 @pytest.mark.parametrize("path", ["zero_fresh", "zero_recycled", "fill_fresh", "fill_recycled"])
 def test_topup_40(benchmark, path):
     """A 40-page top-up on the GFP_ZERO path vs the 6.10 fill path."""
-    benchmark.group = "topup 40 pages"
+    benchmark.group = "mmu_cache: top up 40 pages (ns/page)"
     init = 0 if path.startswith("zero") else V
     state = {}
 
@@ -108,10 +108,10 @@ N_ATOMIC = 1 << 22
 @pytest.mark.parametrize("op", ["cmpxchg", "plain_rmw"])
 def test_atomic_per_element(benchmark, op, size):
     """lock cmpxchg vs a plain read-modify-write, strided over one page or 256 MiB."""
-    benchmark.group = f"update one SPTE, array of {size * 8 >> 10} KiB"
+    benchmark.group = f"atomic: update one SPTE in a {size * 8 >> 10} KiB array (ns/op)"
     arr = np.zeros(size, dtype=np.uint64)
     arr.fill(1)
-    fn = _core._bench_cmpxchg if op == "cmpxchg" else _core._bench_plain_rmw
+    fn = _bench.cmpxchg_loop if op == "cmpxchg" else _bench.plain_rmw_loop
     benchmark(fn, arr, N_ATOMIC)
     per_item(benchmark, N_ATOMIC, "ops")
 
@@ -119,12 +119,12 @@ def test_atomic_per_element(benchmark, op, size):
 @pytest.mark.parametrize("how", ["cython_c_loop", "numpy"])
 def test_scan_per_element(benchmark, how):
     """sync_page-style scan: entries differing from the non-present value."""
-    benchmark.group = "scan 4096 pages"
+    benchmark.group = "kernel: sync_page scan of 4096 pages (ns/entry)"
     rng = np.random.default_rng(1)
     pages = np.full((4096, 512), V, dtype=np.uint64)
     pages[rng.random(pages.shape) < 0.1] = 0x8600_0000_0000_0b77
     if how == "cython_c_loop":
-        total = benchmark(_core._bench_scan, pages, V, 1)
+        total = benchmark(_bench.scan_repeat, pages, V, 1)
     else:
         total = benchmark(lambda: int(np.count_nonzero(pages != V)))
     assert total == int(np.count_nonzero(pages != V))

@@ -1,4 +1,4 @@
-"""Parallel vCPUs (issue 4): fault_batch from 1 and 2 Python threads, GIL released.
+"""Parallel vCPUs: fault_batch from 1 and 2 Python threads, GIL released.
 
 Disjoint ranges: each thread first-touches its own 4 GiB (sequential) — the ratio
 of the 2-thread to the 1-thread rate is the scaling figure.  Shared range: both
@@ -28,7 +28,7 @@ def _run_parallel(vcpus, arrays):
 
 @pytest.mark.parametrize("nthreads", [1, 2])
 def test_disjoint_ranges(benchmark, nthreads):
-    benchmark.group = "threads: disjoint 4 GiB per thread, sequential first-touch"
+    benchmark.group = "threads: sequential first-touch, disjoint 4 GiB per thread (ns/fault)"
     vm = sf.Vm(sf.SpteLayout.ept(), max_level=sf.PG_LEVEL_4K, max_pt_pages=1 << 14)
     vm.add_memslot(0, 2 * N, pfn=0x100000)
     vcpus = [vm.vcpu() for _ in range(nthreads)]
@@ -41,7 +41,7 @@ def test_disjoint_ranges(benchmark, nthreads):
 
 
 def test_shared_range_two_threads(benchmark):
-    benchmark.group = "threads: both threads on one 4 GiB range"
+    benchmark.group = "threads: sequential first-touch, both threads on one 4 GiB (ns/fault)"
     vm = sf.Vm(sf.SpteLayout.ept(), max_level=sf.PG_LEVEL_4K, max_pt_pages=1 << 14)
     vm.add_memslot(0, N, pfn=0x100000)
     vcpus = [vm.vcpu(), vm.vcpu()]

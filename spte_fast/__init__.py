@@ -10,4 +10,14 @@ from .errors import AuditError, CacheConfigError, OutOfMemory, SpteError
 from .pf import PF
 
 __version__ = "0.1.0"
+
+
+def get_include():
+    """The directory of the C headers that ``spte_fast/_core.pxd`` needs: pass it (with
+    ``numpy.get_include()``) as ``include_dirs`` when building an extension that
+    cimports spte_fast."""
+    import os
+    return os.path.join(os.path.dirname(__file__), "include")
+
+
 __all__ = ["AuditError", "CacheConfigError", "OutOfMemory", "SpteError", "PF", *_core_all]

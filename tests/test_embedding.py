@@ -1,10 +1,11 @@
-"""Embedding: another Cython extension cimports spte_fast and runs its C API (issue 5 §3).
+"""Embedding: another Cython extension cimports spte_fast and runs its C API (DESIGN.md).
 
 tests/embed/embed_demo.pyx is compiled here (cythonize + setuptools, into a temporary
 directory) against the ``.pxd`` that ships beside the installed package, then:
 the memset64 kernel, the count kernel and the inline constructors fill and build a table
-with no Python in the loop, and ``kvm_tdp_mmu_page_fault`` faults a guest on a VM assembled
-from the declared structs; both are checked against the Python API on the same input.
+with no Python in the loop; a Python Vcpu's ``kvm_vcpu_t`` faults a guest through
+``vcpu_fault`` and a Vm's cdef class layout is read directly; all are checked against the
+Python API on the same input.
 Skipped (with the reason) when no C compiler is available.
 """
 import importlib.util
@@ -41,7 +42,8 @@ def embed(tmp_path_factory):
     with warnings.catch_warnings():          # build-tool chatter is not under test here
         warnings.simplefilter("ignore")
         exts = Cython.cythonize(
-            [Extension("embed_demo", [str(src)])], quiet=True,
+            [Extension("embed_demo", [str(src)],
+                       include_dirs=[np.get_include(), sf.get_include()])], quiet=True,
             include_path=[os.path.dirname(PKG_DIR)],      # finds spte_fast/_core.pxd
             compiler_directives={"language_level": 3})
         dist = Distribution({"ext_modules": exts, "script_name": "setup.py"})
@@ -57,9 +59,12 @@ def embed(tmp_path_factory):
     return mod
 
 
-def test_pxd_ships_with_the_package():
-    # The package data that pip installs beside the module (pyproject: "*.pxd").
-    assert os.path.isfile(os.path.join(PKG_DIR, "_core.pxd"))
+def test_pxd_and_headers_ship_with_the_package():
+    # The package data that pip installs beside the module (pyproject: package-data).
+    for name in ("_core.pxd", "spte.pxd"):
+        assert os.path.isfile(os.path.join(PKG_DIR, name))
+    for header in ("spte_defs.h", "spte_atomic.h", "spte_memset64.h"):
+        assert os.path.isfile(os.path.join(sf.get_include(), header))
 
 
 @pytest.mark.parametrize("layout", [sf.SpteLayout.ept(), sf.SpteLayout.ept(nonpresent_value=0),
@@ -107,3 +112,15 @@ def test_fault_path_from_c_matches_the_python_vm(embed, layout_name, seed):
         assert embedded.stats == vm.stats
         if max_level == sf.PG_LEVEL_2M:
             assert vm.lookup(0)[1] == sf.PG_LEVEL_2M
+
+
+def test_cdef_class_layouts_reach_the_kvm_mmu_pages(embed):
+    """An embedder reads a Vm's kvm_t and the tables' kvm_mmu_page straight from C."""
+    vm = sf.Vm(sf.SpteLayout.ept(), root_level=4, max_level=sf.PG_LEVEL_4K, max_pt_pages=64)
+    vm.add_memslot(0, 1 << 20, 0x100000)
+    gfn = (3 << 27) | (5 << 18) | (7 << 9) | 9         # distinct index at every level
+    assert embed.table_levels(vm, gfn) == [(4, 0)]     # only the root before a fault
+    vm.vcpu().fault(gfn)
+    # tdp_mmu_init_child_sp: level one below the parent entry, gfn = the entry's gfn.
+    assert embed.table_levels(vm, gfn) == [(4, 0), (3, 3 << 27), (2, (3 << 27) | (5 << 18)),
+                                           (1, (3 << 27) | (5 << 18) | (7 << 9))]

@@ -1,54 +1,66 @@
-"""Source rules of the core that review alone would not keep (STYLE.md §3.5).
+"""Source rules of the core that review alone would not keep (STYLE.md §3.5, DESIGN.md).
 
-1. Only the write primitives store into page-table memory: the atomic/plain store
-   helpers of the verbatim C block are called only from `_spte_store`, `_spte_xchg`,
-   `_spte_cmpxchg`, `_mc_fill_page`/`fill_pages_kernel` (new pages), the public
-   kernels on user arrays and the bench hooks.
-2. Engine code never stores into memory through a subscript except into metadata
-   arrays (pool states, levels, counters, ...): no `table[i] = ...`.
-3. Every engine setter ends in handle_changed_spte.
+The engine is spte_fast/core/*.pxi, included into one extension; spte_fast/_bench.pyx is a
+second module that cimports it.
+
+1. Only the write primitives store into page-table memory: the store helpers of
+   include/spte_atomic.h and the memset64 fill are called only from
+   ``__kvm_tdp_mmu_write_spte``, ``kvm_tdp_mmu_write_spte_atomic``, ``tdp_try_cmpxchg64``,
+   ``fill_pages_kernel`` (pages no table links yet), the public kernels on user arrays, and
+   the bench hooks on their own arrays.
+2. Engine code never stores through a subscript except into metadata arrays and outputs.
+3. Every setter ends in handle_changed_spte.
 4. No literal 0 stands for an empty entry: zap paths write the layout's value.
+5. Only the kvm_mmu_page helpers (core/mmu_page.pxi) write a kvm_mmu_page or move a page
+   into or out of the table states.
+
+Each rule's checker is also run on a small source that breaks it, so a checker that
+silently matches nothing fails here too.
 """
 import re
 from pathlib import Path
 
 import pytest
 
-CORE = Path(__file__).resolve().parent.parent / "spte_fast" / "_core.pyx"
+PKG = Path(__file__).resolve().parent.parent / "spte_fast"
+CORE = sorted((PKG / "core").glob("*.pxi"))
+BENCH = PKG / "_bench.pyx"
+MMU_PAGE = "mmu_page.pxi"
 
 # Which functions may call which store helper.
 ALLOWED = {
-    "spte_write_once": {"_spte_store", "_bench_plain_rmw"},
-    "spte_xchg64": {"_spte_xchg", "_atomic_rmw"},
-    "spte_try_cmpxchg64": {"_spte_cmpxchg", "cmpxchg", "_bench_cmpxchg", "_insert"},
-    "spte_fetch_or64": {"_atomic_rmw"},
-    "spte_fetch_and64": {"_atomic_rmw"},
-    "spte_memset64": {"fill_pages_kernel", "_mc_fill_page", "reset", "_insert"},
+    "spte_store_relaxed": {"__kvm_tdp_mmu_write_spte", "plain_rmw_loop"},
+    "spte_xchg_seq_cst": {"kvm_tdp_mmu_write_spte_atomic", "_atomic_rmw"},
+    "spte_try_cmpxchg_seq_cst": {"tdp_try_cmpxchg64", "cmpxchg", "cmpxchg_loop", "_insert"},
+    "spte_fetch_or_seq_cst": {"_atomic_rmw"},
+    "spte_fetch_and_seq_cst": {"_atomic_rmw"},
+    "spte_memset64": {"fill_pages_kernel", "reset", "_insert"},
+    "fill_pages_kernel": {"mmu_memory_cache_init_page", "fill_pages", "fill_repeat"},
 }
 
-# Subscript stores allowed in engine code: metadata, counters, outputs — never a table.
+# Subscript stores allowed in engine code: metadata, counters, outputs -- never a table.
 METADATA = {
-    "p.state", "p.level", "p.gfn", "p.pflags", "p.clean", "p.free_stack", "mc.objects",
-    "mmu.pool.state", "last", "mc.pool.state", "self.pool.p.state", "self.pool.p.level",
-    "self.pool.p.gfn", "self.pool.p.clean", "st.faults", "st.pages", "st.pt_pages", "counts",
-    "out", "o", "it.pt_path", "leaves", "tables", "seen", "acc.faults", "acc.pt_pages",
-    "acc.pages", "arr", "wrprot", "old", "done", "d", "mmu.parked", "mmu.parked_epoch",
-    "mmu.pool.state", "last",
+    "p.state", "p.clean", "p.free_stack", "mc.objects", "mc.pool.state", "mc.warn",
+    "kvm.pool.state", "kvm.pool.clean", "kvm.rcu_pending", "kvm.rcu_pending_seq",
+    "kvm.rcu_reader_seq", "self.kvm.rcu_reader_seq", "st.faults", "st.pages", "st.pt_pages",
+    "st.warn", "vcpu.stat.faults", "vcpu.stat.pages", "counts", "out", "o", "flags", "seen",
+    "leaves", "tables", "acc.faults", "acc.pt_pages", "acc.pages", "acc.warn", "wrprot",
+    "link", "size", "dims", "d", "done", "it.pt_path",
 }
 
+_HEAD = re.compile(r"^\s*(?:cdef|cpdef|def)\s+(?:inline\s+)?(?:[\w\*\.\[\], ]+\s+)?"
+                   r"\**(\w+)\s*\((.*)")
 
-def _functions(text):
-    """(name, body lines) for every def/cdef function in the file."""
-    out = []
-    name, body = None, []
-    head = re.compile(r"^\s*(?:cdef|cpdef|def)\s+(?:inline\s+)?(?:[\w\*\.\[\], ]+\s+)?"
-                      r"\**(\w+)\s*\(")
+
+def functions(text):
+    """(name, signature + body lines) for every def/cdef function of a source text."""
+    out, name, body = [], None, []
     for line in text.splitlines():
-        m = head.match(line)
+        m = _HEAD.match(line)
         if m and not line.strip().startswith("#") and " class " not in line:
             if name:
                 out.append((name, body))
-            name, body = m.group(1), []
+            name, body = m.group(1), [m.group(2)]
         elif name:
             body.append(line)
     if name:
@@ -56,73 +68,149 @@ def _functions(text):
     return out
 
 
-@pytest.fixture(scope="module")
-def source():
-    return CORE.read_text()
+def _code(line):
+    return line.split("#")[0]
+
+
+def helper_callers(funcs, helper):
+    return {name for name, body in funcs
+            if any(re.search(rf"(?<![\w.]){helper}\s*\(", _code(line)) for line in body)}
+
+
+def subscript_stores(text):
+    """Lines storing through ``x[...] =`` into something that is not metadata."""
+    bad = []
+    for line in text.splitlines():
+        code = _code(line)
+        m = re.match(r"\s*([\w\.]+)\s*\[[^\]]*\]\s*(\+|-|\|)?=(?!=)", code)
+        if m and m.group(1) not in METADATA:
+            bad.append(line.strip())
+    return bad
+
+
+_SP_FIELDS = r"(?:spt|ptep|gfn|level|nx_huge_page_disallowed|nx_linked|nx_prev|nx_next)"
+
+
+def kvm_mmu_page_writes(text):
+    """Lines that write a kvm_mmu_page field, or put a page into or out of a table state."""
+    bad = []
+    for name, body in functions(text):
+        sp_vars = set()
+        for line in body:
+            sp_vars |= set(re.findall(r"kvm_mmu_page_t\s*\*\s*(\w+)", _code(line)))
+        for line in body:
+            code = _code(line)
+            lhs = re.match(r"\s*(.+?)\s*(?:\+|-|\|)?(?<![!<>=])=(?!=)", code)
+            if not lhs or "==" in lhs.group(1) or lhs.group(1).lstrip().startswith(
+                    ("cdef ", "if ", "elif ", "while ", "return ")):
+                continue
+            target = lhs.group(1)
+            if re.search(r"\.sp\[|pool_sp\(|spte_to_child_sp\(", target) or \
+                    any(re.match(rf"{v}\.{_SP_FIELDS}\b", target) for v in sp_vars):
+                bad.append(f"{name}: {line.strip()}")
+            if re.search(r"state\[[^\]]*\]", target) and \
+                    re.search(r"=\s*(PAGE_TABLE|PAGE_PARKED)\b", code):
+                bad.append(f"{name}: {line.strip()}")
+    return bad
 
 
 @pytest.fixture(scope="module")
-def functions(source):
-    return _functions(source)
+def sources():
+    return {p.name: p.read_text() for p in CORE}
 
 
-def test_parser_finds_the_engine(functions):
-    names = {n for n, _ in functions}
-    for expected in ("_spte_store", "_spte_cmpxchg", "handle_changed_spte", "_tdp_mmu_map",
-                     "_zap_leafs", "kvm_tdp_mmu_page_fault", "handle_removed_pt"):
+@pytest.fixture(scope="module")
+def funcs(sources):
+    out = []
+    for text in sources.values():
+        out += functions(text)
+    return out + functions(BENCH.read_text())
+
+
+def test_the_parser_finds_the_engine(funcs):
+    names = {n for n, _ in funcs}
+    for expected in ("__kvm_tdp_mmu_write_spte", "tdp_try_cmpxchg64", "handle_changed_spte",
+                     "kvm_tdp_mmu_map", "tdp_mmu_zap_leafs", "kvm_tdp_mmu_page_fault",
+                     "handle_removed_pt", "tdp_mmu_init_sp", "fill_repeat"):
         assert expected in names
 
 
 @pytest.mark.parametrize("helper", sorted(ALLOWED))
-def test_store_helpers_only_in_write_primitives(functions, helper):
-    callers = {name for name, body in functions
-               if any(re.search(rf"\b{helper}\s*\(", line) for line in body)}
+def test_store_helpers_only_in_write_primitives(funcs, helper):
+    callers = helper_callers(funcs, helper)
     assert callers, f"{helper} is not used at all: the rule table is stale"
     assert callers <= ALLOWED[helper], f"{helper} called from {sorted(callers - ALLOWED[helper])}"
 
 
-def _engine_section(source):
-    start = source.index("# Write primitives")
-    end = source.index("# Python classes")
-    return source[start:end]
+def test_store_helper_rule_catches_a_stray_store():
+    src = "cdef void zap_it(tdp_ptep_t p) noexcept nogil:\n    spte_store_relaxed(p, 0)\n"
+    assert helper_callers(functions(src), "spte_store_relaxed") == {"zap_it"}
 
 
-def test_no_subscript_store_into_tables_in_engine(source):
+def test_no_subscript_store_into_tables_in_engine(sources):
     bad = []
-    for lineno, line in enumerate(_engine_section(source).splitlines()):
-        code = line.split("#")[0]
-        m = re.match(r"\s*([\w\.]+)\s*\[[^\]]*\]\s*(\+|-|\|)?=(?!=)", code)
-        if m and m.group(1) not in METADATA:
-            bad.append(line.strip())
-        if re.match(r"\s*\w+\[0\]\s*=", code) and \
-                not re.match(r"\s*(wrprot|old|done|last)\[", code):
-            bad.append(line.strip())
+    for name, text in sources.items():
+        if name in ("api.pxi", "boundary.pxi"):      # Python-facing: user arrays, outputs
+            continue
+        bad += [f"{name}: {line}" for line in subscript_stores(text)]
     assert not bad, "stores into page memory outside the write primitives:\n" + "\n".join(bad)
+
+
+def test_subscript_rule_catches_a_table_store():
+    assert subscript_stores("    table[i] = new_spte\n    st.pages[1] += 1\n") == \
+        ["table[i] = new_spte"]
 
 
 SETTERS = ["tdp_mmu_set_spte", "tdp_mmu_set_spte_atomic", "tdp_mmu_zap_spte_atomic"]
 
 
 @pytest.mark.parametrize("setter", SETTERS)
-def test_setters_end_in_handle_changed_spte(functions, setter):
-    body = dict(functions)[setter]
+def test_setters_end_in_handle_changed_spte(funcs, setter):
+    body = dict(funcs)[setter]
     code = [l for l in body if l.strip() and not l.strip().startswith(("#", '"""'))]
     calls = [i for i, l in enumerate(code) if "handle_changed_spte(" in l]
     stores = [i for i, l in enumerate(code)
-              if re.search(r"_spte_(store|xchg|cmpxchg)\(|_tdp_mmu_write_spte\(|_cas\(", l)]
+              if re.search(r"__kvm_tdp_mmu_write_spte\(|kvm_tdp_mmu_write_spte\(|"
+                           r"__tdp_mmu_set_spte_atomic\(", l)]
     assert calls and stores and max(stores) < max(calls)
 
 
-def test_handle_removed_pt_books_every_frozen_entry(functions):
-    body = "\n".join(dict(functions)["handle_removed_pt"])
+def test_handle_removed_pt_books_every_frozen_entry(funcs):
+    body = "\n".join(dict(funcs)["handle_removed_pt"])
     assert "handle_changed_spte(" in body and "frozen" in body
 
 
-def test_zaps_write_the_layouts_nonpresent_value_not_a_literal(source):
-    """Spec §6 item 10: the value written back by zaps is the layout's."""
-    engine = _engine_section(source)
+def test_zaps_write_the_layouts_nonpresent_value_not_a_literal(sources, funcs):
+    """KVM_MMU_SPEC §6 item 10: the value written back by zaps is the layout's."""
+    engine = sources["tdp_mmu.pxi"]
     assert not re.search(r"set_spte\w*\([^)]*,\s*0\s*\)", engine)
-    for fn in ("_zap_leafs", "_zap_root_pass", "_zap_sp"):
-        body = engine[engine.index(f"cdef bint {fn}("):]
-        body = body[: body.index("\n\n\n")]
-        assert "shadow_nonpresent_value" in body, fn
+    for fn in ("tdp_mmu_zap_leafs", "__tdp_mmu_zap_root", "kvm_tdp_mmu_zap_sp",
+               "tdp_mmu_zap_spte_atomic"):
+        assert "shadow_nonpresent_value" in "\n".join(dict(funcs)[fn]), fn
+
+
+def test_only_the_kvm_mmu_page_helpers_write_table_metadata(sources):
+    bad = []
+    for name, text in sources.items():
+        if name != MMU_PAGE:
+            bad += [f"{name}: {line}" for line in kvm_mmu_page_writes(text)]
+    assert not bad, "kvm_mmu_page metadata written outside core/mmu_page.pxi:\n" + \
+        "\n".join(bad)
+
+
+def test_the_kvm_mmu_page_helpers_do_write_it(sources):
+    """The rule's other half: the helpers are where the writes are (else it is stale)."""
+    found = kvm_mmu_page_writes(sources[MMU_PAGE])
+    for helper in ("tdp_mmu_init_sp", "track_possible_nx_huge_page", "tdp_mmu_unlink_sp",
+                   "call_rcu_free_sp"):
+        assert any(line.startswith(helper + ":") for line in found), helper
+
+
+def test_kvm_mmu_page_rule_catches_stray_writes():
+    src = ("cdef void map_it(kvm_t* kvm, int64_t i) noexcept nogil:\n"
+           "    cdef kvm_mmu_page_t* sp = pool_sp(kvm.pool, i)\n"
+           "    sp.level = 2\n"
+           "    kvm.pool.sp[i].gfn = 0\n"
+           "    kvm.pool.state[i] = PAGE_TABLE\n"
+           "    it.level = 3\n")
+    assert len(kvm_mmu_page_writes(src)) == 3

@@ -2,22 +2,25 @@
 """A tiny extension that embeds spte_fast at the C level (compiled by tests/test_embedding.py).
 
 Everything below the Python entry points runs with the GIL released and calls only what
-``spte_fast/_core.pxd`` declares: the inline SPTE constructors and predicates, the
-``fill_pages_kernel`` / ``count_present_kernel`` kernels, the memory-cache top-up and
-``kvm_tdp_mmu_page_fault``.
+``spte_fast/_core.pxd`` (and the ``spte.pxd`` it re-exports) declares: the inline SPTE
+constructors and predicates, the ``fill_pages_kernel`` / ``count_present_kernel``
+kernels, the fault path through a vCPU's ``kvm_vcpu_t``, mmu_lock, and the
+``kvm_mmu_page`` of a table.
 
-``fault_gfns`` takes a Python ``Vcpu``, turns it into a ``vcpu_ref_t`` once (with the
-GIL), then faults through ``vcpu_fault`` in a GIL-free loop.
+``fault_gfns`` takes a Python ``Vcpu``, gets its ``kvm_vcpu_t`` once (with the GIL), then
+faults through ``vcpu_fault`` in a GIL-free loop; ``table_levels`` reads the cdef class
+layout of a ``Vm`` directly.
 """
 from libc.stdint cimport int64_t, uint8_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
 from spte_fast._core cimport (
-    ACC_ALL, RET_PF_RETRY, SPTE_ENT_PER_PAGE,
+    ACC_ALL, RET_PF_RETRY, SPTE_ENT_PER_PAGE, Vm,
     count_present_kernel, fill_pages_kernel, gfn_t, is_last_spte, is_mmio_spte,
-    is_shadow_present_pte, make_nonleaf_spte, make_spte, mmu_read_lock, mmu_read_unlock,
-    mmu_t, spte_index, spte_masks_t, spte_to_pfn, u64, vcpu_fault, vcpu_ref, vcpu_ref_t,
+    is_shadow_present_pte, kvm_mmu_read_lock, kvm_mmu_read_unlock, kvm_t, kvm_vcpu_t,
+    make_nonleaf_spte, make_spte, spte_index, spte_masks_t, spte_to_pfn, u64, vcpu_fault,
+    vcpu_handle,
 )
 
 
@@ -67,16 +70,33 @@ def build_table(layout, u64[:, ::1] pages, u64 first_pfn):
     return counts, base[5], base[SPTE_ENT_PER_PAGE]
 
 
-cdef u64 leaf_of(mmu_t* mmu, gfn_t gfn) noexcept nogil:
+cdef u64 leaf_of(kvm_t* kvm, gfn_t gfn) noexcept nogil:
     """The entry where a walk from the root stops (the leaf, or a non-present/MMIO SPTE)."""
-    cdef int level = mmu.root_level
-    cdef u64* table = mmu.pages + mmu.root * SPTE_ENT_PER_PAGE
+    cdef int level = kvm.root_level
+    cdef u64* table = kvm.pool.pages + kvm.root * SPTE_ENT_PER_PAGE
     cdef u64 spte
     while True:
         spte = table[spte_index(gfn, level)]
         if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
             return spte
-        table = mmu.pages + spte_to_pfn(spte) * SPTE_ENT_PER_PAGE
+        table = kvm.pool.pages + spte_to_pfn(spte) * SPTE_ENT_PER_PAGE
+        level -= 1
+
+
+def table_levels(Vm vm, gfn):
+    """(level, gfn) of the kvm_mmu_page of every table on gfn's path, read from the Vm's
+    cdef class layout: vm.kvm, its pool, and the pool's per-page kvm_mmu_page array."""
+    cdef kvm_t* kvm = &vm.kvm
+    cdef int level = kvm.root_level
+    cdef u64 idx = <u64>kvm.root
+    cdef u64 spte
+    out = []
+    while True:
+        out.append((kvm.pool.sp[idx].level, kvm.pool.sp[idx].gfn))
+        spte = kvm.pool.pages[idx * SPTE_ENT_PER_PAGE + spte_index(gfn, level)]
+        if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
+            return out
+        idx = spte_to_pfn(spte)
         level -= 1
 
 
@@ -86,30 +106,29 @@ def fault_gfns(vcpu, const u64[::1] gfns, const uint8_t[::1] access):
 
     Returns (counts by RET_PF_*, the entry each gfn's walk ends at afterwards, MMIO
     entries among those)."""
-    cdef vcpu_ref_t ref
+    cdef kvm_vcpu_t* v = vcpu_handle(vcpu)
     cdef Py_ssize_t i, n = gfns.shape[0]
     cdef int64_t counts[6]
     cdef int64_t mmio = 0
     cdef int r = 0
     cdef u64* leaves = <u64*>malloc(max(n, 1) * sizeof(u64))
     memset(counts, 0, sizeof(counts))
-    vcpu_ref(vcpu, &ref)
     try:
         with nogil:
             for i in range(n):
                 while True:                     # a RETRY is faulted again, as fault_batch does
-                    r = vcpu_fault(&ref, gfns[i], access[i] & 1, (access[i] >> 1) & 1)
+                    r = vcpu_fault(v, gfns[i], access[i] & 1, (access[i] >> 1) & 1)
                     if r < 0 or r != RET_PF_RETRY:
                         break
                 if r < 0:
                     break
                 counts[r] += 1
             if r >= 0:
-                mmu_read_lock(ref.mmu, ref.slot)
+                kvm_mmu_read_lock(v.kvm, v.vcpu_idx)
                 for i in range(n):
-                    leaves[i] = leaf_of(ref.mmu, gfns[i])
-                    mmio += is_mmio_spte(&ref.mmu.m, leaves[i])
-                mmu_read_unlock(ref.mmu, ref.slot)
+                    leaves[i] = leaf_of(v.kvm, gfns[i])
+                    mmio += is_mmio_spte(&v.kvm.m, leaves[i])
+                kvm_mmu_read_unlock(v.kvm, v.vcpu_idx)
         if r < 0:
             raise MemoryError("the VM's page pool ran out")
         return [counts[k] for k in range(6)], [leaves[i] for i in range(n)], mmio

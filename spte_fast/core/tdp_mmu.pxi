@@ -1,0 +1,371 @@
+# =====================================================================================
+# core/tdp_mmu.pxi: the TDP MMU (≈ arch/x86/kvm/mmu/tdp_mmu.c, Linux 6.10)
+# =====================================================================================
+# Setters, handle_changed_spte / handle_removed_pt, kvm_tdp_mmu_map and the zaps.  Callers
+# hold mmu_lock: faults (and the atomic zap) in shared mode, changing SPTEs only by
+# compare-and-exchange; the other zaps in exclusive mode.  Counters go to the caller's
+# context (`st`: a vCPU's or the VM's own), summed when read.  Nothing here raises:
+# results are RET_PF_* codes, flags, or negative SPTE_E* codes.
+
+cdef inline void kvm_mmu_warn(mmu_stats_t* st, int reason) noexcept nogil:
+    """WARN_ON_ONCE: counted per reason, never raised."""
+    st.warn[reason] += 1
+
+
+# -- bookkeeping: handle_changed_spte, handle_removed_pt (spec §3.7, §3.8) ---------------
+
+cdef void handle_removed_pt(kvm_t* kvm, mmu_stats_t* st, tdp_ptep_t pt, bint shared) noexcept nogil:
+    """The table `pt` was unlinked by the caller: freeze its entries, recurse, free it.
+
+    Shared: every entry is exchanged with FROZEN, spinning while another thread's frozen
+    operation is in flight, so any later CAS on it fails.  Exclusive: only present entries
+    are frozen.  Each change goes through handle_changed_spte.
+    """
+    cdef int64_t idx = (pt - kvm.pool.pages) // SPTE_ENT_PER_PAGE
+    cdef kvm_mmu_page_t* sp = pool_sp(kvm.pool, idx)
+    cdef int level = sp.level
+    cdef gfn_t base_gfn = sp.gfn
+    cdef u64 frozen = kvm.m.frozen_value
+    cdef tdp_ptep_t sptep
+    cdef u64 old_spte
+    cdef int i
+    tdp_mmu_unlink_sp(kvm, st, sp)
+    for i in range(SPTE_ENT_PER_PAGE):
+        sptep = pt + i
+        if shared:
+            while True:
+                old_spte = kvm_tdp_mmu_write_spte_atomic(sptep, frozen)
+                if not is_frozen_spte(&kvm.m, old_spte):
+                    break
+                cpu_relax()
+        else:
+            old_spte = kvm_tdp_mmu_read_spte(sptep)
+            if not is_shadow_present_pte(old_spte):
+                continue
+            old_spte = kvm_tdp_mmu_write_spte(&kvm.m, sptep, old_spte, frozen, level)
+        handle_changed_spte(kvm, st, base_gfn + <u64>i * pages_per_level(level),
+                            old_spte, frozen, level, shared)
+    u64_inc_return_seq_cst(&kvm.removals)
+    if shared and rcu_other_readers(kvm, st.rcu_reader):
+        call_rcu_free_sp(kvm, st, idx)      # another vCPU may still walk it
+    else:
+        tdp_mmu_free_sp(kvm, st, idx)       # nobody else can reach the unlinked table
+
+
+cdef inline void handle_changed_spte(kvm_t* kvm, mmu_stats_t* st, gfn_t gfn, u64 old_spte,
+                                     u64 new_spte, int level, bint shared) noexcept nogil:
+    """Bookkeeping for one SPTE change (spec §3.7).
+
+    The common fault case -- the non-present value becomes a present entry -- needs only
+    the counters; it is decided here, inline, and everything else goes to
+    _handle_changed_spte_slow.
+    """
+    if old_spte == kvm.m.shadow_nonpresent_value and is_shadow_present_pte(new_spte) and \
+            level >= 1 and level <= PT64_ROOT_MAX_LEVEL and \
+            not (gfn & (pages_per_level(level) - 1)):
+        st.spte_changes += 1
+        if is_last_spte(new_spte, level):
+            if not spte_writable_invariants_ok(&kvm.m, new_spte):
+                kvm_mmu_warn(st, WARN_SPTE_WRITABLE_INVARIANTS)
+            st.pages[level] += 1
+        return
+    _handle_changed_spte_slow(kvm, st, gfn, old_spte, new_spte, level, shared)
+
+
+cdef void _handle_changed_spte_slow(kvm_t* kvm, mmu_stats_t* st, gfn_t gfn, u64 old_spte,
+                                    u64 new_spte, int level, bint shared) noexcept nogil:
+    cdef const spte_masks_t* m = &kvm.m
+    cdef bint was_present = is_shadow_present_pte(old_spte)
+    cdef bint is_present = is_shadow_present_pte(new_spte)
+    cdef bint was_leaf = was_present and is_last_spte(old_spte, level)
+    cdef bint is_leaf = is_present and is_last_spte(new_spte, level)
+    cdef bint pfn_changed = spte_to_pfn(old_spte) != spte_to_pfn(new_spte)
+    st.spte_changes += 1
+    if level < 1 or level > PT64_ROOT_MAX_LEVEL:
+        kvm_mmu_warn(st, WARN_SPTE_LEVEL)
+    elif gfn & (pages_per_level(level) - 1):
+        kvm_mmu_warn(st, WARN_SPTE_GFN_UNALIGNED)
+    # A present leaf must be zapped (and flushed) before it may map another pfn: BUG().
+    if was_leaf and is_leaf and pfn_changed:
+        if not kvm.fatal:
+            kvm.fatal = 1
+            kvm.fatal_gfn = gfn
+            kvm.fatal_level = level
+            kvm.fatal_old = old_spte
+            kvm.fatal_new = new_spte
+        return
+    if old_spte == new_spte:
+        return
+    if is_leaf and not spte_writable_invariants_ok(m, new_spte):
+        kvm_mmu_warn(st, WARN_SPTE_WRITABLE_INVARIANTS)
+    if not was_present and not is_present:
+        # Only MMIO and frozen transitions are expected between non-present values.
+        if not is_mmio_spte(m, old_spte) and not is_mmio_spte(m, new_spte) and \
+                not is_frozen_spte(m, new_spte):
+            kvm_mmu_warn(st, WARN_NONPRESENT_TO_NONPRESENT)
+        return
+    if is_leaf != was_leaf:
+        st.pages[level] += 1 if is_leaf else -1
+    if was_leaf and is_dirty_spte(m, old_spte) and \
+            (not is_present or not is_dirty_spte(m, new_spte) or pfn_changed):
+        kvm_set_pfn_dirty(kvm, spte_to_pfn(old_spte))
+    # A table goes away when its parent entry becomes a leaf or non-present.
+    if was_present and not was_leaf and (is_leaf or not is_present or pfn_changed):
+        if not is_leaf and is_present:
+            kvm_mmu_warn(st, WARN_NONLEAF_TO_NONLEAF)
+        handle_removed_pt(kvm, st, spte_to_child_pt(kvm, old_spte), shared)
+    if was_leaf and is_accessed_spte(m, old_spte) and \
+            (not is_present or not is_accessed_spte(m, new_spte) or pfn_changed):
+        kvm_set_pfn_accessed(kvm, spte_to_pfn(old_spte))
+
+
+# -- setters (spec §3.4 - §3.6) ------------------------------------------------------------
+
+cdef u64 tdp_mmu_set_spte(kvm_t* kvm, mmu_stats_t* st, tdp_ptep_t sptep, u64 old_spte,
+                          u64 new_spte, gfn_t gfn, int level) noexcept nogil:
+    """Exclusive mode: write (xchg if volatile), then bookkeeping.  Returns the old SPTE."""
+    if is_frozen_spte(&kvm.m, old_spte) or is_frozen_spte(&kvm.m, new_spte):
+        kvm_mmu_warn(st, WARN_SET_SPTE_FROZEN)
+    old_spte = kvm_tdp_mmu_write_spte(&kvm.m, sptep, old_spte, new_spte, level)
+    handle_changed_spte(kvm, st, gfn, old_spte, new_spte, level, False)
+    return old_spte
+
+
+cdef inline void tdp_mmu_iter_set_spte(kvm_t* kvm, mmu_stats_t* st, tdp_iter_t* it,
+                                       u64 new_spte) noexcept nogil:
+    it.old_spte = tdp_mmu_set_spte(kvm, st, it.sptep, it.old_spte, new_spte, it.gfn, it.level)
+
+
+cdef inline int __tdp_mmu_set_spte_atomic(kvm_t* kvm, mmu_stats_t* st, tdp_iter_t* it,
+                                          u64 new_spte) noexcept nogil:
+    """The compare-and-exchange alone: 0, or -SPTE_EBUSY with it.old_spte refreshed.
+
+    vm.inject_cas_failures makes it lose the race on demand (memory untouched)."""
+    if is_frozen_spte(&kvm.m, it.old_spte):
+        kvm_mmu_warn(st, WARN_SET_SPTE_ATOMIC_FROZEN)
+    if kvm.inject_cas_fail > 0 and i64_dec_if_positive_relaxed(&kvm.inject_cas_fail):
+        it.old_spte = kvm_tdp_mmu_read_spte(it.sptep)
+        st.cas_failures += 1
+        return -SPTE_EBUSY
+    if not tdp_try_cmpxchg64(it.sptep, &it.old_spte, new_spte):
+        st.cas_failures += 1
+        return -SPTE_EBUSY
+    return 0
+
+
+cdef int tdp_mmu_set_spte_atomic(kvm_t* kvm, mmu_stats_t* st, tdp_iter_t* it,
+                                 u64 new_spte) noexcept nogil:
+    """Shared-mode setter (spec §3.4).
+
+    Returns 0, or -SPTE_EBUSY when the CAS lost: then memory is untouched by us,
+    it.old_spte holds the value found, and no bookkeeping ran.
+    """
+    if __tdp_mmu_set_spte_atomic(kvm, st, it, new_spte):
+        return -SPTE_EBUSY
+    handle_changed_spte(kvm, st, it.gfn, it.old_spte, new_spte, it.level, True)
+    return 0
+
+
+cdef int tdp_mmu_zap_spte_atomic(kvm_t* kvm, mmu_stats_t* st, tdp_iter_t* it) noexcept nogil:
+    """Freeze -> ranged TLB flush -> store non-present -> bookkeeping (6.10, aca48556c592)."""
+    if __tdp_mmu_set_spte_atomic(kvm, st, it, kvm.m.frozen_value):
+        return -SPTE_EBUSY
+    st.tlb_flushes_ranged += 1              # kvm_flush_remote_tlbs_gfn
+    # Nobody else writes a frozen SPTE, so a plain store finishes the zap.
+    __kvm_tdp_mmu_write_spte(it.sptep, kvm.m.shadow_nonpresent_value)
+    handle_changed_spte(kvm, st, it.gfn, it.old_spte, kvm.m.shadow_nonpresent_value,
+                        it.level, True)
+    return 0
+
+
+# -- the fault path's map (spec §3.9) ----------------------------------------------------------
+
+cdef int tdp_mmu_link_sp(kvm_vcpu_t* vcpu, tdp_iter_t* it, kvm_mmu_page_t* sp) noexcept nogil:
+    cdef kvm_t* kvm = vcpu.kvm
+    cdef u64 new_spte = make_nonleaf_spte(&kvm.m, <pfn_t>sp_index(kvm, sp), kvm.m.ad_disabled)
+    cdef int r = tdp_mmu_set_spte_atomic(kvm, &vcpu.stat, it, new_spte)
+    if r:
+        return r
+    tdp_account_mmu_page(&vcpu.stat, sp)
+    return 0
+
+
+cdef int tdp_mmu_split_huge_page(kvm_vcpu_t* vcpu, tdp_iter_t* it,
+                                 kvm_mmu_page_t* sp) noexcept nogil:
+    """Fill the unlinked table with the 512 pieces of the huge SPTE, then link it."""
+    cdef kvm_t* kvm = vcpu.kvm
+    cdef u64 huge_spte = it.old_spte
+    cdef int i, r
+    # The table is not linked yet: these stores need no bookkeeping and no atomics.
+    for i in range(SPTE_ENT_PER_PAGE):
+        __kvm_tdp_mmu_write_spte(sp.spt + i, make_huge_page_split_spte(
+            &kvm.m, huge_spte, it.level - 1, i, kvm.nx_huge_pages))
+    r = tdp_mmu_link_sp(vcpu, it, sp)
+    if r:
+        return r
+    # Linking subtracted the huge page; the 512 children are added here.
+    vcpu.stat.pages[it.level - 1] += SPTE_ENT_PER_PAGE
+    return 0
+
+
+cdef int kvm_tdp_mmu_map(kvm_vcpu_t* vcpu, kvm_page_fault_t* fault,
+                         tdp_iter_t* it) noexcept nogil:
+    """kvm_tdp_mmu_map (6.10): KVM's loop over for_each_tdp_pte(gfn, gfn + 1).
+
+    `it` is the walk the fast path just made for this gfn, ending at the first entry that
+    is not a present non-leaf.  Every entry above both its end and the goal level is a
+    present non-leaf, where KVM's loop would only step down, so the loop starts at the
+    deeper of the two (re-reading the entry there).
+    """
+    cdef kvm_t* kvm = vcpu.kvm
+    cdef int64_t sp_idx
+    cdef kvm_mmu_page_t* sp
+    cdef int r
+    kvm_mmu_hugepage_adjust(vcpu, fault)
+    tdp_iter_resume(it, max(it.level, fault.goal_level))
+    while it.valid and it.gfn < fault.gfn + 1:
+        if fault.nx_huge_page_workaround_enabled:
+            disallowed_hugepage_adjust(kvm, fault, it.old_spte, it.level)
+        # Another thread froze the entry: give up before allocating anything.
+        if is_frozen_spte(&kvm.m, it.old_spte):
+            return RET_PF_RETRY
+        if it.level == fault.goal_level:
+            return tdp_mmu_map_handle_target_level(vcpu, fault, it)
+        # Step down into the lower level page table if it exists.
+        if is_shadow_present_pte(it.old_spte) and not is_large_pte(it.old_spte):
+            tdp_iter_next(it)
+            continue
+        # Non-present, or a huge page that must be split: a new table from the cache.
+        sp_idx = tdp_mmu_alloc_sp(vcpu)
+        if sp_idx < 0:
+            return -SPTE_ENOMEM
+        tdp_mmu_init_child_sp(kvm, sp_idx, it, fault.huge_page_disallowed)
+        sp = pool_sp(kvm.pool, sp_idx)
+        if is_shadow_present_pte(it.old_spte):
+            r = tdp_mmu_split_huge_page(vcpu, it, sp)
+        else:
+            r = tdp_mmu_link_sp(vcpu, it, sp)
+        if r:
+            # Lost the race: the page goes back to the allocator, not the cache.
+            tdp_mmu_free_sp(kvm, &vcpu.stat, sp_idx)
+            return RET_PF_RETRY
+        if fault.huge_page_disallowed and fault.req_level >= it.level:
+            track_possible_nx_huge_page(kvm, sp_idx)
+        tdp_iter_next(it)
+    # The walk ended above the goal level (an upper entry changed under it).
+    return RET_PF_RETRY
+
+
+cdef int tdp_mmu_map_handle_target_level(kvm_vcpu_t* vcpu, kvm_page_fault_t* fault,
+                                         tdp_iter_t* it) noexcept nogil:
+    cdef kvm_t* kvm = vcpu.kvm
+    cdef u64 new_spte
+    cdef bint wrprot = False
+    cdef int ret = RET_PF_FIXED
+    if fault.slot == NULL:
+        new_spte = make_mmio_spte(&kvm.m, it.gfn, ACC_ALL, kvm.mmio_gen)
+    else:
+        new_spte = make_spte(&kvm.m, it.level, ACC_ALL, fault.pfn, it.old_spte,
+                             fault.prefetch, fault.map_writable, kvm.m.ad_disabled,
+                             kvm.nx_huge_pages, False, &wrprot)
+    if new_spte == it.old_spte:
+        ret = RET_PF_SPURIOUS
+    elif tdp_mmu_set_spte_atomic(kvm, &vcpu.stat, it, new_spte):
+        return RET_PF_RETRY
+    elif fault.slot == NULL:
+        vcpu.stat.mmio_sptes_created += 1
+    elif is_shadow_present_pte(it.old_spte) and not is_last_spte(it.old_spte, it.level):
+        # A table was replaced by a huge page: flush the range it covered.
+        vcpu.stat.tlb_flushes_ranged += 1
+    if wrprot and fault.write:
+        ret = RET_PF_EMULATE
+    if fault.slot == NULL:
+        ret = RET_PF_EMULATE                # MMIO is emulated
+    return ret
+
+
+# -- zaps (spec §3.10) -----------------------------------------------------------------------
+
+cdef inline tdp_ptep_t kvm_root_pt(kvm_t* kvm) noexcept nogil:
+    return pool_page(kvm.pool, kvm.root)
+
+
+cdef bint tdp_mmu_zap_leafs(kvm_t* kvm, mmu_stats_t* st, gfn_t start, gfn_t end) noexcept nogil:
+    """tdp_mmu_zap_leafs (exclusive): present leaves in [start, end); no table is freed."""
+    cdef tdp_iter_t it
+    cdef bint flush = False
+    tdp_iter_start(&it, kvm.pool.pages, kvm_root_pt(kvm), kvm.root_level, 1, start)
+    while it.valid and it.gfn < end:
+        if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level):
+            tdp_mmu_iter_set_spte(kvm, st, &it, kvm.m.shadow_nonpresent_value)
+            flush = True
+        tdp_iter_next(&it)
+    return flush
+
+
+cdef bint __tdp_mmu_zap_root(kvm_t* kvm, mmu_stats_t* st, int zap_level) noexcept nogil:
+    """__tdp_mmu_zap_root (exclusive): every present entry at zap_level."""
+    cdef tdp_iter_t it
+    cdef bint zapped = False
+    tdp_iter_start(&it, kvm.pool.pages, kvm_root_pt(kvm), kvm.root_level, zap_level, 0)
+    while it.valid and it.gfn < kvm.gfn_limit:
+        if is_shadow_present_pte(it.old_spte) and it.level <= zap_level:
+            tdp_mmu_iter_set_spte(kvm, st, &it, kvm.m.shadow_nonpresent_value)
+            zapped = True
+        tdp_iter_next(&it)
+    return zapped
+
+
+cdef bint tdp_mmu_zap_root(kvm_t* kvm, mmu_stats_t* st) noexcept nogil:
+    """4K -> 2M -> 1G -> root-level passes, so no single removal recurses deeply."""
+    cdef bint zapped = False
+    zapped |= __tdp_mmu_zap_root(kvm, st, 1)
+    zapped |= __tdp_mmu_zap_root(kvm, st, 2)
+    zapped |= __tdp_mmu_zap_root(kvm, st, 3)
+    zapped |= __tdp_mmu_zap_root(kvm, st, kvm.root_level)
+    return zapped
+
+
+cdef bint kvm_tdp_mmu_zap_sp(kvm_t* kvm, mmu_stats_t* st, kvm_mmu_page_t* sp) noexcept nogil:
+    """kvm_tdp_mmu_zap_sp: the table's parent entry becomes non-present."""
+    cdef u64 old_spte
+    if sp.ptep == NULL:
+        kvm_mmu_warn(st, WARN_ZAP_SP_UNLINKED)
+        return False
+    old_spte = kvm_tdp_mmu_read_spte(sp.ptep)
+    if not is_shadow_present_pte(old_spte):
+        kvm_mmu_warn(st, WARN_ZAP_SP_UNLINKED)
+        return False
+    tdp_mmu_set_spte(kvm, st, sp.ptep, old_spte, kvm.m.shadow_nonpresent_value, sp.gfn,
+                     sp.level + 1)
+    return True
+
+
+cdef bint tdp_mmu_zap_sp_at(kvm_t* kvm, mmu_stats_t* st, gfn_t gfn, int level) noexcept nogil:
+    """Zap the level-`level` table on gfn's path, if one is linked."""
+    cdef tdp_iter_t it
+    if not tdp_iter_seek(&it, kvm.pool.pages, kvm_root_pt(kvm), kvm.root_level, gfn,
+                         level + 1):
+        return False
+    if not tdp_iter_at_nonleaf(&it):
+        return False
+    return kvm_tdp_mmu_zap_sp(kvm, st, spte_to_child_sp(kvm, it.old_spte))
+
+
+cdef int tdp_mmu_zap_spte_atomic_at(kvm_t* kvm, mmu_stats_t* st, gfn_t gfn, int level,
+                                    int64_t max_tries) noexcept nogil:
+    """The atomic zap of the present entry at `level` on gfn's path; a lost CAS is retried
+    on the refreshed value, as KVM's callers do (goto retry).  Returns 1 when zapped, 0 when
+    the entry is not present, -SPTE_EBUSY after `max_tries` lost races (the caller checks
+    for signals and calls again: nothing loops for ever with the GIL released)."""
+    cdef tdp_iter_t it
+    cdef int64_t tries = 0
+    if not tdp_iter_seek(&it, kvm.pool.pages, kvm_root_pt(kvm), kvm.root_level, gfn, level):
+        return 0
+    while is_shadow_present_pte(it.old_spte):
+        if tdp_mmu_zap_spte_atomic(kvm, st, &it) == 0:
+            return 1
+        tries += 1
+        if tries == max_tries:
+            return -SPTE_EBUSY
+    return 0

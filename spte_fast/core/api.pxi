@@ -461,8 +461,7 @@ cdef class PagePool:
         cdef int64_t idx
         with nogil:
             idx = pool_alloc(&self.p)
-        if idx < 0:
-            raise OutOfMemory("page pool exhausted")
+        _check_rc(-SPTE_ENOMEM if idx < 0 else 0, "PagePool.alloc()")
         return idx
 
     cdef int64_t _index(self, index) except -1:

@@ -72,11 +72,13 @@ cdef int64_t _as_int(object v, str name, int64_t lo, int64_t hi) except? -1:
     return <int64_t>iv
 
 
-cdef int _check_rc(int rc, str what, int warn=-1, object completed=None) except -1:
+cdef int _check_rc(int rc, str what, int warn=-1, object completed=None,
+                   str einval="invalid argument") except -1:
     """The one place where kernel return codes become exceptions.
 
     ``warn``: the memory cache's latest warning reason, which says why -EIO was returned;
-    ``completed``: for batch calls, how many items finished before the error."""
+    ``completed``: for batch calls, how many items finished before the error; ``einval``:
+    what -EINVAL means for this call."""
     if rc >= 0:
         return rc
     if rc == -SPTE_ENOMEM:
@@ -86,7 +88,7 @@ cdef int _check_rc(int rc, str what, int warn=-1, object completed=None) except 
             "refused by KVM's rules"
         raise CacheConfigError(f"{what}: {reason} (-EIO)")
     if rc == -SPTE_EINVAL:
-        raise ValueError(f"{what}: invalid argument")
+        raise ValueError(f"{what}: {einval}")
     raise SpteError(f"{what}: error {rc}")
 
 

@@ -76,8 +76,7 @@ cdef class Vm:
         # kvm_tdp_mmu_alloc_root: the root is a page initialised as a vCPU cache would.
         mmu_memory_cache_setup(&self.root_mc, &self.pool.p, nonpresent, nonpresent == 0)
         root = mmu_memory_cache_alloc_obj(&self.root_mc)
-        if root < 0:
-            raise OutOfMemory("no page for the root")
+        _check_rc(-SPTE_ENOMEM if root < 0 else 0, "Vm(): a page for the root")
         tdp_mmu_init_sp(&self.kvm, root, NULL, 0, rl, False)
         self.kvm.root = root
         self.st.tables_allocated += 1
@@ -554,11 +553,9 @@ cdef class Vcpu:
             if o_arr is not None and o_arr is not out:
                 out[:done] = o_arr[:done]
         self.vm._raise_fatal()
-        if rc == -SPTE_EINVAL:
-            raise ValueError(f"fault_batch: gfns[{done}] changed under the batch to a gfn "
-                             f"beyond the address width; {done} faults were made")
         _check_rc(rc, f"fault_batch: stopped after {done} of {n} faults",
-                  self.cache.mc.last_warn, done)
+                  self.cache.mc.last_warn, done,
+                  f"gfns[{done}] changed under the batch to a gfn beyond the address width")
         return {"fixed": counts[RET_PF_FIXED], "spurious": counts[RET_PF_SPURIOUS],
                 "retry": counts[RET_PF_RETRY], "emulate": counts[RET_PF_EMULATE]}
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import spte_fast as sf
-from vmhelpers import run_threads
+from support.threads import run_threads
 
 SEED = int(os.environ.get("SPTE_FAST_TEST_SEED", "42")) if \
     os.environ.get("SPTE_FAST_TEST_SEED", "42") != "all" else 42

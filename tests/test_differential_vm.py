@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from vmhelpers import LAYOUT_KINDS, NP63, PAGES_1G, PAGES_2M, POISON, gfn_width, make_layout
+from support.layouts import LAYOUT_KINDS, make_layout
+from support.spec import NP63, PAGES_1G, PAGES_2M, POISON, gfn_width
 
 PFN_BASE = 1 << 30
 

@@ -10,11 +10,11 @@ DESIGN.md known answers, or the layout's ``make_spte`` / ``make_mmio_spte`` cons
 import numpy as np
 import pytest
 
-from vmhelpers import (
+from support.layouts import LAYOUT_KINDS, NONPRESENT_VALUES, expected_nonleaf, leaf_spte, make_vm
+from support.snapshots import assert_same_snapshot, snapshot
+from support.spec import (
     ACC_ALL,
     ENT,
-    LAYOUT_KINDS,
-    NONPRESENT_VALUES,
     NP63,
     PAGES_1G,
     PAGES_2M,
@@ -23,21 +23,12 @@ from vmhelpers import (
     PF_RETRY,
     PF_SPURIOUS,
     POISON,
-    assert_same_snapshot,
-    entries,
-    expected_nonleaf,
     gfn_width,
-    leaf_spte,
-    linked_tables,
-    make_vm,
     pages_per,
-    present_leaves,
     round_gfn,
-    snapshot,
     spte_index,
-    table_page,
-    tables_content,
 )
+from support.tables import entries, linked_tables, present_leaves, table_page, tables_content
 
 G1 = PAGES_1G  # gfn of the second 1G region
 PFN0 = 1 << 30  # a 1G-aligned host pfn (2**30 is a multiple of 512**2 = 2**18)

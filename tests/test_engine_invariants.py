@@ -2,7 +2,7 @@
 makes observable (STYLE.md §3.2: ``test_invN_...``), on both implementations.
 
 The page tables are read straight out of ``vm.pool.pages`` and decoded with the spec's bit
-positions (tests/vmhelpers.py), so these checks do not trust the engine's own walker,
+positions (tests/support/tables.py), so these checks do not trust the engine's own walker,
 predicates or audit.  Randomised tests use the ``seed`` fixture (SPTE_FAST_TEST_SEED=all
 runs seeds 0..99).
 
@@ -23,29 +23,27 @@ Items not covered here, and why:
 import numpy as np
 import pytest
 
-from vmhelpers import (
+from support.layouts import LAYOUT_KINDS, NONPRESENT_VALUES, expected_nonleaf, leaf_spte, make_vm
+from support.spec import (
     ACC_ALL,
     BIT_AD_DISABLED,
     BIT_PRESENT,
     BIT_PS,
     ENT,
-    LAYOUT_KINDS,
-    NONPRESENT_VALUES,
     NP63,
     PAGES_1G,
     PAGES_2M,
     PF_EMULATE,
     PF_FIXED,
     PF_RETRY,
-    check_allowed_values,
     child_of,
-    entries,
-    expected_nonleaf,
-    leaf_slots,
-    leaf_spte,
-    linked_tables,
-    make_vm,
     pages_per,
+)
+from support.tables import (
+    check_allowed_values,
+    entries,
+    leaf_slots,
+    linked_tables,
     present_leaves,
     table_page,
     tables_content,

@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vmhelpers import (NP63, PAGES_2M, PF_EMULATE, PF_FIXED, assert_same_snapshot, pages_per,
-                       run_threads, snapshot)
+from support.snapshots import assert_same_snapshot, snapshot
+from support.spec import NP63, PAGES_2M, PF_EMULATE, PF_FIXED, pages_per
+from support.threads import run_threads
 
 PFN0 = 0x100000  # a 1G-aligned host pfn
 

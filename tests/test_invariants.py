@@ -19,7 +19,7 @@ Items not covered here, and why:
 * 23 (iterator pre-order, re-read before stepping down, yield/restart): single-threaded
   and without yielding, every public operation's end state (SPTEs, stats, pool states,
   freed tables' contents) is the same for any visiting order; nothing observable
-  distinguishes pre-order (see the skip below).
+  distinguishes pre-order.
 * 25-30: dirty logging, aging, eager split, NX recovery, shadow MMU: not in this API.
 """
 import numpy as np
@@ -755,18 +755,6 @@ def test_inv22_remap_to_another_pfn_goes_through_a_zap(impl):
     assert vm.lookup(G1 + 5) == (leaf_spte(layout, 2 * PFN0, 3), 3)
     assert vm.host_page_dirty(2 * PFN0) is False
     vm.audit()
-
-
-# ==========================================================================================
-# 23. Iterator order
-# ==========================================================================================
-
-
-@pytest.mark.skip(reason="spec §6 item 23 is not observable through this API: single-"
-                  "threaded and without yielding, every operation's end state (SPTEs, stats, "
-                  "pool states, freed tables' contents) is the same for any visiting order")
-def test_inv23_iterator_preorder():
-    """Kept as a marker for the item; see the module docstring."""
 
 
 # ==========================================================================================

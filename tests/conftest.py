@@ -13,12 +13,17 @@
   garbage, so that any path relying on fresh memory being 0 fails.
 * hypothesis profiles ``dev`` (few examples), ``ci`` (default) and ``debug``
   (verbose), chosen by ``HYPOTHESIS_PROFILE``.
+
+Helpers that are not fixtures (constants of the spec, layout and VM factories, table
+decoding, snapshots, thread and child-process runners) are in ``tests/support/``.
 """
 import importlib
 import os
 
 import pytest
 from hypothesis import HealthCheck, Verbosity, settings
+
+from support.spec import POISON
 
 # --------------------------------------------------------------------------
 # Hypothesis profiles
@@ -45,9 +50,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # --------------------------------------------------------------------------
 
 IMPLS = ("reference", "fast")
-
-#: the garbage every poisoned pool page starts with (STYLE.md §3.7)
-POISON = 0xAAAA_AAAA_AAAA_AAAA
 
 
 def load_impl(name):

@@ -1,17 +1,25 @@
-"""Parallel vCPUs (issue 4): Python threads, one Vcpu each, faulting one Vm with the GIL
-released while other threads zap.  Seeded and bounded in time; the invariants checked
-afterwards are exact (spec §3.1, §3.4-3.8, §6 items 18-21).
+"""Concurrency: parallel vCPUs as Python threads, one Vcpu each, faulting one Vm with the
+GIL released while other threads zap; one Vcpu called from two threads; a fault_batch whose
+gfns array another thread rewrites; memslot changes from several threads.  Seeded and
+bounded in time; the invariants checked afterwards are exact (docs/API.md "Concurrency
+(engine)"; KVM_MMU_SPEC.md §3.1 locking model, §3.4-3.8, §6 items 18-21; KVM's
+``vcpu->mutex`` and ``slots_lock``).
 
 The engine only: the reference model is a single-threaded oracle.
 """
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
 
 import spte_fast as sf
-from vmhelpers import run_threads
+from support.layouts import make_vm
+from support.spec import NP63
+from support.threads import run_threads, run_threads_or_raise
+
+PFN0 = 0x100000  # a 1G-aligned host pfn
 
 SEED = int(os.environ.get("SPTE_FAST_TEST_SEED", "42")) if \
     os.environ.get("SPTE_FAST_TEST_SEED", "42") != "all" else 42
@@ -22,13 +30,6 @@ def _vm(layout=None, pages=1 << 22, max_level=sf.PG_LEVEL_4K, max_pt_pages=1 << 
                max_pt_pages=max_pt_pages)
     vm.add_memslot(0, pages, pfn=0x100000)
     return vm
-
-
-def _run_threads(targets):
-    """Start every target at once, join, re-raise the first error."""
-    for _, error in run_threads(targets, timeout=120):
-        if error is not None:
-            raise error
 
 
 def _pool_accounting(vm):
@@ -60,7 +61,7 @@ def test_overlapping_random_faults_map_the_union_exactly(nthreads):
     def fault(i):
         return lambda: results.__setitem__(i, vcpus[i].fault_batch(arrays[i]))
 
-    _run_threads([fault(i) for i in range(nthreads)])
+    run_threads_or_raise([fault(i) for i in range(nthreads)])
     union = np.unique(np.concatenate(arrays))
     st = vm.stats
     assert st["pages_4k"] == union.size
@@ -113,7 +114,7 @@ def test_faults_race_with_zaps_and_zap_all():
                 vm.zap_all()
                 zaps["all"] += 1
 
-    _run_threads([faulter(vcpus[0], 1), faulter(vcpus[1], 2), zapper])
+    run_threads_or_raise([faulter(vcpus[0], 1), faulter(vcpus[1], 2), zapper])
     assert zaps["range"] > 0
     vm.audit()
     _pool_accounting(vm)
@@ -163,8 +164,8 @@ def test_forced_contention_on_one_range_counts_cas_failures():
     for _ in range(100):
         vm.zap_all()
         out = [None, None]
-        _run_threads([lambda i=i: out.__setitem__(i, vcpus[i].fault_batch(gfns))
-                      for i in range(2)])
+        run_threads_or_raise([lambda i=i: out.__setitem__(i, vcpus[i].fault_batch(gfns))
+                              for i in range(2)])
         fixed += out[0]["fixed"] + out[1]["fixed"]
         assert out[0]["fixed"] + out[1]["fixed"] >= gfns.size
         assert vm.stats["pages_4k"] == gfns.size
@@ -200,7 +201,109 @@ def test_stats_are_exact_sums_of_per_vcpu_counters():
     vm = _vm()
     vcpus = [vm.vcpu() for _ in range(3)]
     gfns = [np.arange(i << 12, (i + 1) << 12, dtype=np.uint64) for i in range(3)]
-    _run_threads([lambda i=i: vcpus[i].fault_batch(gfns[i]) for i in range(3)])
+    run_threads_or_raise([lambda i=i: vcpus[i].fault_batch(gfns[i]) for i in range(3)])
     assert vm.stats["faults_fixed"] == 3 << 12
     assert [v.stats["faults_fixed"] for v in vcpus] == [1 << 12] * 3
     vm.audit()
+
+
+# ==========================================================================================
+# fault_batch against a concurrent writer of its gfns array
+# ==========================================================================================
+
+
+def test_fault_batch_immune_to_gfns_rewritten_during_the_batch(fast):
+    """docs/API.md fault_batch: the engine reads each gfn once and re-checks it, so a value
+    beyond the address width that another thread writes into the array mid-batch is never
+    faulted (the batch completes or raises ValueError) and the tables stay consistent."""
+    impl = fast  # threads: the reference model is single-threaded (API.md)
+    n = 4_000_000
+    bad = (1 << 36) + (1 << 30) + 7  # beyond the 4-level width; its low bits are in no slot
+    vm = impl.Vm(impl.SpteLayout.ept(), max_pt_pages=1 << 10)
+    vm.add_memslot(0, 1 << 20, PFN0)
+    v = vm.vcpu()
+    for delay in (0.0, 0.002, 0.005, 0.01, 0.02):
+        g = np.zeros(n, dtype=np.uint64)  # gfn 0 over and over: SPURIOUS after the first
+        g[-16:] = 7
+
+        def rewrite():
+            time.sleep(delay)
+            g[-16:] = bad
+
+        (res, err), _ = run_threads([lambda: v.fault_batch(g), rewrite])
+        assert err is None or isinstance(err, ValueError), repr(err)
+        if err is None:
+            assert sum(res.values()) == n
+        assert vm.walk((1 << 30) + 7) == [(4, NP63)]
+        vm.audit()
+
+
+# ==========================================================================================
+# One Vcpu, two threads (KVM's vcpu->mutex)
+# ==========================================================================================
+
+
+def test_one_vcpu_shared_by_two_threads_is_serialised(fast):
+    """docs/API.md: calls on one Vcpu from several threads are serialised, as KVM's
+    ``vcpu->mutex`` serialises ioctls.  Two threads run fault_batch on the same Vcpu
+    (disjoint 4K ranges) at once, a few rounds: the calls are serialised, so every gfn is
+    mapped, the stats count exactly the faults made and audit passes."""
+    impl = fast  # threads: the reference model is single-threaded (API.md)
+    n = 1 << 15
+    vm = impl.Vm(impl.SpteLayout.ept(), max_level=1, max_pt_pages=1 << 10)
+    vm.add_memslot(0, 2 * n, PFN0)
+    v = vm.vcpu()
+    halves = [np.arange(0, n, dtype=np.uint64), np.arange(n, 2 * n, dtype=np.uint64)]
+    fixed = retry = 0
+    for _ in range(3):
+        results = run_threads([lambda h=h: v.fault_batch(h) for h in halves])
+        assert all(e is None for _, e in results), results
+        for r, _ in results:
+            assert r["spurious"] == 0 and r["emulate"] == 0
+            fixed += r["fixed"]
+            retry += r["retry"]
+        st = vm.stats
+        assert st["pages_4k"] == 2 * n
+        assert st["faults_fixed"] == fixed and st["faults_retry"] == retry
+        assert v.stats["faults_fixed"] == fixed
+        vm.audit()
+        vm.zap_all()
+    assert fixed == 3 * 2 * n
+
+
+# ==========================================================================================
+# Memslot changes from several threads (KVM's slots_lock)
+# ==========================================================================================
+
+
+def test_concurrent_add_memslot_same_range_exactly_one_wins(fast):
+    """docs/API.md: memslot changes are serialised (KVM's ``slots_lock``).  8 threads add a
+    slot for the same gfn range at once: exactly one succeeds, the others raise ValueError
+    (overlap), and the VM holds one slot."""
+    impl = fast  # threads: the reference model is single-threaded (API.md)
+    for _ in range(10):
+        vm = make_vm(impl, max_pt_pages=64)[0]
+        results = run_threads([lambda i=i: vm.add_memslot(0, 1024, PFN0 + i * 1024)
+                               for i in range(8)])
+        ok = [r for r, e in results if e is None]
+        errors = [e for r, e in results if e is not None]
+        assert len(ok) == 1, results
+        assert all(isinstance(e, ValueError) for e in errors), errors
+        assert [s[0] for s in vm.memslots] == ok
+        assert vm.mmio_generation == 1
+        vm.audit()
+
+
+def test_concurrent_add_memslot_disjoint_ranges_all_win(fast):
+    """8 threads add disjoint slots at once: all succeed with distinct ids 0..7."""
+    impl = fast  # threads: the reference model is single-threaded (API.md)
+    for _ in range(10):
+        vm = make_vm(impl, max_pt_pages=64)[0]
+        results = run_threads([lambda i=i: vm.add_memslot(i * 1024, 1024, PFN0 + i * 1024)
+                               for i in range(8)])
+        assert all(e is None for _, e in results), results
+        ids = sorted(r for r, _ in results)
+        assert ids == list(range(8))
+        assert sorted(s[0] for s in vm.memslots) == ids
+        assert vm.mmio_generation == 8
+        vm.audit()

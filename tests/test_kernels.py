@@ -1,8 +1,11 @@
-"""Kernels: memset64 page fill, sync_page scans, 64-bit atomics (docs/API.md "Kernels";
-issue #2 point 3; KVM_MMU_SPEC.md §1.2 "where it is tested", §3.3, §6 item 18).
+"""Kernels: memset64 page fill, sync_page scans, 64-bit atomics, on both implementations
+(docs/API.md "Kernels"; KVM_MMU_SPEC.md §1.3 alloc_obj's memset64 fill, §1.2 "where it is
+tested" (``kvm_sync_spte`` skips never-used entries), §3.3 write primitives, §3.4 and §6
+item 18 compare-and-exchange).
 
 Bad arguments raise TypeError/ValueError before any kernel runs, and the array
-is unchanged afterwards (issue #2 point 7).
+is unchanged afterwards (docs/API.md preamble: also for an object with ``__index__``,
+whose code could otherwise run in the middle of an atomic).
 """
 import sys
 import threading
@@ -10,8 +13,9 @@ import threading
 import numpy as np
 import pytest
 
-U64 = (1 << 64) - 1
-NP63 = 1 << 63
+from support.child import run_child
+from support.spec import NP63, U64
+
 VALUES = [0, NP63, U64, 0x0123_4567_89AB_CDEF]
 
 
@@ -385,3 +389,69 @@ def test_cmpxchg_increments_from_two_threads_are_not_lost(impl):
         sys.setswitchinterval(old_interval)
     assert counter.flat[target] == 2 * n_per_thread
     assert int((counter != 0).sum()) == 1
+
+
+# ==========================================================================
+# Atomics: ints and numpy integer scalars only (docs/API.md preamble)
+# ==========================================================================
+
+
+ATOMIC_EVIL_CHILD = """
+    import importlib, sys
+    import numpy as np
+    impl = importlib.import_module(sys.argv[1])
+    N = 1 << 20                       # 8 MiB: its own mapping, unmapped by the resize
+
+    CASES = [("cmpxchg", "index"), ("cmpxchg", "expected"), ("cmpxchg", "new"),
+             ("xchg", "index"), ("xchg", "new"),
+             ("atomic_or", "index"), ("atomic_or", "mask"),
+             ("atomic_and_not", "index"), ("atomic_and_not", "mask")]
+    for name, where in CASES:
+        a = np.zeros(N, dtype=np.uint64)
+
+        class Evil:
+            def __index__(self):
+                a.resize(1, refcheck=False)   # frees the buffer under the atomic
+                return 1
+
+        args = {"cmpxchg": [N - 1, 0, 1], "xchg": [N - 1, 1],
+                "atomic_or": [N - 1, 1], "atomic_and_not": [N - 1, 1]}[name]
+        pos = {"index": 0, "expected": 1, "new": -1, "mask": -1}[where]
+        args[pos] = Evil()
+        print(name, where, "...", end=" ", flush=True)
+        try:
+            getattr(impl, name)(a, *args)
+            outcome = "no error"
+        except Exception as e:
+            outcome = type(e).__name__
+        unchanged = a.size == N and not a.any()
+        print(outcome, "unchanged" if unchanged else "CHANGED", flush=True)
+"""
+
+
+def test_atomics_refuse_index_objects_without_crashing(impl):
+    """An argument with ``__index__`` (here one that resizes the array) is a TypeError for
+    every position of every atomic; no Python code runs, so the array is untouched and the
+    process survives (run in a child: a use-after-free must not kill pytest)."""
+    proc = run_child(ATOMIC_EVIL_CHILD, impl)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0, f"child died ({proc.returncode}): {lines[-1:]} {proc.stderr}"
+    assert len(lines) == 9
+    for line in lines:
+        assert line.endswith("TypeError unchanged"), line
+
+
+@pytest.mark.parametrize("name", ["cmpxchg", "xchg", "atomic_or", "atomic_and_not"])
+@pytest.mark.parametrize("pos", [0, -1], ids=["index", "value"])
+def test_atomics_refuse_zero_dim_arrays(impl, name, pos):
+    """A 0-d array is not an int (API.md: ints or numpy integer scalars): TypeError, array
+    unchanged; the numpy integer scalars themselves are accepted."""
+    a = np.zeros(8, dtype=np.uint64)
+    args = [5, 0, 3] if name == "cmpxchg" else [5, 3]
+    bad = list(args)
+    bad[pos] = np.array(bad[pos])
+    with pytest.raises(TypeError):
+        getattr(impl, name)(a, *bad)
+    assert not a.any()
+    getattr(impl, name)(a, *[np.uint16(x) for x in args])
+    assert a[5] == (0 if name == "atomic_and_not" else 3)

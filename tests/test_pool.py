@@ -1,9 +1,16 @@
-"""PagePool: page-table pages, free list, fault injection, counters
-(docs/API.md "PagePool"; issue #2 point 4)."""
+"""The page pool: page-table pages, free list, fault injection, page states and counters,
+on both implementations (docs/API.md "PagePool"; KVM_MMU_SPEC.md §1.3 the page allocator
+behind the caches, STYLE.md §3.7 poisoned memory).
+
+KVM's page-table pages are whole 4 KiB host pages handed out by the page allocator
+(``kmem_cache == NULL`` in ``kvm_mmu_memory_cache``); the pool models that allocator and
+counts the initialisation work of every cache on it.
+"""
 import numpy as np
 import pytest
 
-NP63 = 1 << 63
+from support.layouts import make_vm
+from support.spec import NP63, PFN0
 
 
 def test_capacity_len_and_pages_view_shape(impl):
@@ -34,6 +41,33 @@ def test_pages_view_is_read_only(impl):
     with pytest.raises(ValueError):
         pool.pages[1].fill(7)
     assert not pool.pages.any()
+
+
+@pytest.mark.parametrize("owner", ["pool", "vm.pool"])
+def test_pool_pages_cannot_be_made_writable(impl, owner):
+    """API.md: ``pool.pages`` is a read-only view.  ``pages.flags.writeable = True`` (or
+    ``setflags``) raises ValueError, on the view and on any ndarray it is a view of (of a
+    bare pool and of a VM's); the pool content is unchanged."""
+    if owner == "pool":
+        pool = impl.PagePool(4, poison=0x1234)
+    else:
+        vm = make_vm(impl, max_pt_pages=64)[0]
+        vm.add_memslot(0, 1024, PFN0)
+        vm.vcpu().fault(5, write=True)
+        pool = vm.pool
+    pages = pool.pages
+    before = np.array(pages, copy=True)
+    base = pages
+    while isinstance(base, np.ndarray):
+        with pytest.raises(ValueError):
+            base.flags.writeable = True
+        with pytest.raises(ValueError):
+            base.setflags(write=True)
+        base = base.base
+    with pytest.raises(ValueError):
+        pages[0, 0] = 1
+    assert not pool.pages.flags.writeable
+    assert np.array_equal(pool.pages, before)
 
 
 def test_fresh_pool_is_zero_and_clean(impl):
@@ -249,7 +283,7 @@ def test_alloc_does_not_touch_page_content(impl, poisoned_pool, poison):
 
 
 # ==========================================================================
-# page_state and is_clean (API.md as of b4702cc)
+# page_state and is_clean (API.md "PagePool")
 # ==========================================================================
 
 
@@ -312,7 +346,8 @@ def test_filled_and_uninitialised_pages_are_not_clean(impl, poisoned_pool):
 
 
 def test_pool_stats_count_initialisation_by_its_caches(impl):
-    """Issue 2 point 4: the pool counts pages zero-initialised, filled, and bytes written."""
+    """API.md ``pool.stats``: the pool counts the initialisation work of every cache on it:
+    pages zero-initialised, used untouched, filled, and bytes written."""
     pool = impl.PagePool(8)
     zero = impl.MemoryCache(pool, init_value=0, capacity=2)
     fill = impl.MemoryCache(pool, init_value=1 << 63, capacity=2)

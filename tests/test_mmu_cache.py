@@ -1,5 +1,7 @@
-"""MemoryCache: Linux 6.10 ``kvm_mmu_memory_cache`` (docs/API.md "MemoryCache";
-KVM_MMU_SPEC.md §1.3 and §6 items 1-7; issue #2 point 5).
+"""The memory caches: Linux 6.10 ``kvm_mmu_memory_cache`` (docs/API.md "MemoryCache";
+KVM_MMU_SPEC.md §1.3 and §6 items 1-7; upstream ``__kvm_mmu_topup_memory_cache``,
+``kvm_mmu_memory_cache_alloc``, ``kvm_mmu_free_memory_cache``, c23e2b710309), and the
+configuration of the vCPU's shadow-page cache (spec §1.3 x86 caches, ``kvm_mmu_create``).
 
 The two initialisation paths are told apart with a poisoned pool: the zero path
 must zero what it cannot prove clean, the fill path must fill every page, and
@@ -8,30 +10,12 @@ the "not initialised" cache must hand pages out as they are.
 import numpy as np
 import pytest
 
-NP63 = 1 << 63
+from support.layouts import NONPRESENT_VALUES, make_vm
+from support.snapshots import assert_same_snapshot, cache_snapshot
+from support.spec import NP63
+
 PAGE_BYTES = 4096
 STAT_KEYS = {"fills", "zero_inits", "zero_untouched", "init_bytes_written", "obtained", "warnings"}
-
-
-def snapshot(cache, pool):
-    """Everything observable about a cache and its pool."""
-    return dict(
-        nobjs=cache.nobjs,
-        len=len(cache),
-        capacity=cache.capacity,
-        objects=cache.objects,
-        warnings=cache.warnings,
-        stats=dict(cache.stats),
-        pool_stats=dict(pool.stats),
-        nr_free=pool.nr_free,
-        pages=pool.pages.copy(),
-    )
-
-
-def assert_unchanged(before, after):
-    pages_b, pages_a = before.pop("pages"), after.pop("pages")
-    assert after == before
-    assert np.array_equal(pages_a, pages_b)
 
 
 def page_all(pool, index, value):
@@ -110,9 +94,9 @@ def test_inv1_topup_noop_when_nobjs_ge_min(impl, kwargs):
     """min 0 on an empty cache: no allocation and no validation, even for a broken config."""
     pool = impl.PagePool(4)
     cache = impl.MemoryCache(pool, **kwargs)
-    before = snapshot(cache, pool)
+    before = cache_snapshot(cache, pool)
     assert cache.topup(0) is None
-    assert_unchanged(before, snapshot(cache, pool))
+    assert_same_snapshot(before, cache_snapshot(cache, pool))
     assert cache.capacity == 0 and cache.warnings == 0
 
 
@@ -121,11 +105,11 @@ def test_inv1_topup_noop_after_fill_skips_capacity_check(impl):
     pool = impl.PagePool(50)
     cache = impl.MemoryCache(pool, init_value=NP63)
     cache.topup(5)
-    before = snapshot(cache, pool)
+    before = cache_snapshot(cache, pool)
     cache.topup(5)
     cache.topup(40)
     cache.topup(5, capacity=7)  # a different capacity, but nothing to do
-    assert_unchanged(before, snapshot(cache, pool))
+    assert_same_snapshot(before, cache_snapshot(cache, pool))
     assert cache.warnings == 0
 
 
@@ -225,15 +209,15 @@ def test_inv3_different_capacity_later_refused(impl):
     assert cache.capacity == 8
     for _ in range(8):
         cache.alloc()
-    before = snapshot(cache, pool)
+    before = cache_snapshot(cache, pool)
     with pytest.raises(impl.CacheConfigError):
         cache.topup(1, capacity=4)
-    after = snapshot(cache, pool)
+    after = cache_snapshot(cache, pool)
     assert after["warnings"] == before["warnings"] + 1
     assert after["stats"]["warnings"] == before["stats"]["warnings"] + 1
     for snap in (before, after):
         snap.pop("warnings"), snap["stats"].pop("warnings")
-    assert_unchanged(before, after)
+    assert_same_snapshot(before, after)
     assert cache.capacity == 8
     cache.topup(1)  # the recorded capacity still works
     assert cache.nobjs == 8
@@ -517,7 +501,29 @@ def test_two_caches_on_one_pool_share_it(impl, poisoned_pool):
 
 
 # ==========================================================================
-# Bad arguments change nothing (issue #2 point 7)
+# The vCPU's shadow-page cache (spec §1.3 x86 caches: mmu_shadow_page_cache, kvm_mmu_create)
+# ==========================================================================
+
+
+def test_vcpu_owns_a_cache_with_the_nonpresent_init_value(impl):
+    """Spec §1.3: each vCPU's SPTE-page cache has ``init_value = SHADOW_NONPRESENT_VALUE``
+    (the layout's non-present value), ``__GFP_ZERO`` only when that value is 0, and the
+    default capacity 40; every vCPU has its own (docs/API.md ``vm.vcpu()``)."""
+    for nonpresent in NONPRESENT_VALUES:
+        vm, layout = make_vm(impl, nonpresent=nonpresent, max_pt_pages=64)
+        vcpu = vm.vcpu()
+        cache = vcpu.cache
+        assert cache.init_value == nonpresent
+        assert cache.gfp_zero is (nonpresent == 0)
+        assert cache.default_capacity == 40
+        assert cache.nobjs == 0
+        other = vm.vcpu()
+        assert other.cache is not cache
+        vm.audit()
+
+
+# ==========================================================================
+# Bad arguments change nothing (docs/API.md MemoryCache.topup: checked before KVM's rules)
 # ==========================================================================
 
 
@@ -538,13 +544,13 @@ def test_two_caches_on_one_pool_share_it(impl, poisoned_pool):
 )
 def test_topup_bad_arguments_change_nothing(impl, args, kwargs, exc):
     """API.md: min and capacity must be ints in [0, 2**24], else ValueError (TypeError if
-    not an int), checked before KVM's rules, and nothing changes (issue #2 point 7)."""
+    not an int), checked before KVM's rules, and nothing changes."""
     pool = impl.PagePool(50)
     cache = impl.MemoryCache(pool, init_value=NP63)
-    before = snapshot(cache, pool)
+    before = cache_snapshot(cache, pool)
     with pytest.raises(exc):
         cache.topup(*args, **kwargs)
-    assert_unchanged(before, snapshot(cache, pool))
+    assert_same_snapshot(before, cache_snapshot(cache, pool))
 
 
 def test_topup_bad_arguments_on_filled_cache_change_nothing(impl):
@@ -552,11 +558,11 @@ def test_topup_bad_arguments_on_filled_cache_change_nothing(impl):
     cache = impl.MemoryCache(pool, init_value=NP63, capacity=10)
     cache.topup(1)
     cache.alloc()
-    before = snapshot(cache, pool)
+    before = cache_snapshot(cache, pool)
     for bad in (-1, 2**24 + 1, 1.5):
         with pytest.raises((TypeError, ValueError)):
             cache.topup(bad)
-    assert_unchanged(before, snapshot(cache, pool))
+    assert_same_snapshot(before, cache_snapshot(cache, pool))
 
 
 def test_topup_min_above_capacity_fills_to_capacity_like_kvm(impl):

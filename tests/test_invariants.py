@@ -1,69 +1,74 @@
 """KVM_MMU_SPEC.md §6 items 8-24 on the TDP MMU engine, one test per item that the model
-makes observable (STYLE.md §3.2: ``test_invN_...``), on both implementations.
+makes observable (STYLE.md §3.2: ``test_invN_...``), and what ``vm.audit()`` checks (docs/API.md
+``vm.audit()``), on both implementations.
 
 The page tables are read straight out of ``vm.pool.pages`` and decoded with the spec's bit
-positions (tests/vmhelpers.py), so these checks do not trust the engine's own walker,
+positions (tests/support/tables.py), so these checks do not trust the engine's own walker,
 predicates or audit.  Randomised tests use the ``seed`` fixture (SPTE_FAST_TEST_SEED=all
 runs seeds 0..99).
 
 Items not covered here, and why:
-* 14 (MMIO round trip incl. L1TF), 15 (access tracking): constructor properties, in
-  test_spte_bits.py; the engine part of 14 (gfn and generation of installed MMIO SPTEs)
-  is ``test_inv14_...`` below.
+* 1-7 (memory cache): test_mmu_cache.py.  11, 12, 14, 15, 17 as constructor properties:
+  test_spte.py; the engine part of 14 (gfn and generation of installed MMIO SPTEs) is
+  ``test_inv14_...`` below.
 * 19 (a fault meeting a FROZEN entry returns RETRY without allocating): no public
   operation leaves a frozen entry in a linked table (the atomic zap stores the
   non-present value before it returns, and pool memory is read-only to users), so the
   path cannot be driven from outside.  What is observable, that no frozen value is ever
   left at rest in a linked table after any operation, is checked by items 9 and 10.
 * 23 (iterator pre-order, re-read before stepping down, yield/restart): single-threaded
-  and without yielding, every public operation's end state is the same for any visiting
-  order; nothing observable distinguishes pre-order (see the skip below).
+  and without yielding, every public operation's end state (SPTEs, stats, pool states,
+  freed tables' contents) is the same for any visiting order; nothing observable
+  distinguishes pre-order.
 * 25-30: dirty logging, aging, eager split, NX recovery, shadow MMU: not in this API.
 """
 import numpy as np
 import pytest
 
-from vmhelpers import (
+from support.layouts import (
+    LAYOUT_KINDS,
+    NONPRESENT_VALUES,
+    expected_nonleaf,
+    leaf_spte,
+    make_vm,
+)
+from support.snapshots import stat_delta
+from support.spec import (
     ACC_ALL,
     BIT_AD_DISABLED,
     BIT_PRESENT,
     BIT_PS,
     ENT,
-    LAYOUT_KINDS,
-    NONPRESENT_VALUES,
     NP63,
     PAGES_1G,
     PAGES_2M,
     PF_EMULATE,
     PF_FIXED,
     PF_RETRY,
-    check_allowed_values,
+    PFN0,
     child_of,
-    entries,
-    expected_nonleaf,
-    leaf_slots,
-    leaf_spte,
-    linked_tables,
-    make_vm,
     pages_per,
+)
+from support.tables import (
+    check_allowed_values,
+    entries,
+    leaf_slots,
+    linked_tables,
     present_leaves,
     table_page,
     tables_content,
 )
 
-PFN0 = 1 << 30
+
 G1 = PAGES_1G
 RO_BASE = 3 * PAGES_1G
 ODD_BASE = 2 * PAGES_1G + 1
 
 
-def stat_delta(before, after):
-    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
-
-
 # ------------------------------------------------------------------------------------------
 # a random workload
 # ------------------------------------------------------------------------------------------
+
 
 #: gfns near 2M / 1G boundaries, inside the slots below and outside every slot
 ANCHORS = [0, 1, 511, 512, 513, 1023, 5 * PAGES_2M, PAGES_1G - 1, PAGES_1G, PAGES_1G + 1,
@@ -140,6 +145,8 @@ def random_ops(impl, vm, vcpus, rng, n, check_zap=None):
 
 
 CONFIGS = [(kind, np_) for kind in LAYOUT_KINDS for np_ in NONPRESENT_VALUES]
+
+
 CONFIG_IDS = [f"{k}-{'np63' if n else 'np0'}" for k, n in CONFIGS]
 
 
@@ -298,6 +305,84 @@ def test_inv12_ept_bit63_on_every_stored_value(impl, kind, nonpresent, seed):
 # ==========================================================================================
 # 10. Every zap path leaves exactly the non-present value
 # ==========================================================================================
+
+
+def _populate_for_zaps(vm, vcpu):
+    """4K leaves in two 2M regions, a 2M leaf, a 1G leaf and an MMIO SPTE."""
+    for g in (0, 1, 2, 512, 513):
+        vcpu.fault(g, write=True)
+    vcpu.fault(PAGES_1G + 3 * PAGES_2M + 1)  # 2M
+    vcpu.fault(2 * PAGES_1G + 5)  # 1G
+    vcpu.fault(5 * PAGES_1G + 9)  # MMIO
+
+
+def _vm_for_zaps(impl, kind, nonpresent):
+    vm, layout = make_vm(impl, kind, nonpresent)
+    vm.add_memslot(0, 1024, 4 * PFN0 + 1)  # misaligned: 4K only
+    vm.add_memslot(PAGES_1G, PAGES_1G, PFN0 + PAGES_2M)  # 2M-aligned only
+    vm.add_memslot(2 * PAGES_1G, PAGES_1G, 2 * PFN0)  # 1G
+    vcpu = vm.vcpu()
+    _populate_for_zaps(vm, vcpu)
+    return vm, layout, vcpu
+
+
+def _assert_clean_tables(vm, layout):
+    """No linked entry is frozen; none is 0 unless that is the non-present value."""
+    for _t, level, _i, gfn, v in entries(vm):
+        assert v != layout.frozen_value, (gfn, level)
+        if layout.nonpresent_value != 0:
+            assert v != 0, (gfn, level)
+
+
+@pytest.mark.parametrize("kind", LAYOUT_KINDS)
+@pytest.mark.parametrize("nonpresent", NONPRESENT_VALUES)
+def test_every_zap_path_writes_the_nonpresent_value(impl, kind, nonpresent):
+    """Spec §6 item 10, each zap path in turn on one populated VM: zap_gfn_range
+    (``tdp_mmu_zap_leafs``) on a 4K, a 2M and a 1G leaf, zap_spte_atomic
+    (``tdp_mmu_zap_spte_atomic``) on a leaf and a non-leaf, zap_sp (``kvm_tdp_mmu_zap_sp``),
+    delete_memslot and zap_all (``tdp_mmu_zap_root``)."""
+    vm, layout, vcpu = _vm_for_zaps(impl, kind, nonpresent)
+    assert layout.nonpresent_value == nonpresent
+    assert vm.lookup(PAGES_1G + 3 * PAGES_2M)[1] == 2
+    assert vm.lookup(2 * PAGES_1G)[1] == 3
+
+    # zap_gfn_range: 4K leaf, 2M leaf, 1G leaf
+    assert vm.zap_gfn_range(1, 2)
+    assert vm.walk(1)[-1] == (1, nonpresent)
+    assert vm.zap_gfn_range(PAGES_1G + 3 * PAGES_2M, PAGES_1G + 3 * PAGES_2M + 1)
+    assert vm.walk(PAGES_1G + 3 * PAGES_2M)[-1] == (2, nonpresent)
+    assert vm.zap_gfn_range(2 * PAGES_1G, 3 * PAGES_1G)
+    assert vm.walk(2 * PAGES_1G)[-1] == (3, nonpresent)
+    _assert_clean_tables(vm, layout)
+    vm.audit()
+
+    # zap_spte_atomic: a leaf, then a non-leaf
+    assert vm.zap_spte_atomic(2, 1)
+    assert vm.walk(2)[-1] == (1, nonpresent)
+    assert vm.zap_spte_atomic(512, 2)
+    assert vm.walk(512)[-1] == (2, nonpresent)
+    _assert_clean_tables(vm, layout)
+    vm.audit()
+
+    # zap_sp: the parent entry
+    assert vm.zap_sp(0, 1)
+    assert vm.walk(0)[-1] == (2, nonpresent)
+    _assert_clean_tables(vm, layout)
+    vm.audit()
+
+    # delete_memslot
+    _populate_for_zaps(vm, vcpu)
+    vm.delete_memslot(0)
+    assert vm.walk(0)[-1] == (1, nonpresent) and vm.walk(513)[-1] == (1, nonpresent)
+    _assert_clean_tables(vm, layout)
+    vm.audit()
+
+    # zap_all: the root holds the non-present value only
+    _populate_for_zaps(vm, vcpu)
+    assert vm.zap_all()
+    assert (vm.pool.pages[vm.root] == np.uint64(nonpresent)).all()
+    assert vm.walk(PAGES_1G + 3 * PAGES_2M) == [(4, nonpresent)]
+    vm.audit()
 
 
 def test_inv10_every_zap_leaves_the_nonpresent_value(impl, config, seed):
@@ -673,18 +758,6 @@ def test_inv22_remap_to_another_pfn_goes_through_a_zap(impl):
 
 
 # ==========================================================================================
-# 23. Iterator order
-# ==========================================================================================
-
-
-@pytest.mark.skip(reason="spec §6 item 23 is not observable through this API: single-"
-                  "threaded and without yielding, every operation's end state (SPTEs, stats, "
-                  "pool states, freed tables' contents) is the same for any visiting order")
-def test_inv23_iterator_preorder():
-    """Kept as a marker for the item; see the module docstring."""
-
-
-# ==========================================================================================
 # 24. zap_all passes 4K -> 2M -> 1G -> root
 # ==========================================================================================
 
@@ -743,4 +816,37 @@ def test_inv24_zap_all_reports_once_and_frees_in_one_call(impl, config):
     assert d["tlb_flushes"] == 1 and "tlb_flushes_ranged" not in d
     assert d["tables_freed"] == s0["pt_pages"] - 1
     assert vm.stats["pages_4k"] == vm.stats["pages_2m"] == vm.stats["pages_1g"] == 0
+    vm.audit()
+
+
+# ==========================================================================================
+# audit(): every pool page is free, cached in one vCPU cache, or linked once
+# ==========================================================================================
+
+
+def test_audit_catches_raw_page_kept_from_pool(impl):
+    """docs/API.md ``vm.audit()``: every pool page is exactly one of free, cached (in one
+    vCPU cache), or linked once.  A page taken with ``vm.pool.alloc()`` and kept is neither
+    free, cached nor linked: AuditError; freeing it makes the VM consistent again."""
+    vm = make_vm(impl, max_pt_pages=64)[0]
+    vm.add_memslot(0, 1024, PFN0)
+    vm.vcpu().fault(5)  # a vCPU cache holding pages is fine
+    vm.audit()
+    idx = vm.pool.alloc()
+    with pytest.raises(impl.AuditError):
+        vm.audit()
+    vm.pool.free(idx)
+    vm.audit()
+
+
+def test_audit_catches_pages_held_by_a_foreign_cache(impl):
+    """Pages held by a MemoryCache that belongs to no vCPU of the VM: AuditError; after the
+    cache's ``free()`` audit passes."""
+    vm = make_vm(impl, max_pt_pages=64)[0]
+    cache = impl.MemoryCache(vm.pool, init_value=vm.layout.nonpresent_value)
+    cache.topup(1)
+    assert cache.nobjs > 0
+    with pytest.raises(impl.AuditError):
+        vm.audit()
+    cache.free()
     vm.audit()

@@ -20,4 +20,5 @@ def get_include():
     return os.path.join(os.path.dirname(__file__), "include")
 
 
-__all__ = ["AuditError", "CacheConfigError", "OutOfMemory", "SpteError", "PF", *_core_all]
+__all__ = ["AuditError", "CacheConfigError", "OutOfMemory", "SpteError", "PF", "get_include",
+           *_core_all]

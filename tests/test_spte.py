@@ -261,6 +261,15 @@ BLANK_LAYOUT_CALLS = {
 }
 
 
+def test_layouts_come_only_from_ept_and_npt(impl):
+    """docs/API.md "SpteLayout": ``SpteLayout()`` and ``SpteLayout.__new__(SpteLayout)``
+    raise TypeError, so no layout with unset masks exists."""
+    with pytest.raises(TypeError):
+        impl.SpteLayout()
+    with pytest.raises(TypeError):
+        impl.SpteLayout.__new__(impl.SpteLayout)
+
+
 @pytest.mark.parametrize("call", list(BLANK_LAYOUT_CALLS), ids=list(BLANK_LAYOUT_CALLS))
 def test_uninitialised_layout_methods_raise_type_error(impl, call):
     """A layout method on an uninitialised layout is a TypeError, not an answer computed

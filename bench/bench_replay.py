@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import spte_fast as sf
-from spte_fast import trace as tr
+from spte_fast.sim import trace as tr
 
 from conftest import per_item
 

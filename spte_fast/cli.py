@@ -1,11 +1,11 @@
 """The ``spte-fast`` command (also ``python -m spte_fast``).
 
 ``spte-fast simulate``       push millions of guest faults through the TDP MMU model, from a
-                             built-in workload (``spte_fast.workloads``) or a binary trace,
+                             built-in workload (``spte_fast.sim.workloads``) or a binary trace,
                              with optional interleaved zaps and vCPU threads; print a summary
                              table or (``--json``) one JSON document; ``--plot`` draws the run.
 ``spte-fast trace convert``  turn a valgrind lackey log into the binary trace format
-                             (``spte_fast.trace``).
+                             (``spte_fast.sim.trace``).
 ``spte-fast demo``           the two initialisation paths of KVM 6.10's memory cache, side by
                              side (also what ``python -m spte_fast`` alone runs).
 
@@ -26,9 +26,9 @@ import numpy as np
 
 import spte_fast as sf
 
-from . import trace as _trace
-from . import workloads as _workloads
-from .workloads import PAGES_2M
+from .sim import trace as _trace
+from .sim import workloads as _workloads
+from .sim.workloads import PAGES_2M
 
 PROG = "spte-fast"
 DEFAULT_FAULTS = 10_000_000

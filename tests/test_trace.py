@@ -1,4 +1,4 @@
-"""The lackey converter and the binary trace format (spte_fast.trace, `spte-fast trace`).
+"""The lackey converter and the binary trace format (spte_fast.sim.trace, `spte-fast trace`).
 
 Every command-line path runs ``python -m spte_fast`` as a subprocess.  Expected records
 come from a line-by-line oracle (tests/clihelpers.py), not from the code under test.
@@ -9,7 +9,7 @@ import lzma
 import numpy as np
 import pytest
 
-from spte_fast import trace as tr
+from spte_fast.sim import trace as tr
 
 from clihelpers import oracle_records, run_cli
 

@@ -28,7 +28,7 @@ mixed    60 % reads, 30 % writes, 10 % exec: 94 % over the RAM, 3 % over a 1 MiB
 
 Trace replay
 ------------
-``--trace FILE`` (format in ``spte_fast.trace``): each record faults its page with the
+``--trace FILE`` (format in ``spte_fast.sim.trace``): each record faults its page with the
 record's kind as access; the guest is one memslot from gfn 0 over the trace's highest page
 rounded up to 2M (or ``--guest-size``: pages beyond it then fault as MMIO, EMULATE).
 """

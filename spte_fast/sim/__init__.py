@@ -1,0 +1,1 @@
+"""The simulator behind ``spte-fast simulate``: fault sources and trace files."""

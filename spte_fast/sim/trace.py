@@ -30,6 +30,7 @@ fetch of one page are three entries, so the first write to a page that was only 
 kept) are written.
 """
 import collections
+import contextlib
 import gzip
 import lzma
 import os
@@ -38,15 +39,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import TraceError
+
 KIND_READ, KIND_WRITE, KIND_EXEC = 0, 1, 2
 KIND_NAMES = ("read", "write", "exec")
 CHUNK_RECORDS = 1 << 20          # records per chunk when reading a trace (8 MiB)
 LACKEY_BLOCK = 4 << 20           # bytes of lackey text parsed at a time
 _PAGE_DIGITS = 13                # hex digits of an address above the 3 of the page offset
-
-
-class TraceError(ValueError):
-    """A malformed lackey log or binary trace (the message names the file and place)."""
 
 
 def open_compressed(path, mode):
@@ -67,7 +66,8 @@ def iter_records(path, gfn_limit=None, chunk=CHUNK_RECORDS):
     """Yield the records of a trace as uint64 arrays of at most ``chunk`` records.
 
     Checks as it goes: a length that is not a multiple of 8, a record of kind 3 and (with
-    ``gfn_limit``) a page number ``>= gfn_limit`` raise ``TraceError``.
+    ``gfn_limit``) a page number ``>= gfn_limit`` raise ``TraceError``.  ``path`` is opened
+    once and read front to back, so it may be a FIFO.
     """
     done = 0
     with open_compressed(path, "rb") as f:
@@ -254,36 +254,48 @@ def convert_lackey(src, dst, tlb=None, block=LACKEY_BLOCK):
     """Convert the lackey log ``src`` into the binary trace ``dst`` (streaming).
 
     ``tlb``: None, or the entries of a FIFO TLB whose misses alone are kept.
-    Returns a ``ConvertStats``.  Raises ``TraceError`` on an unparsable line.
+    Returns a ``ConvertStats``.  Raises ``TraceError`` on an unparsable line.  Once ``dst``
+    is created, any failure (also an interrupt) removes it: it never holds a partial trace.
     """
-    stats = ConvertStats()
     fifo = FifoTlb(tlb) if tlb is not None else None
+    with open_compressed(src, "rb") as fin:
+        fout = open_compressed(dst, "wb")
+        try:
+            with fout:
+                return _convert_lackey(fin, fout, fifo, block, src)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(dst)
+            raise
+
+
+def _convert_lackey(fin, fout, fifo, block, src):
+    stats = ConvertStats()
     previous, carry = None, b""
-    with open_compressed(src, "rb") as fin, open_compressed(dst, "wb") as fout:
-        while True:
-            buf = _read_full(fin, block, src)
-            text = carry + buf
-            if not buf:                                # end of file: the last line
-                if not text:
-                    break
-                text, carry = text + (b"" if text.endswith(b"\n") else b"\n"), b""
-            else:
-                cut = text.rfind(b"\n") + 1
-                text, carry = text[:cut], text[cut:]
-                if not text:
-                    continue
-            recs = parse_lackey(text, stats.lines + 1, os.fspath(src))
-            stats.lines += text.count(b"\n")
-            stats.accesses += recs.size
-            recs = drop_duplicates(recs, previous)
-            if recs.size:
-                previous = recs[-1]
-            if fifo is not None:
-                recs = fifo.misses(recs)
-            out = recs.astype("<u8", copy=False).tobytes()
-            fout.write(out)
-            stats.records += recs.size
-            stats.bytes_out += len(out)
-            if not buf:
+    while True:
+        buf = _read_full(fin, block, src)
+        text = carry + buf
+        if not buf:                                # end of file: the last line
+            if not text:
                 break
+            text, carry = text + (b"" if text.endswith(b"\n") else b"\n"), b""
+        else:
+            cut = text.rfind(b"\n") + 1
+            text, carry = text[:cut], text[cut:]
+            if not text:
+                continue
+        recs = parse_lackey(text, stats.lines + 1, os.fspath(src))
+        stats.lines += text.count(b"\n")
+        stats.accesses += recs.size
+        recs = drop_duplicates(recs, previous)
+        if recs.size:
+            previous = recs[-1]
+        if fifo is not None:
+            recs = fifo.misses(recs)
+        out = recs.astype("<u8", copy=False).tobytes()
+        fout.write(out)
+        stats.records += recs.size
+        stats.bytes_out += len(out)
+        if not buf:
+            break
     return stats

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import trace as _trace
+from .errors import InputError
 
 PAGES_2M, PAGES_1G = 1 << 9, 1 << 18
 RAM_PFN = 0x100000                 # host pfn backing gfn 0 (1 GiB-aligned)
@@ -70,6 +71,19 @@ class Source:
     chunks: object                 # callable(chunk) -> iterator of (gfns, access)
     table_bound: object = None     # callable(level) -> max tables at that level, or None
     extra: dict = field(default_factory=dict)   # reported in the JSON configuration
+    closer: object = None          # callable() releasing what the source holds, or None
+
+    def close(self):
+        """Release what the source holds (a trace's spool file); idempotent."""
+        closer, self.closer = self.closer, None
+        if closer is not None:
+            closer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def _bijection(g):
@@ -131,7 +145,7 @@ def _generator(name, g, rng):
                                                       dtype=np.uint64)
             return gfns, _access(rng, n, write=0.3, exec_=0.1)
         return mixed
-    raise ValueError(f"unknown workload {name!r}")
+    raise InputError(f"unknown workload {name!r}")
 
 
 def _chunked(gen, total):
@@ -144,7 +158,7 @@ def _chunked(gen, total):
 def workload(name, faults, guest_bytes=None, seed=0):
     """The built-in workload ``name`` (see the module docstring) as a ``Source``."""
     if name not in DEFAULT_GUEST_BYTES:
-        raise ValueError(f"unknown workload {name!r}")
+        raise InputError(f"unknown workload {name!r}")
     g = (guest_bytes or DEFAULT_GUEST_BYTES[name]) >> 12
     rng = np.random.default_rng(seed)
     span = g
@@ -163,12 +177,14 @@ def workload(name, faults, guest_bytes=None, seed=0):
                   chunks=_chunked(_generator(name, g, rng), faults))
 
 
-def trace_source(path, gfn_limit, levels, faults=None, guest_bytes=None):
-    """Replay of a binary trace as a ``Source``; validates the whole file first.
+def trace_source(path, root_level=4, faults=None, guest_bytes=None):
+    """Replay of a binary trace as a ``Source``, for a ``root_level``-level VM.
 
-    Raises ``trace.TraceError`` for a malformed trace or pages beyond ``gfn_limit``.
+    Validates the whole file first; raises ``trace.TraceError`` for a malformed trace or
+    pages beyond the address width.
     """
-    info = _trace.scan_trace(path, gfn_limit, levels)
+    gfn_limit = 1 << (9 * root_level)
+    info = _trace.scan_trace(path, gfn_limit, root_level - 1)
     if info.records == 0:
         raise _trace.TraceError(f"{path}: empty trace")
     total = info.records if faults is None else min(faults, info.records)

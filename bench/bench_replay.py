@@ -4,18 +4,26 @@ The trace is bench/data/lackey_trace.bin.xz (valgrind lackey on bench/data/trace
 converted by ``spte-fast trace convert``; see bench/data/README.md): 8.5 M records, every
 one a fault (read, write or exec by its kind), of which the first touch of each of its
 ~2.8 K pages is FIXED and the rest SPURIOUS -- a real program's locality, not a synthetic
-pattern.  The trace is decoded once per session, outside the timed region; every round
-starts from an empty VM (zap_all in the pedantic setup) and replays the whole trace in
-1 Mi-fault chunks, as ``spte-fast simulate --trace`` does.  faults/s is saved in
-extra_info.  Layouts ept (non-present bit 63, 6.10) and legacy (non-present 0) side by side.
+pattern.
+
+Two groups, measured separately because ``spte-fast simulate --trace`` pays both:
+
+* ``fault_batch replay``: the fault path alone.  The trace is decoded once per session,
+  outside the timed region; every round starts from an empty VM (zap_all in the pedantic
+  setup) and replays the whole trace in 1 Mi-fault chunks.  faults/s in extra_info;
+  layouts ept (non-present bit 63, 6.10) and legacy (non-present 0) side by side.
+* ``trace read``: the one pass ``simulate --trace`` makes over the file before the
+  replay -- xz decompression, validation, the summary that sizes the page pool, and the
+  spool of raw records the replay reads back.  records/s in extra_info.
 """
 import os
+import tempfile
 
 import numpy as np
 import pytest
 
 import spte_fast as sf
-from spte_fast import trace as tr
+from spte_fast.sim import trace as tr
 
 from conftest import per_item
 
@@ -35,7 +43,7 @@ def lackey_trace():
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_replay_lackey_trace(benchmark, lackey_trace, layout):
-    benchmark.group = "replay: valgrind lackey trace (8.5 M faults)"
+    benchmark.group = "fault_batch replay: lackey trace, 8.5 M faults in 1 Mi chunks, decoded"
     gfns, access, distinct = lackey_trace
     vm = sf.Vm(LAYOUTS[layout](), root_level=4, max_level=sf.PG_LEVEL_4K, max_pt_pages=1 << 10)
     vm.add_memslot(0, int(gfns.max()) + 1, pfn=0x100000)
@@ -56,3 +64,19 @@ def test_replay_lackey_trace(benchmark, lackey_trace, layout):
     assert res["fixed"] + res["spurious"] == gfns.size
     vm.audit()
     per_item(benchmark, gfns.size)
+
+
+def test_read_lackey_trace_one_pass(benchmark, lackey_trace):
+    benchmark.group = "trace read: lackey trace .xz, one pass (decode, validate, summarise, spool)"
+    gfns = lackey_trace[0]
+    info = {}
+
+    def read():
+        with tempfile.TemporaryFile() as spool:
+            info["summary"] = tr.scan_trace(TRACE, 1 << 36, levels=3, spool=spool)
+            info["spooled"] = spool.tell()
+
+    benchmark.pedantic(read, rounds=3, warmup_rounds=1)
+    assert info["summary"].records == gfns.size and info["spooled"] == gfns.size * 8
+    assert info["summary"].max_page == int(gfns.max())
+    per_item(benchmark, gfns.size, unit="records")

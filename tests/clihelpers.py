@@ -2,7 +2,7 @@
 
 ``run_cli`` runs ``python -m spte_fast ...`` as a subprocess, as a user would; the lackey
 helpers are a slow, line-by-line oracle of the converter (a regular expression per line
-and a list as the FIFO TLB), independent of spte_fast.trace's vectorised parser.
+and a list as the FIFO TLB), independent of spte_fast.sim.trace's vectorised parser.
 """
 import json
 import os

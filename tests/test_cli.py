@@ -140,6 +140,14 @@ def test_seed_decides_the_run():
     assert key(a) != key(c)
 
 
+def test_json_keeps_the_samples():
+    doc = simulate("--faults", 40_000, "--chunk", 10_000, "--root-level", 5)
+    samples = doc["samples"]
+    assert [s["faults"] for s in samples] == [10_000, 20_000, 30_000, 40_000]
+    assert all(set(s) == {"faults", "seconds", "faults_per_s", "pt_pages"} for s in samples)
+    assert samples[-1]["pt_pages"] == [doc["stats"][f"pt_pages_l{lvl}"] for lvl in range(1, 6)]
+
+
 def test_human_summary():
     r = run_cli("simulate", "--faults", 20_000, "--zap-every", 5_000)
     assert r.rc == 0 and r.err == ""

@@ -1,15 +1,17 @@
-"""The lackey converter and the binary trace format (spte_fast.trace, `spte-fast trace`).
+"""The lackey converter and the binary trace format (spte_fast.sim.trace, `spte-fast trace`).
 
 Every command-line path runs ``python -m spte_fast`` as a subprocess.  Expected records
 come from a line-by-line oracle (tests/clihelpers.py), not from the code under test.
 """
 import gzip
 import lzma
+import os
+import threading
 
 import numpy as np
 import pytest
 
-from spte_fast import trace as tr
+from spte_fast.sim import trace as tr
 
 from clihelpers import oracle_records, run_cli
 
@@ -221,3 +223,42 @@ def test_round_trip_convert_then_simulate(tmp_path):
     doc = run_cli("simulate", "--trace", out, "--json", "--faults", 100).json()
     assert doc["faults"] == 100
     assert doc["results"]["fixed"] == len({x >> 2 for x in recs[:100]})
+
+
+def test_simulate_replays_a_fifo(tmp_path):
+    # A FIFO can be read once only: simulate --trace must not open it twice (it used to
+    # scan the trace, then reopen it for the replay, and block forever on the reopen).
+    rng = np.random.default_rng(9)
+    recs = ((rng.integers(0, 1 << 16, 4000).astype(np.uint64) << np.uint64(2))
+            | rng.integers(0, 3, 4000).astype(np.uint64)).astype("<u8")
+    for name, data in (("t.bin", recs.tobytes()), ("t.bin.xz", lzma.compress(recs.tobytes()))):
+        path = tmp_path / name
+        path.write_bytes(data)
+        want = run_cli("simulate", "--trace", path, "--json", "--chunk", 1000)
+        assert want.rc == 0, want.err
+        fifo = tmp_path / f"fifo-{name}"
+        os.mkfifo(fifo)
+        errors = []
+
+        def feed():
+            try:
+                with open(fifo, "wb") as f:        # blocks until the reader opens it
+                    f.write(data)
+            except OSError as e:                   # the reader went away early
+                errors.append(e)
+
+        writer = threading.Thread(target=feed, daemon=True)
+        writer.start()
+        try:
+            got = run_cli("simulate", "--trace", fifo, "--json", "--chunk", 1000, timeout=60)
+        finally:
+            if writer.is_alive():                  # never opened: release the writer
+                os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+            writer.join(10)
+        assert got.rc == 0, got.err
+        assert errors == []
+        a, b = want.json(), got.json()
+        assert b["results"] == a["results"] and b["stats"] == a["stats"]
+        assert b["faults"] == a["faults"] == 4000
+        for key in ("trace_records", "trace_kinds", "memslots", "max_pt_pages"):
+            assert b["config"][key] == a["config"][key], key

@@ -1,5 +1,9 @@
 """Memory-access traces: the valgrind lackey converter and the binary trace reader.
 
+``scan_trace`` reads a trace once, front to back (so it may come from a pipe): it
+validates it, summarises what sizing a VM takes, and can spool the raw records to a plain
+file that ``read_spool`` replays.
+
 Binary trace format
 -------------------
 A file of little-endian ``uint64`` records and nothing else (no header)::
@@ -30,6 +34,7 @@ fetch of one page are three entries, so the first write to a page that was only 
 kept) are written.
 """
 import collections
+import contextlib
 import gzip
 import lzma
 import os
@@ -38,15 +43,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import TraceError
+
 KIND_READ, KIND_WRITE, KIND_EXEC = 0, 1, 2
 KIND_NAMES = ("read", "write", "exec")
 CHUNK_RECORDS = 1 << 20          # records per chunk when reading a trace (8 MiB)
 LACKEY_BLOCK = 4 << 20           # bytes of lackey text parsed at a time
 _PAGE_DIGITS = 13                # hex digits of an address above the 3 of the page offset
-
-
-class TraceError(ValueError):
-    """A malformed lackey log or binary trace (the message names the file and place)."""
 
 
 def open_compressed(path, mode):
@@ -67,7 +70,8 @@ def iter_records(path, gfn_limit=None, chunk=CHUNK_RECORDS):
     """Yield the records of a trace as uint64 arrays of at most ``chunk`` records.
 
     Checks as it goes: a length that is not a multiple of 8, a record of kind 3 and (with
-    ``gfn_limit``) a page number ``>= gfn_limit`` raise ``TraceError``.
+    ``gfn_limit``) a page number ``>= gfn_limit`` raise ``TraceError``.  ``path`` is opened
+    once and read front to back, so it may be a FIFO.
     """
     done = 0
     with open_compressed(path, "rb") as f:
@@ -113,26 +117,124 @@ def _read_full(f, n, path):
 
 @dataclass
 class TraceSummary:
-    """What a first pass over a trace found (all it takes to size a VM for it)."""
+    """What a pass over a trace found (all it takes to size a VM for it)."""
     records: int
     max_page: int                # -1 for an empty trace
     kinds: tuple                 # records per kind (read, write, exec)
     regions: tuple               # distinct 512^l-page regions touched, for l = 1, 2, ...
 
 
-def scan_trace(path, gfn_limit, levels=4, chunk=CHUNK_RECORDS):
-    """Validate a whole trace and summarise it (``regions`` has ``levels`` entries)."""
+def scan_trace(path, gfn_limit, levels=4, chunk=CHUNK_RECORDS, spool=None, spool_limit=None):
+    """Validate a whole trace and summarise it, reading it once (``regions``: ``levels`` entries).
+
+    With ``spool`` (a binary file open for writing) the records are also written to it as
+    they are read, raw little-endian ``uint64``: all of them, or the first ``spool_limit``.
+    Reading back the spool (``read_spool``) then replays the trace without opening or
+    decompressing ``path`` again.  Memory stays bounded by ``chunk`` records plus the
+    distinct 2M regions (``RegionCounter``); time is linear in the records.
+    """
     n, max_page = 0, -1
     kinds = np.zeros(4, dtype=np.int64)
-    regions = np.zeros(0, dtype=np.uint64)          # distinct page >> 9 seen so far
+    regions = RegionCounter(gfn_limit)
+    left = spool_limit
     for recs in iter_records(path, gfn_limit, chunk):
         pages = recs >> 2
         n += recs.size
         max_page = max(max_page, int(pages.max()))
         kinds += np.bincount((recs & 3).astype(np.intp), minlength=4)
-        regions = np.union1d(regions, np.unique(pages >> 9))
-    counts = tuple(int(np.unique(regions >> (9 * l)).size) for l in range(levels))
-    return TraceSummary(n, max_page, tuple(int(k) for k in kinds[:3]), counts)
+        regions.add(pages)
+        if spool is not None and left != 0:
+            keep = recs if left is None else recs[:left]
+            spool.write(keep.astype("<u8", copy=False).data)
+            if left is not None:
+                left -= keep.size
+    return TraceSummary(n, max_page, tuple(int(k) for k in kinds[:3]), regions.counts(levels))
+
+
+def read_spool(f, chunk=CHUNK_RECORDS):
+    """Yield the records ``scan_trace`` spooled to ``f``, from its start, ``chunk`` at a time.
+
+    No checks: the records were validated on their way in.
+    """
+    f.flush()
+    f.seek(0)
+    while True:
+        buf = f.read(chunk * 8)
+        if not buf:
+            return
+        yield np.frombuffer(buf, dtype="<u8").astype(np.uint64, copy=False)
+
+
+def _drop_repeats(a):
+    """``a`` without the elements equal to the one before them (linear; a trace's regions
+    come in long runs, so this leaves few)."""
+    if a.size < 2:
+        return a
+    keep = np.empty(a.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(a[1:], a[:-1], out=keep[1:])
+    return a[keep]
+
+
+def _merge_distinct(a, b):
+    """The sorted distinct union of two sorted distinct arrays, in linear time: the stable
+    sort is a timsort, which merges two sorted runs in one pass."""
+    m = np.concatenate((a, b))
+    m.sort(kind="stable")
+    return _drop_repeats(m)
+
+
+class RegionCounter:
+    """The distinct 2M regions (``page >> 9``) of a stream of page chunks, in linear time.
+
+    Below ``BITMAP_REGIONS`` regions (a 4-level guest: gfn < 2**36, 2**27 regions) it is a
+    bitmap, one bit per region: 16 MiB of zeros that the OS commits only where a region is
+    set, set by one vectorised scatter per chunk.  Wider (5 levels: 2**36 regions, an 8 GiB
+    bitmap) it keeps sorted runs of distinct regions merged like a binary counter -- a run
+    per chunk, and two runs of equal rank merge (linearly) into one of the next rank -- so
+    a region takes part in O(log chunks) merges instead of one per chunk, and memory is
+    8 bytes per distinct region.
+    """
+
+    BITMAP_REGIONS = 1 << 27
+
+    def __init__(self, gfn_limit):
+        nregions = -(-gfn_limit // 512)
+        self._bits = (np.zeros(-(-nregions // 8), dtype=np.uint8)
+                      if nregions <= self.BITMAP_REGIONS else None)
+        self._runs = []                                 # [(rank, sorted distinct uint64)]
+
+    def add(self, pages):
+        """Count the regions of ``pages`` (uint64 page numbers below ``gfn_limit``)."""
+        r = _drop_repeats(np.asarray(pages, dtype=np.uint64) >> np.uint64(9))
+        if self._bits is not None:
+            np.bitwise_or.at(self._bits, r >> np.uint64(3),
+                             np.left_shift(np.uint8(1), (r & np.uint64(7)).astype(np.uint8)))
+            return
+        run, rank = _drop_repeats(np.sort(r)), 0        # np.unique: the same, slower
+        while self._runs and self._runs[-1][0] == rank:
+            run, rank = _merge_distinct(self._runs.pop()[1], run), rank + 1
+        self._runs.append((rank, run))
+
+    def distinct(self):
+        """The distinct regions seen so far, sorted (uint64)."""
+        if self._bits is not None:
+            nz = np.flatnonzero(self._bits)
+            row, bit = np.nonzero(np.unpackbits(self._bits[nz][:, None], axis=1,
+                                                bitorder="little"))
+            return nz[row].astype(np.uint64) * np.uint64(8) + bit.astype(np.uint64)
+        out = np.zeros(0, dtype=np.uint64)
+        for _, run in reversed(self._runs):             # smallest first
+            out = _merge_distinct(out, run)
+        return out
+
+    def counts(self, levels):
+        """Distinct 512^l-page regions for l = 1 .. ``levels`` (2M, 1G, 512G, ...)."""
+        r, out = self.distinct(), []
+        for level in range(levels):
+            s = r >> np.uint64(9 * level)               # still sorted
+            out.append(int(s.size and 1 + np.count_nonzero(s[1:] != s[:-1])))
+        return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -254,36 +356,48 @@ def convert_lackey(src, dst, tlb=None, block=LACKEY_BLOCK):
     """Convert the lackey log ``src`` into the binary trace ``dst`` (streaming).
 
     ``tlb``: None, or the entries of a FIFO TLB whose misses alone are kept.
-    Returns a ``ConvertStats``.  Raises ``TraceError`` on an unparsable line.
+    Returns a ``ConvertStats``.  Raises ``TraceError`` on an unparsable line.  Once ``dst``
+    is created, any failure (also an interrupt) removes it: it never holds a partial trace.
     """
-    stats = ConvertStats()
     fifo = FifoTlb(tlb) if tlb is not None else None
+    with open_compressed(src, "rb") as fin:
+        fout = open_compressed(dst, "wb")
+        try:
+            with fout:
+                return _convert_lackey(fin, fout, fifo, block, src)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(dst)
+            raise
+
+
+def _convert_lackey(fin, fout, fifo, block, src):
+    stats = ConvertStats()
     previous, carry = None, b""
-    with open_compressed(src, "rb") as fin, open_compressed(dst, "wb") as fout:
-        while True:
-            buf = _read_full(fin, block, src)
-            text = carry + buf
-            if not buf:                                # end of file: the last line
-                if not text:
-                    break
-                text, carry = text + (b"" if text.endswith(b"\n") else b"\n"), b""
-            else:
-                cut = text.rfind(b"\n") + 1
-                text, carry = text[:cut], text[cut:]
-                if not text:
-                    continue
-            recs = parse_lackey(text, stats.lines + 1, os.fspath(src))
-            stats.lines += text.count(b"\n")
-            stats.accesses += recs.size
-            recs = drop_duplicates(recs, previous)
-            if recs.size:
-                previous = recs[-1]
-            if fifo is not None:
-                recs = fifo.misses(recs)
-            out = recs.astype("<u8", copy=False).tobytes()
-            fout.write(out)
-            stats.records += recs.size
-            stats.bytes_out += len(out)
-            if not buf:
+    while True:
+        buf = _read_full(fin, block, src)
+        text = carry + buf
+        if not buf:                                # end of file: the last line
+            if not text:
                 break
+            text, carry = text + (b"" if text.endswith(b"\n") else b"\n"), b""
+        else:
+            cut = text.rfind(b"\n") + 1
+            text, carry = text[:cut], text[cut:]
+            if not text:
+                continue
+        recs = parse_lackey(text, stats.lines + 1, os.fspath(src))
+        stats.lines += text.count(b"\n")
+        stats.accesses += recs.size
+        recs = drop_duplicates(recs, previous)
+        if recs.size:
+            previous = recs[-1]
+        if fifo is not None:
+            recs = fifo.misses(recs)
+        out = recs.astype("<u8", copy=False).tobytes()
+        fout.write(out)
+        stats.records += recs.size
+        stats.bytes_out += len(out)
+        if not buf:
+            break
     return stats

@@ -28,16 +28,21 @@ mixed    60 % reads, 30 % writes, 10 % exec: 94 % over the RAM, 3 % over a 1 MiB
 
 Trace replay
 ------------
-``--trace FILE`` (format in ``spte_fast.trace``): each record faults its page with the
+``--trace FILE`` (format in ``spte_fast.sim.trace``): each record faults its page with the
 record's kind as access; the guest is one memslot from gfn 0 over the trace's highest page
-rounded up to 2M (or ``--guest-size``: pages beyond it then fault as MMIO, EMULATE).
+rounded up to 2M (or ``--guest-size``: pages beyond it then fault as MMIO, EMULATE).  The
+file is read once: validated and summarised while its records are spooled, uncompressed,
+to an anonymous temporary file (8 bytes per replayed record, in ``TMPDIR``), from which
+the replay reads them back.
 """
 import math
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import trace as _trace
+from .errors import InputError
 
 PAGES_2M, PAGES_1G = 1 << 9, 1 << 18
 RAM_PFN = 0x100000                 # host pfn backing gfn 0 (1 GiB-aligned)
@@ -70,6 +75,19 @@ class Source:
     chunks: object                 # callable(chunk) -> iterator of (gfns, access)
     table_bound: object = None     # callable(level) -> max tables at that level, or None
     extra: dict = field(default_factory=dict)   # reported in the JSON configuration
+    closer: object = None          # callable() releasing what the source holds, or None
+
+    def close(self):
+        """Release what the source holds (a trace's spool file); idempotent."""
+        closer, self.closer = self.closer, None
+        if closer is not None:
+            closer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def _bijection(g):
@@ -131,7 +149,7 @@ def _generator(name, g, rng):
                                                       dtype=np.uint64)
             return gfns, _access(rng, n, write=0.3, exec_=0.1)
         return mixed
-    raise ValueError(f"unknown workload {name!r}")
+    raise InputError(f"unknown workload {name!r}")
 
 
 def _chunked(gen, total):
@@ -144,7 +162,7 @@ def _chunked(gen, total):
 def workload(name, faults, guest_bytes=None, seed=0):
     """The built-in workload ``name`` (see the module docstring) as a ``Source``."""
     if name not in DEFAULT_GUEST_BYTES:
-        raise ValueError(f"unknown workload {name!r}")
+        raise InputError(f"unknown workload {name!r}")
     g = (guest_bytes or DEFAULT_GUEST_BYTES[name]) >> 12
     rng = np.random.default_rng(seed)
     span = g
@@ -163,32 +181,39 @@ def workload(name, faults, guest_bytes=None, seed=0):
                   chunks=_chunked(_generator(name, g, rng), faults))
 
 
-def trace_source(path, gfn_limit, levels, faults=None, guest_bytes=None):
-    """Replay of a binary trace as a ``Source``; validates the whole file first.
+def trace_source(path, root_level=4, faults=None, guest_bytes=None):
+    """Replay of a binary trace as a ``Source``, for a ``root_level``-level VM.
 
-    Raises ``trace.TraceError`` for a malformed trace or pages beyond ``gfn_limit``.
+    Reads ``path`` once, here: every record is validated (``trace.TraceError`` for a
+    malformed trace or pages beyond the address width, also past ``faults``) and the first
+    ``faults`` (default all) are spooled to a temporary file that the source's chunks read
+    back.  Close the source (or use it as a context manager) to drop the spool.
     """
-    info = _trace.scan_trace(path, gfn_limit, levels)
-    if info.records == 0:
-        raise _trace.TraceError(f"{path}: empty trace")
+    gfn_limit = 1 << (9 * root_level)
+    spool = tempfile.TemporaryFile(prefix="spte-fast-trace-")
+    try:
+        # Regions for every table level of a 5-level VM: the counts are cheap once the
+        # distinct 2M regions are known, and the source then fits either root level.
+        info = _trace.scan_trace(path, gfn_limit, levels=4, spool=spool, spool_limit=faults)
+        if info.records == 0:
+            raise _trace.TraceError(f"{path}: empty trace")
+    except BaseException:
+        spool.close()
+        raise
     total = info.records if faults is None else min(faults, info.records)
     g = (guest_bytes >> 12) if guest_bytes else (info.max_page + PAGES_2M) // PAGES_2M * PAGES_2M
     g = min(g, gfn_limit)
 
     def chunks(chunk):
-        left = total
-        for recs in _trace.iter_records(path, gfn_limit, chunk):
-            recs = recs[:left]
-            left -= recs.size
+        for recs in _trace.read_spool(spool, chunk):
             yield recs >> np.uint64(2), (recs & np.uint64(3)).astype(np.uint8)
-            if left == 0:
-                return
 
     return Source(name="trace", faults=total, guest_pages=g, slots=[Slot(0, g, RAM_PFN)],
                   span=info.max_page + 1, max_level=1, chunks=chunks,
                   table_bound=lambda level: info.regions[level - 1],
                   extra={"trace": str(path), "trace_records": info.records,
-                         "trace_kinds": dict(zip(_trace.KIND_NAMES, info.kinds))})
+                         "trace_kinds": dict(zip(_trace.KIND_NAMES, info.kinds))},
+                  closer=spool.close)
 
 
 def pool_pages(source, root_level, vcpus, cache_capacity=40):

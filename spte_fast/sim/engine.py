@@ -1,0 +1,257 @@
+"""Run a configured simulation: a source of accesses -> fault batches -> stats.
+
+``run(SimConfig(...), source)`` builds a new ``Vm`` sized for the source, adds its memslots,
+faults the source's chunks through ``Vcpu.fault_batch`` (split between ``vcpus`` threads,
+each with its own ``Vcpu``), interleaves the periodic zaps between fault segments, audits
+the model and returns a ``SimResult``.  Sources come from ``spte_fast.sim.workloads``
+(``workload(...)``, ``trace_source(...)``).  Python runs per segment, never per fault.
+
+Example::
+
+    from spte_fast.sim import SimConfig, run, workload
+    res = run(SimConfig(zap_every=10_000), workload("seq", 100_000, 16 << 20))
+    res.results["fixed"], res.stats["pages_4k"], res.samples[-1].faults
+    res.to_dict()            # the document ``spte-fast simulate --json`` prints
+"""
+import concurrent.futures
+import contextlib
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+import spte_fast as sf
+
+from .errors import AuditFailed, HostMemoryError, InputError, RunError
+from .report import format_bytes
+from .workloads import PAGES_2M, pool_pages
+
+DEFAULT_CHUNK = 1 << 20
+MAX_VCPUS = 256
+
+LAYOUTS = {
+    "ept": ("Intel EPT with A/D bits, non-present SPTE = bit 63 (Linux 6.10+ x86-64)",
+            lambda: sf.SpteLayout.ept(ad=True)),
+    "ept-noad": ("Intel EPT without A/D bits (access tracking through RWX), non-present = "
+                 "bit 63", lambda: sf.SpteLayout.ept(ad=False)),
+    "npt": ("AMD NPT, non-present = bit 63", lambda: sf.SpteLayout.npt()),
+    "tdx": ("the Intel TDX configuration: EPT + A/D, non-present = bit 63 (suppress #VE);\n"
+            "            for now the same SPTEs as ept", lambda: sf.SpteLayout.ept(ad=True)),
+    "legacy": ("EPT with A/D, non-present = 0: kernels up to 6.9 (GFP_ZERO tables)",
+               lambda: sf.SpteLayout.ept(ad=True, nonpresent_value=0)),
+}
+MAX_LEVELS = {"4k": sf.PG_LEVEL_4K, "2m": sf.PG_LEVEL_2M, "1g": sf.PG_LEVEL_1G}
+LEVEL_NAMES = {v: k for k, v in MAX_LEVELS.items()}
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """How to run a source.  Every field has the command line's default."""
+    layout: str = "ept"              # a key of LAYOUTS
+    root_level: int = 4              # 4 (gfn < 1 << 36) or 5 (gfn < 1 << 45)
+    max_level: int = None            # largest mapping, 1..3 (PG_LEVEL_*); None: the source's
+    vcpus: int = 1                   # threads, one Vcpu each; every chunk is split between them
+    zap_every: int = None            # zap a random 2M-aligned range every N faults
+    zap_all_every: int = None        # zap_all every N faults
+    seed: int = 0                    # the zaps' random ranges (a workload has its own seed)
+    chunk: int = DEFAULT_CHUNK       # faults per source chunk (one sample each)
+
+    def __post_init__(self):
+        def count(name, value, low=1, high=None, optional=False):
+            if optional and value is None:
+                return
+            if (not isinstance(value, int) or isinstance(value, bool) or value < low
+                    or (high is not None and value > high)):
+                raise InputError(f"{name} must be an int in [{low}, {high or 'inf'}], "
+                                 f"not {value!r}")
+        if self.layout not in LAYOUTS:
+            raise InputError(f"unknown layout {self.layout!r} (one of {', '.join(LAYOUTS)})")
+        if self.root_level not in (4, 5):
+            raise InputError(f"root_level must be 4 or 5, not {self.root_level!r}")
+        if self.max_level is not None and self.max_level not in LEVEL_NAMES:
+            raise InputError(f"max_level must be 1, 2 or 3 (or None), not {self.max_level!r}")
+        count("vcpus", self.vcpus, 1, MAX_VCPUS)
+        count("zap_every", self.zap_every, optional=True)
+        count("zap_all_every", self.zap_all_every, optional=True)
+        count("chunk", self.chunk)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise InputError(f"seed must be a non-negative int, not {self.seed!r}")
+
+    @property
+    def gfn_limit(self):
+        """Every gfn of the guest must be below this (the address width of the root)."""
+        return 1 << (9 * self.root_level)
+
+
+@dataclass
+class Sample:
+    """The state after one source chunk."""
+    faults: int                      # faults done so far
+    seconds: float                   # since the run started
+    faults_per_s: float              # of this chunk, in the fault path alone
+    pt_pages: tuple                  # tables per level, L1 first (pt_pages_l1, ...)
+
+    def to_dict(self):
+        return {"faults": self.faults, "seconds": self.seconds,
+                "faults_per_s": self.faults_per_s, "pt_pages": list(self.pt_pages)}
+
+
+@dataclass
+class SimResult:
+    """What a run did.  ``to_dict()`` is the ``--json`` document."""
+    config: SimConfig                # max_level resolved (the source's default applied)
+    source: dict                     # what ran: source/workload, trace details, memslots
+    nonpresent_value: int            # of the layout
+    max_pt_pages: int                # the page pool the VM got
+    faults: int                      # faults done
+    results: dict                    # fixed, spurious, emulate, retry (summed over vCPUs)
+    elapsed_s: float                 # wall time of the fault loop, zaps included
+    fault_s: float                   # in fault_batch
+    zap_s: float                     # in zaps
+    faults_per_s: float              # faults / fault_s
+    overall_faults_per_s: float      # faults / elapsed_s
+    zaps: dict                       # gfn_range, gfn_range_flushed, all, all_flushed
+    stats: dict                      # vm.stats at the end
+    audit: str                       # "passed" (a failed audit raises AuditFailed)
+    samples: list                    # [Sample], one per source chunk
+
+    def to_dict(self):
+        """A JSON-ready dict: configuration, counts, rates, zaps, stats, audit, samples."""
+        c = self.config
+        return {
+            "config": {
+                **self.source,
+                "layout": c.layout, "nonpresent_value": hex(self.nonpresent_value),
+                "root_level": c.root_level, "max_level": LEVEL_NAMES[c.max_level],
+                "vcpus": c.vcpus, "zap_every": c.zap_every, "zap_all_every": c.zap_all_every,
+                "seed": c.seed, "chunk": c.chunk, "max_pt_pages": self.max_pt_pages,
+            },
+            "faults": self.faults,
+            "results": dict(self.results),
+            "elapsed_s": self.elapsed_s,
+            "fault_s": self.fault_s,
+            "zap_s": self.zap_s,
+            "faults_per_s": self.faults_per_s,
+            "overall_faults_per_s": self.overall_faults_per_s,
+            "zaps": dict(self.zaps),
+            "stats": dict(self.stats),
+            "audit": self.audit,
+            "samples": [s.to_dict() for s in self.samples],
+        }
+
+
+def describe(source):
+    """The source part of a result's configuration."""
+    return {
+        "source": "trace" if source.name == "trace" else "workload",
+        "workload": source.name, **source.extra,
+        "faults": source.faults, "guest_bytes": source.guest_pages << 12,
+        "memslots": [{"base_gfn": s.base_gfn, "npages": s.npages, "pfn": s.pfn,
+                      "readonly": s.readonly} for s in source.slots],
+    }
+
+
+def check(config, source):
+    """Raise ``InputError`` when ``source`` cannot run under ``config`` (run() calls it)."""
+    if source.span > config.gfn_limit:
+        raise InputError(f"a {format_bytes(source.guest_pages << 12)} guest does not fit the "
+                         f"{config.root_level}-level address width "
+                         f"({format_bytes(config.gfn_limit << 12)})")
+
+
+def _fault_parallel(executor, vcpus, gfns, access):
+    """Split one segment between the vCPUs (contiguous slices), fault them concurrently."""
+    if executor is None:
+        return [vcpus[0].fault_batch(gfns, access)]
+    n, k = gfns.size, len(vcpus)
+    edges = [n * i // k for i in range(k + 1)]
+    futures = [executor.submit(v.fault_batch, gfns[a:b], None if access is None else access[a:b])
+               for v, a, b in zip(vcpus, edges, edges[1:]) if b > a]
+    return [f.result() for f in futures]
+
+
+def run(config, source, progress=None):
+    """Run ``source`` (a ``workloads.Source``) through a new Vm under ``config``.
+
+    Every ``zap_every`` faults a random 2M-aligned range of the guest is zapped with
+    ``zap_gfn_range``, every ``zap_all_every`` faults everything with ``zap_all`` (between
+    fault segments, with no fault in flight).  ``progress(n)`` is called per segment.
+    Returns a ``SimResult``; raises ``InputError`` (nothing ran) or ``RunError``.
+    """
+    check(config, source)
+    config = dataclasses.replace(config, max_level=config.max_level or source.max_level)
+    try:
+        return _run(config, source, progress)
+    except sf.OutOfMemory as e:
+        raise RunError(f"the page-table pool ran out: {e}") from e
+    except MemoryError as e:        # the page-table pool, or a memslot's host page flags
+        raise HostMemoryError(source.guest_pages << 12, source.faults) from e
+
+
+def _new_vm(config, source):
+    pt_pages = pool_pages(source, config.root_level, config.vcpus)
+    try:
+        vm = sf.Vm(LAYOUTS[config.layout][1](), root_level=config.root_level,
+                   max_level=config.max_level, max_pt_pages=pt_pages)
+        for s in source.slots:
+            vm.add_memslot(s.base_gfn, s.npages, s.pfn, readonly=s.readonly)
+    except ValueError as e:         # memslots that the engine refuses (width, pfn field)
+        raise InputError(str(e)) from e
+    return vm, pt_pages
+
+
+def _run(config, source, progress):
+    c = config
+    vm, pt_pages = _new_vm(c, source)
+    cpus = [vm.vcpu() for _ in range(c.vcpus)]
+    zap_rng = np.random.default_rng(np.random.SeedSequence(c.seed).spawn(2)[1])
+    periods = [p for p in (c.zap_every, c.zap_all_every) if p]
+    zap_regions = max(1, -(-source.guest_pages // PAGES_2M))
+    results = {"fixed": 0, "spurious": 0, "emulate": 0, "retry": 0}
+    zaps = {"gfn_range": 0, "gfn_range_flushed": 0, "all": 0, "all_flushed": 0}
+    samples, done, fault_s, zap_s = [], 0, 0.0, 0.0
+    t_start = time.perf_counter()
+    with (concurrent.futures.ThreadPoolExecutor(c.vcpus, thread_name_prefix="vcpu")
+          if c.vcpus > 1 else contextlib.nullcontext()) as executor:
+        for gfns, access in source.chunks(c.chunk):
+            chunk_fault_s, pos = 0.0, 0
+            while pos < gfns.size:
+                # Segments end where a zap is due.
+                end = min([gfns.size] + [(done + pos) // p * p + p - done for p in periods])
+                t0 = time.perf_counter()
+                for r in _fault_parallel(executor, cpus, gfns[pos:end],
+                                         None if access is None else access[pos:end]):
+                    for k in results:
+                        results[k] += r[k]
+                chunk_fault_s += time.perf_counter() - t0
+                if progress:
+                    progress(end - pos)
+                pos = end
+                t0 = time.perf_counter()
+                if c.zap_every and (done + pos) % c.zap_every == 0:
+                    start = int(zap_rng.integers(zap_regions)) * PAGES_2M
+                    zaps["gfn_range"] += 1
+                    zaps["gfn_range_flushed"] += vm.zap_gfn_range(start, start + PAGES_2M)
+                if c.zap_all_every and (done + pos) % c.zap_all_every == 0:
+                    zaps["all"] += 1
+                    zaps["all_flushed"] += vm.zap_all()
+                zap_s += time.perf_counter() - t0
+            done += gfns.size
+            fault_s += chunk_fault_s
+            st = vm.stats
+            samples.append(Sample(
+                faults=done, seconds=time.perf_counter() - t_start,
+                faults_per_s=gfns.size / chunk_fault_s if chunk_fault_s else 0.0,
+                pt_pages=tuple(st[f"pt_pages_l{lvl}"] for lvl in range(1, c.root_level + 1))))
+    elapsed = time.perf_counter() - t_start
+    try:
+        vm.audit()
+    except sf.AuditError as e:
+        raise AuditFailed(f"audit failed ({e.invariant}): {e}", e.invariant) from e
+    return SimResult(
+        config=c, source=describe(source), nonpresent_value=vm.layout.nonpresent_value,
+        max_pt_pages=pt_pages, faults=done, results=results, elapsed_s=elapsed,
+        fault_s=fault_s, zap_s=zap_s, faults_per_s=done / fault_s if fault_s else 0.0,
+        overall_faults_per_s=done / elapsed if elapsed else 0.0, zaps=zaps, stats=vm.stats,
+        audit="passed", samples=samples)

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from clihelpers import ROOT, run_cli
+from support.cli import ROOT, run_cli
 
 STATS_KEYS = {"faults_fixed", "faults_spurious", "faults_retry", "faults_emulate", "pages_4k",
               "pages_2m", "pages_1g", "pt_pages", "pt_pages_l1", "pt_pages_l4",

@@ -21,7 +21,7 @@ from spte_fast import sim
 from spte_fast.sim import trace as tr
 from spte_fast.sim.engine import SimConfig
 
-from clihelpers import ROOT
+from support.cli import ROOT
 
 PAGES_16M = 4096
 

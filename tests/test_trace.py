@@ -1,7 +1,7 @@
 """The lackey converter and the binary trace format (spte_fast.sim.trace, `spte-fast trace`).
 
 Every command-line path runs ``python -m spte_fast`` as a subprocess.  Expected records
-come from a line-by-line oracle (tests/clihelpers.py), not from the code under test.
+come from a line-by-line oracle (tests/support/cli.py), not from the code under test.
 """
 import gzip
 import lzma
@@ -13,7 +13,7 @@ import pytest
 
 from spte_fast.sim import trace as tr
 
-from clihelpers import oracle_records, run_cli
+from support.cli import oracle_records, run_cli
 
 # A lackey log as valgrind writes it: banners, an empty line, all four record kinds,
 # consecutive duplicates (same page and kind, other offsets), and a read, write and fetch

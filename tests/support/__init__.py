@@ -12,6 +12,8 @@ not with the implementation's predicates.
 * ``support.snapshots``: "nothing changed" snapshots of a VM or of a cache and its pool,
   and stat deltas;
 * ``support.threads``: starting callables on threads at once;
+* ``support.cli``: running ``spte-fast`` in a subprocess, and a line-by-line oracle of the
+  lackey trace conversion;
 * ``support.child``: running code in a child interpreter, so that a crash or a hang fails
   one test instead of the whole session.
 

@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _LINE = re.compile(r"^(I | L| S| M) ([0-9a-fA-F]+),(\d+)$")
 _KIND = {"I ": 2, " L": 0, " S": 1, " M": 1}
 

@@ -95,8 +95,9 @@ cdef u64* _nonempty(object array, int64_t* size) except NULL:
     return <u64*>cnp.PyArray_DATA(arr)
 
 
-def cmpxchg_loop(array, n):
-    """n compare-and-exchanges (old -> old ^ 1) at a large odd stride; returns a checksum."""
+cdef u64 _rmw_loop(object array, object n, bint atomic) except? 0:
+    """n updates (old -> old ^ 1) at a large odd stride; returns a checksum.  The same loop
+    for both operations, so the pair measures only the difference (GCC unswitches it)."""
     cdef int64_t size
     cdef u64* p = _nonempty(array, &size)
     cdef int64_t k = _count(n, "n")
@@ -105,26 +106,23 @@ def cmpxchg_loop(array, n):
     with nogil:
         for i in range(k):
             old = spte_load_acquire(p + j)
-            spte_try_cmpxchg_seq_cst(p + j, &old, old ^ 1)
+            if atomic:
+                spte_try_cmpxchg_seq_cst(p + j, &old, old ^ 1)
+            else:
+                spte_store_relaxed(p + j, old ^ 1)
             acc += old
             j = (j + <int64_t>2654435761) % size
     return acc
+
+
+def cmpxchg_loop(array, n):
+    """n compare-and-exchanges (old -> old ^ 1) at a large odd stride; returns a checksum."""
+    return _rmw_loop(array, n, True)
 
 
 def plain_rmw_loop(array, n):
     """Control for cmpxchg_loop: the same loop with a plain read-modify-write."""
-    cdef int64_t size
-    cdef u64* p = _nonempty(array, &size)
-    cdef int64_t k = _count(n, "n")
-    cdef int64_t i, j = 0
-    cdef u64 old, acc = 0
-    with nogil:
-        for i in range(k):
-            old = spte_load_acquire(p + j)
-            spte_store_relaxed(p + j, old ^ 1)
-            acc += old
-            j = (j + <int64_t>2654435761) % size
-    return acc
+    return _rmw_loop(array, n, False)
 
 
 def scan_repeat(pages, nonpresent_value, reps):

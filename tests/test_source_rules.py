@@ -29,9 +29,9 @@ MMU_PAGE = "mmu_page.pxi"
 
 # Which functions may call which store helper.
 ALLOWED = {
-    "spte_store_relaxed": {"__kvm_tdp_mmu_write_spte", "plain_rmw_loop"},
+    "spte_store_relaxed": {"__kvm_tdp_mmu_write_spte", "_rmw_loop"},
     "spte_xchg_seq_cst": {"kvm_tdp_mmu_write_spte_atomic", "_atomic_rmw"},
-    "spte_try_cmpxchg_seq_cst": {"tdp_try_cmpxchg64", "cmpxchg", "cmpxchg_loop", "_insert"},
+    "spte_try_cmpxchg_seq_cst": {"tdp_try_cmpxchg64", "cmpxchg", "_rmw_loop", "_insert"},
     "spte_fetch_or_seq_cst": {"_atomic_rmw"},
     "spte_fetch_and_seq_cst": {"_atomic_rmw"},
     "spte_memset64": {"fill_pages_kernel", "reset", "_insert"},

@@ -10,7 +10,8 @@ import numpy as np
 
 from . import audit, memslots, mmu, tdp_mmu
 from ._checks import check_int, check_int_array, check_writable
-from .kvm_host import KVM_MAX_VCPUS, Kvm, kvm_stats, kvm_vm_ioctl_create_vcpu
+from .kvm_host import (KVM_MAX_VCPUS, Kvm, kvm_stats, kvm_vm_ioctl_create_vcpu,
+                       kvm_warnings_by_reason)
 from .spte import PG_LEVEL_1G, PG_LEVEL_4K, SpteLayout, is_last_spte, is_shadow_present_pte
 
 
@@ -53,6 +54,12 @@ class Vm:
     @property
     def stats(self):
         return kvm_stats(self._kvm)
+
+    @property
+    def warnings_by_reason(self):
+        """{reason: count} for every reason of ``errors.WARN_REASONS``, in that order: the
+        VM's own warnings plus those of the root's cache and of every vCPU cache."""
+        return kvm_warnings_by_reason(self._kvm)
 
     def _check_gfn(self, gfn, name="gfn"):
         return check_int(name, gfn, 0, self._kvm.gfn_limit)

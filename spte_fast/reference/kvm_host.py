@@ -125,7 +125,7 @@ def kvm_warnings_by_reason(kvm):
     the root's cache and of every vCPU cache."""
     counts = dict(kvm.warnings)
     for cache in kvm_caches(kvm):
-        for reason, n in cache._warnings.items():
+        for reason, n in cache.warnings_by_reason.items():
             counts[reason] += n
     return counts
 

@@ -45,6 +45,11 @@ class MemoryCache:
         return sum(self._warnings.values())
 
     @property
+    def warnings_by_reason(self):
+        """{reason: count} for exactly the reasons of ``errors.CACHE_WARN_REASONS``."""
+        return dict(self._warnings)
+
+    @property
     def nobjs(self):
         return len(self._objects) if self._objects is not None else 0
 

@@ -9,8 +9,9 @@ broken iterator cannot hide a broken table) and raises ``AuditError`` with an
 """
 from ..errors import AuditError
 from .memslots import gfn_to_memslot
-from .spte import (PT64_ROOT_MAX_LEVEL, SPTE_ENT_PER_PAGE, VMX_EPT_SUPPRESS_VE_BIT,
-                   is_last_spte, is_shadow_present_pte, pages_per_hpage, spte_to_pfn)
+from .spte import (PT64_ROOT_MAX_LEVEL, PT_WRITABLE_MASK, SPTE_BASE_ADDR_MASK, SPTE_ENT_PER_PAGE,
+                   VMX_EPT_SUPPRESS_VE_BIT, is_last_spte, is_shadow_present_pte,
+                   pages_per_hpage, spte_to_pfn)
 from .tdp_iter import kvm_tdp_mmu_read_spte
 from .tdp_mmu import PAGE_STAT_KEYS
 
@@ -31,13 +32,15 @@ def _describe_sp(sp):
 def kvm_mmu_audit(kvm):
     """Check the invariants of API.md; raise AuditError naming the first one broken.
 
-    Per entry of every linked table: the allowed values, the EPT suppress-#VE bit, then
-    non-leaf entries (target, the child's kvm_mmu_page) or leaves (level, writable state,
-    slot, pfn).  Then the counters, the NX huge-page count and the pool.
+    Per entry of every linked table, in this order: frozen entries, MMIO SPTEs (level,
+    gfn), other non-present values, the EPT suppress-#VE bit, then non-leaf entries
+    (encoding, target, the child's kvm_mmu_page) or leaves (level, writable state, slot,
+    pfn, read-only slot).  Then the counters, the NX huge-page list and the pool.
     """
     L = kvm.layout
     pool = kvm.pool
     ve = bool(L.present_mask & VMX_EPT_SUPPRESS_VE_BIT)  # EPT with a bit-63 non-present value
+    mmio_gfn_mask = (SPTE_BASE_ADDR_MASK & ~L.mmio_mask) >> 12  # the gfn bits MMIO SPTEs hold
     page_counts = dict.fromkeys(PAGE_STAT_KEYS.values(), 0)
     level_counts = dict.fromkeys(range(1, PT64_ROOT_MAX_LEVEL + 1), 0)
     linked = []  # tables reached from the root, in pre-order
@@ -45,20 +48,30 @@ def kvm_mmu_audit(kvm):
 
     def visit(table, level, base_gfn, ptep):
         if table in seen:
-            _fail("pool-accounting", f"table {table} is linked more than once", base_gfn,
-                  level, table)
+            _fail("linked-once", f"table {table} is linked more than once", base_gfn, level,
+                  table)
         seen.add(table)
         linked.append(table)
         level_counts[level] += 1
         sp = kvm.mmu_pages.get(table)
-        if sp is None or sp.role.level != level or sp.gfn != base_gfn:
-            _fail("table-metadata", f"table {table} has kvm_mmu_page {_describe_sp(sp)}, "
-                  f"expected level {level} gfn {base_gfn:#x}", base_gfn, level, table)
+        if (sp is None or sp.spt != table or sp.role.level != level or sp.gfn != base_gfn
+                or sp.ptep != ptep or pool.page_state(table) != "table"):
+            _fail("table-metadata", f"table {table} (pool state {pool.page_state(table)!r}) "
+                  f"has kvm_mmu_page {_describe_sp(sp)}, expected level {level} gfn "
+                  f"{base_gfn:#x} ptep {ptep}", base_gfn, level, table)
         for i in range(SPTE_ENT_PER_PAGE):
             spte = kvm_tdp_mmu_read_spte(pool, (table, i))
             gfn = base_gfn + i * pages_per_hpage(level)
-            if spte == L.nonpresent_value or L.is_mmio_spte(spte):
-                continue  # non-present, or a current or stale MMIO SPTE
+            if spte == L.nonpresent_value:
+                continue
+            if L.is_frozen_spte(spte):
+                _fail("no-frozen-at-rest", "frozen SPTE left in a linked table", gfn, level, spte)
+            if L.is_mmio_spte(spte):  # current or stale: both are allowed
+                if level != 1:
+                    _fail("mmio-level", "MMIO SPTE above 4K", gfn, level, spte)
+                if L.get_mmio_spte_gfn(spte) != gfn & mmio_gfn_mask:
+                    _fail("mmio-gfn", "MMIO SPTE encodes another gfn", gfn, level, spte)
+                continue
             if not is_shadow_present_pte(spte):
                 _fail("nonpresent-value", "neither the non-present value, a present SPTE "
                       "nor an MMIO SPTE", gfn, level, spte)
@@ -69,6 +82,9 @@ def kvm_mmu_audit(kvm):
                 audit_leaf(spte, gfn, level)
                 continue
             child = spte_to_pfn(spte)
+            expected = L.make_nonleaf_spte(child, ad_disabled=L.default_ad_disabled)
+            if spte != expected:
+                _fail("nonleaf-encoding", f"non-leaf is not {expected:#x}", gfn, level, spte)
             if child >= pool.capacity:
                 _fail("nonleaf-target", "non-leaf points outside the pool", gfn, level, spte)
             visit(child, level - 1, gfn, (table, i))
@@ -85,6 +101,9 @@ def kvm_mmu_audit(kvm):
         if spte_to_pfn(spte) != slot.gfn_to_pfn(gfn):
             _fail("leaf-pfn", f"leaf pfn is not the slot's pfn {slot.gfn_to_pfn(gfn):#x}",
                   gfn, level, spte)
+        if slot.readonly and spte & (PT_WRITABLE_MASK | L.host_writable_mask):
+            _fail("readonly-slot", "writable or host-writable leaf in a read-only memslot",
+                  gfn, level, spte)
         page_counts[PAGE_STAT_KEYS[level]] += 1
 
     visit(kvm.root.spt, kvm.root_level, 0, None)
@@ -99,16 +118,29 @@ def kvm_mmu_audit(kvm):
                   f"{found} tables found")
     if stat["pt_pages"] != len(linked):
         _fail("pt-pages", f"pt_pages is {stat['pt_pages']}, {len(linked)} tables found")
+    if stat["tables_allocated"] - stat["tables_freed"] != len(linked):
+        _fail("table-accounting", f"tables_allocated {stat['tables_allocated']} - "
+              f"tables_freed {stat['tables_freed']} != {len(linked)} tables linked")
     _audit_nx_huge_pages(kvm, linked)
     _audit_pool(kvm, linked, seen)
 
 
 def _audit_nx_huge_pages(kvm, linked):
-    """nx_lpage_splits counts the tables on the possible-NX-huge-page list."""
-    tracked = sum(kvm.mmu_pages[t].possible_nx_huge_page_linked for t in linked)
-    if kvm.stat["nx_lpage_splits"] != tracked:
-        _fail("nx-huge-pages", f"nx_lpage_splits is {kvm.stat['nx_lpage_splits']}, "
-              f"{tracked} tables tracked")
+    """The list holds each tracked linked table once, nothing else; its length is
+    nx_lpage_splits; every listed table is nx_huge_page_disallowed."""
+    listed = kvm.possible_nx_huge_pages
+    tracked = [kvm.mmu_pages[t] for t in linked if kvm.mmu_pages[t].possible_nx_huge_page_linked]
+    if len({id(sp) for sp in listed}) != len(listed):
+        _fail("nx-huge-pages", "a table is on the possible-NX-huge-page list twice")
+    if {id(sp) for sp in listed} != {id(sp) for sp in tracked}:
+        _fail("nx-huge-pages", f"the possible-NX-huge-page list {[sp.spt for sp in listed]} "
+              f"is not the tracked linked tables {[sp.spt for sp in tracked]}")
+    if len(listed) != kvm.stat["nx_lpage_splits"]:
+        _fail("nx-huge-pages", f"nx_lpage_splits is {kvm.stat['nx_lpage_splits']}, the list "
+              f"holds {len(listed)} tables")
+    for sp in listed:
+        if not sp.nx_huge_page_disallowed:
+            _fail("nx-huge-pages", f"listed table {sp.spt} is not nx_huge_page_disallowed")
 
 
 def _audit_pool(kvm, linked, seen):

@@ -46,6 +46,7 @@ class Vm:
     pool = property(lambda self: self._kvm.pool)
     root = property(lambda self: self._kvm.root.spt)
     mmio_generation = property(lambda self: self._kvm.mmio_generation)
+    gfn_limit = property(lambda self: self._kvm.gfn_limit)
 
     def __repr__(self):
         return (f"Vm({self.layout!r}, root_level={self.root_level}, "
@@ -116,6 +117,17 @@ class Vm:
         if is_shadow_present_pte(spte) and is_last_spte(spte, level):
             return spte, level
         return None
+
+    def tdp_iter(self, start, end, min_level=PG_LEVEL_4K):
+        """[(level, gfn, spte), ...]: exactly the entries that KVM's
+        ``for_each_tdp_pte_min_level(iter, root, min_level, start, end)`` visits, in its
+        order (pre-order, while ``iter.valid and iter.gfn < end``)."""
+        start = check_int("start", start, 0, self._kvm.gfn_limit + 1)
+        end = check_int("end", end, 0, self._kvm.gfn_limit + 1)
+        if start > end:
+            raise ValueError(f"start {start:#x} > end {end:#x}")
+        min_level = check_int("min_level", min_level, PG_LEVEL_4K, self._kvm.root_level + 1)
+        return tdp_mmu.kvm_tdp_mmu_iter_view(self._kvm, start, end, min_level)
 
     # --- zaps -------------------------------------------------------------------------------------
 

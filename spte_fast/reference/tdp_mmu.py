@@ -489,3 +489,9 @@ def kvm_tdp_mmu_get_walk(kvm, gfn):
 def kvm_tdp_mmu_fast_pf_get_last_spte(kvm, gfn):
     """(level, spte) of the last entry on gfn's walk (the fast path's question)."""
     return kvm_tdp_mmu_get_walk(kvm, gfn)[-1]
+
+
+def kvm_tdp_mmu_iter_view(kvm, start, end, min_level):
+    """[(level, gfn, spte), ...]: exactly the entries for_each_tdp_pte_min_level visits."""
+    return [(it.level, it.gfn, it.old_spte)
+            for it in for_each_tdp_pte_min_level(kvm.pool, kvm.root, min_level, start, end)]

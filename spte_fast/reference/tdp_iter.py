@@ -9,8 +9,9 @@ Memory is the pool: a table is a pool index, an SPTE pointer (``sptep``, KVM's
 ``tdp_ptep_t``) is a ``(table, index)`` pair, and a non-leaf SPTE's pfn is the pool index
 of its child table (KVM's ``__va(pfn << PAGE_SHIFT)``).
 """
-from .spte import (PG_LEVEL_4K, SPTE_ENT_PER_PAGE, gfn_round_for_level, is_last_spte,
-                   is_shadow_present_pte, pages_per_hpage, spte_index, spte_to_pfn)
+from .spte import (PG_LEVEL_4K, PT64_ROOT_MAX_LEVEL, SPTE_ENT_PER_PAGE, gfn_round_for_level,
+                   is_last_spte, is_shadow_present_pte, pages_per_hpage, spte_index,
+                   spte_to_pfn)
 
 
 # --- the only reads and stores of page-table memory (tdp_iter.h) ------------------------------
@@ -75,7 +76,7 @@ class TdpIter:
         self.yielded_gfn = next_last_level_gfn          # ... when it last yielded
         self.root_level = root.role.level
         self.min_level = min_level                      # the walk goes no lower
-        self.pt_path = [None] * 5                       # pt_path[level - 1]: table at level
+        self.pt_path = [None] * PT64_ROOT_MAX_LEVEL     # pt_path[level - 1]: table at level
         self.pt_path[self.root_level - 1] = root.spt
         self.level = self.root_level                    # the level of the current entry
         self.gfn = 0                                    # the first gfn the entry maps

@@ -1,0 +1,142 @@
+"""The state of one VM and of its vCPUs: ``struct kvm`` and ``struct kvm_vcpu``.
+
+Models the parts of Linux v6.10's ``include/linux/kvm_host.h`` and
+``arch/x86/include/asm/kvm_host.h`` (``struct kvm_arch``, ``struct kvm_vcpu_arch``, the VM
+and vCPU stats) that the TDP MMU model uses.  These are plain records: the functions of
+the other modules take one as their first argument, as KVM's C does, and ``api.py`` wraps
+them in the public ``Vm`` / ``Vcpu``.
+
+Counters: each event is counted once, where KVM counts it.  Fault results are per-vCPU
+(``vcpu->stat.pf_*``), page-initialisation work belongs to the memory cache that did it,
+everything else is VM-wide (``kvm->stat``); ``vm.stats`` sums them when read.
+"""
+from ..errors import WARN_REASONS
+from .mmu_cache import MemoryCache
+from .pool import PagePool
+from .spte import KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE, gfn_round_for_level, pages_per_hpage
+
+#: gfn bits of the guest physical address width: 48-bit (4 levels) and 57-bit (5 levels).
+GPA_WIDTH_GFN_BITS = {4: 36, 5: 45}
+
+#: VM-wide counters (``kvm->stat`` and the model's own accounting), in ``vm.stats`` order.
+KVM_STATS = (
+    "pages_4k", "pages_2m", "pages_1g",
+    "pt_pages", "pt_pages_l1", "pt_pages_l2", "pt_pages_l3", "pt_pages_l4", "pt_pages_l5",
+    "tables_allocated", "tables_freed",
+    "tlb_flushes", "tlb_flushes_ranged", "cas_failures",
+    "spte_changes", "nx_lpage_splits", "mmio_sptes_created",
+)
+
+#: Per-vCPU counters: the result of every fault (KVM's ``vcpu->stat.pf_fixed`` etc.).
+VCPU_STATS = ("faults_fixed", "faults_spurious", "faults_retry", "faults_emulate")
+
+KVM_MAX_VCPUS = 256
+
+
+class Kvm:
+    """``struct kvm`` with its ``kvm_arch``: one TDP MMU root over a pool of page tables.
+
+    Built empty by ``api.Vm``; ``tdp_mmu.kvm_tdp_mmu_alloc_root`` then gives it its root.
+    """
+
+    def __init__(self, layout, root_level, max_level, max_pt_pages, nx_huge_pages, poison):
+        self.layout = layout                  # the SPTE masks of the paging mode
+        self.root_level = root_level          # 4 or 5 (the root's role.level)
+        self.max_level = max_level            # KVM_MAX_HUGEPAGE_LEVEL of this model
+        self.nx_huge_pages = nx_huge_pages    # is_nx_huge_page_enabled(kvm)
+        self.gfn_limit = 1 << GPA_WIDTH_GFN_BITS[root_level]  # exclusive bound on gfns
+        self.pool = PagePool(max_pt_pages, poison=poison)
+        # The root is initialised like a page of a vCPU's shadow-page cache, by a cache of
+        # the VM's own (KVM takes it from the vCPU cache in kvm_tdp_mmu_alloc_root).
+        self.root_cache = MemoryCache(self.pool, init_value=layout.nonpresent_value,
+                                      capacity=KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE)
+        self.root = None                      # the root's kvm_mmu_page
+        self.mmu_pages = {}                   # pool index -> kvm_mmu_page (page_private)
+        self.possible_nx_huge_pages = []      # kvm->arch.possible_nx_huge_pages, FIFO
+        self.memslots = {}                    # slot id -> KvmMemorySlot
+        self.next_slot_id = 0
+        self.mmio_generation = 0              # memslots generation & MMIO_SPTE_GEN_MASK
+        self.host_accessed = set()            # host pfns whose "accessed" flag KVM set
+        self.host_dirty = set()               # host pfns whose "dirty" flag KVM set
+        self.vcpus = []                       # KvmVcpu, in creation order
+        self.stat = dict.fromkeys(KVM_STATS, 0)
+        self.warnings = dict.fromkeys(WARN_REASONS, 0)  # the VM's own WARN_ON_ONCEs
+        self.cas_failures_to_inject = 0       # test hook: CASes that lose their race
+
+
+class KvmVcpu:
+    """``struct kvm_vcpu``: its shadow-page memory cache and its fault counters."""
+
+    def __init__(self, kvm):
+        self.kvm = kvm
+        # mmu_shadow_page_cache: init_value = the non-present value; gfp_zero only when
+        # that value is 0 (spec §1.3).
+        self.cache = MemoryCache(kvm.pool, init_value=kvm.layout.nonpresent_value,
+                                 capacity=KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE)
+        self.stat = dict.fromkeys(VCPU_STATS, 0)
+
+
+def kvm_vm_ioctl_create_vcpu(kvm):
+    """A new vCPU of `kvm` (the caller checked KVM_MAX_VCPUS)."""
+    vcpu = KvmVcpu(kvm)
+    kvm.vcpus.append(vcpu)
+    return vcpu
+
+
+def kvm_warn(kvm, reason):
+    """WARN_ON_ONCE in the MMU: counted under its reason (``errors.WARN_REASONS``)."""
+    kvm.warnings[reason] += 1
+
+
+def kvm_flush_remote_tlbs(kvm):
+    """A full remote TLB flush (counted; there is no TLB to flush)."""
+    kvm.stat["tlb_flushes"] += 1
+
+
+def kvm_flush_remote_tlbs_range(kvm, start_gfn, pages):
+    """A ranged remote TLB flush of [start_gfn, start_gfn + pages) (counted)."""
+    kvm.stat["tlb_flushes_ranged"] += 1
+
+
+def kvm_flush_remote_tlbs_gfn(kvm, gfn, level):
+    """Flush the page (huge or not) that maps gfn at `level`."""
+    kvm_flush_remote_tlbs_range(kvm, gfn_round_for_level(gfn, level), pages_per_hpage(level))
+
+
+def kvm_caches(kvm):
+    """Every memory cache of the VM: the root's, then each vCPU's."""
+    return [kvm.root_cache] + [vcpu.cache for vcpu in kvm.vcpus]
+
+
+def kvm_stats(kvm):
+    """vm.stats: the VM's counters, the vCPUs' fault counts, the caches' work, warnings."""
+    stats = {key: sum(vcpu.stat[key] for vcpu in kvm.vcpus) for key in VCPU_STATS}
+    stats.update(kvm.stat)
+    caches = [cache.stats for cache in kvm_caches(kvm)]
+    stats["cache_fills"] = sum(s["fills"] for s in caches)
+    stats["cache_zero_inits"] = sum(s["zero_inits"] for s in caches)
+    stats["init_bytes_written"] = sum(s["init_bytes_written"] for s in caches)
+    stats["warnings"] = sum(kvm_warnings_by_reason(kvm).values())
+    return {key: stats[key] for key in STATS_ORDER}
+
+
+def kvm_warnings_by_reason(kvm):
+    """Every reason of ``errors.WARN_REASONS``, in order: the VM's own count plus those of
+    the root's cache and of every vCPU cache."""
+    counts = dict(kvm.warnings)
+    for cache in kvm_caches(kvm):
+        for reason, n in cache.warnings_by_reason.items():
+            counts[reason] += n
+    return counts
+
+
+#: The keys of vm.stats, in the order docs/API.md lists them.
+STATS_ORDER = (
+    "faults_fixed", "faults_spurious", "faults_retry", "faults_emulate",
+    "pages_4k", "pages_2m", "pages_1g",
+    "pt_pages", "pt_pages_l1", "pt_pages_l2", "pt_pages_l3", "pt_pages_l4", "pt_pages_l5",
+    "tables_allocated", "tables_freed",
+    "cache_fills", "cache_zero_inits", "init_bytes_written",
+    "tlb_flushes", "tlb_flushes_ranged", "cas_failures", "warnings",
+    "spte_changes", "nx_lpage_splits", "mmio_sptes_created",
+)

@@ -42,7 +42,7 @@ def test_audit_error_refuses_an_unknown_invariant():
         errors.AuditError("x", invariant="pool-pages")
 
 
-_RAISED = re.compile(r"""(?:_audit_fail(?:_at)?|\bfail)\(\s*["']([a-z0-9-]+)["']|"""
+_RAISED = re.compile(r"""(?<![\w.])(?:_audit_fail(?:_at)?|_?fail)\(\s*["']([a-z0-9-]+)["']|"""
                      r"""invariant\s*=\s*["']([a-z0-9-]+)["']""")
 
 

@@ -182,6 +182,7 @@ class CacheDifferential(RuleBasedStateMachine):
             assert fc.capacity == rc.capacity, c
             assert fc.objects == rc.objects, c
             assert fc.warnings == rc.warnings, c
+            assert fc.warnings_by_reason == rc.warnings_by_reason, c
             assert fc.stats == rc.stats, c
             assert (fc.init_value, fc.gfp_zero, fc.default_capacity) == (rc.init_value, rc.gfp_zero,
                                                                         rc.default_capacity)
@@ -427,9 +428,12 @@ class VmDifferential(RuleBasedStateMachine):
         fast, ref = self.sides
         fv, rv = fast.vm, ref.vm
         assert fv.stats == rv.stats
+        assert fv.warnings_by_reason == rv.warnings_by_reason
         assert fv.memslots == rv.memslots
         assert fv.mmio_generation == rv.mmio_generation
         assert fv.root == rv.root
+        # The whole tree as the iterator visits it (tdp_iter.c's pre-order), then each walk.
+        assert fv.tdp_iter(0, fv.gfn_limit) == rv.tdp_iter(0, rv.gfn_limit)
         for g in sorted(self.touched):
             assert fv.walk(g) == rv.walk(g), hex(g)
             assert fv.lookup(g) == rv.lookup(g), hex(g)

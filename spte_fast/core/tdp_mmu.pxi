@@ -121,7 +121,7 @@ cdef void _handle_changed_spte_slow(kvm_t* kvm, mmu_stats_t* st, gfn_t gfn, u64 
 
 # -- setters (spec §3.4 - §3.6) ------------------------------------------------------------
 
-cdef u64 tdp_mmu_set_spte(kvm_t* kvm, mmu_stats_t* st, tdp_ptep_t sptep, u64 old_spte,
+cdef inline u64 tdp_mmu_set_spte(kvm_t* kvm, mmu_stats_t* st, tdp_ptep_t sptep, u64 old_spte,
                           u64 new_spte, gfn_t gfn, int level) noexcept nogil:
     """Exclusive mode: write (xchg if volatile), then bookkeeping.  Returns the old SPTE."""
     if is_frozen_spte(&kvm.m, old_spte) or is_frozen_spte(&kvm.m, new_spte):

@@ -83,33 +83,28 @@ def cmpxchg(array, index, expected, new):
     return True, observed
 
 
-def xchg(array, index, new):
-    """Exchange: store `new`, return the old value."""
+def _read_modify_write(array, index, value, name, op):
+    """One atomic read-modify-write of ``array.flat[index]``; returns the old value."""
     flat, index = _atomic_target(array, index)
-    new = check_u64("new", new)
+    value = check_u64(name, value)
     with _ATOMIC:
         old = int(flat[index])
-        flat[index] = new
+        flat[index] = op(old, value)
     return old
+
+
+def xchg(array, index, new):
+    """Exchange: store `new`, return the old value."""
+    return _read_modify_write(array, index, new, "new", lambda old, new: new)
 
 
 def atomic_or(array, index, mask):
     """Fetch-and-or: set `mask`, return the old value."""
-    flat, index = _atomic_target(array, index)
-    mask = check_u64("mask", mask)
-    with _ATOMIC:
-        old = int(flat[index])
-        flat[index] = old | mask
-    return old
+    return _read_modify_write(array, index, mask, "mask", lambda old, mask: old | mask)
 
 
 def atomic_and_not(array, index, mask):
     """Fetch-and-andnot: clear `mask`, return the old value."""
-    flat, index = _atomic_target(array, index)
-    mask = check_u64("mask", mask)
-    with _ATOMIC:
-        old = int(flat[index])
-        flat[index] = old & ~mask
-    return old
+    return _read_modify_write(array, index, mask, "mask", lambda old, mask: old & ~mask)
 
 

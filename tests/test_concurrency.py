@@ -306,3 +306,39 @@ def test_concurrent_add_memslot_disjoint_ranges_all_win(fast):
         assert sorted(s[0] for s in vm.memslots) == ids
         assert vm.mmio_generation == 8
         vm.audit()
+
+
+def test_vcpus_created_at_the_limit_from_several_threads_get_one_slot_each():
+    """The 256-vCPU limit is checked and the vCPU registered under one lock (KVM checks
+    online_vcpus under kvm->lock in kvm_vm_ioctl_create_vcpu): threads racing for the last
+    slot while another vCPU faults get it exactly once, and the others a ValueError."""
+    vm = _vm(pages=1 << 16)
+    busy = vm.vcpu()
+    for _ in range(254):
+        vm.vcpu()
+    stop = threading.Event()
+    made, refused = [], []
+
+    def faulter():
+        gfns = np.arange(1 << 16, dtype=np.uint64)
+        while not stop.is_set():
+            busy.fault_batch(gfns)
+            vm.zap_all()
+
+    def creator():
+        try:
+            made.append(vm.vcpu())
+        except ValueError:
+            refused.append(1)
+
+    t = threading.Thread(target=faulter)
+    t.start()
+    try:
+        run_threads_or_raise([creator] * 4)
+    finally:
+        stop.set()
+        t.join()
+    assert len(made) == 1 and len(refused) == 3
+    assert len(vm.vcpus) == 256
+    made[0].fault(7)                      # the last vCPU has a slot of its own
+    vm.audit()

@@ -165,23 +165,12 @@ def read_spool(f, chunk=CHUNK_RECORDS):
         yield np.frombuffer(buf, dtype="<u8").astype(np.uint64, copy=False)
 
 
-def _drop_repeats(a):
-    """``a`` without the elements equal to the one before them (linear; a trace's regions
-    come in long runs, so this leaves few)."""
-    if a.size < 2:
-        return a
-    keep = np.empty(a.size, dtype=bool)
-    keep[0] = True
-    np.not_equal(a[1:], a[:-1], out=keep[1:])
-    return a[keep]
-
-
 def _merge_distinct(a, b):
     """The sorted distinct union of two sorted distinct arrays, in linear time: the stable
     sort is a timsort, which merges two sorted runs in one pass."""
     m = np.concatenate((a, b))
     m.sort(kind="stable")
-    return _drop_repeats(m)
+    return drop_duplicates(m)
 
 
 class RegionCounter:
@@ -206,12 +195,12 @@ class RegionCounter:
 
     def add(self, pages):
         """Count the regions of ``pages`` (uint64 page numbers below ``gfn_limit``)."""
-        r = _drop_repeats(np.asarray(pages, dtype=np.uint64) >> np.uint64(9))
+        r = drop_duplicates(np.asarray(pages, dtype=np.uint64) >> np.uint64(9))
         if self._bits is not None:
             np.bitwise_or.at(self._bits, r >> np.uint64(3),
                              np.left_shift(np.uint8(1), (r & np.uint64(7)).astype(np.uint8)))
             return
-        run, rank = _drop_repeats(np.sort(r)), 0        # np.unique: the same, slower
+        run, rank = drop_duplicates(np.sort(r)), 0        # np.unique: the same, slower
         while self._runs and self._runs[-1][0] == rank:
             run, rank = _merge_distinct(self._runs.pop()[1], run), rank + 1
         self._runs.append((rank, run))

@@ -30,6 +30,13 @@ cdef inline void _stats_add(mmu_stats_t* acc, const mmu_stats_t* s) noexcept nog
     acc.mmio_sptes_created += s.mmio_sptes_created
 
 
+cdef object _host_flags_array(uint8_t* flags, u64 npages):
+    """A memslot's host page flags as a numpy view (no copy; valid while the slot's are)."""
+    cdef cnp.npy_intp dims[1]
+    dims[0] = <cnp.npy_intp>npages
+    return cnp.PyArray_SimpleNewFromData(1, dims, cnp.NPY_UINT8, flags)
+
+
 cdef class Vm:
     """A VM's TDP MMU: one root, memslots, vCPUs, zaps, stats and an audit.
 
@@ -161,7 +168,6 @@ cdef class Vm:
         cdef kvm_memory_slot_t* slots
         cdef int i, at, nslots = self.kvm.nslots
         cdef uint8_t* flags
-        cdef int64_t lo, hi, j
         if n == 0:
             raise ValueError("npages must be >= 1")
         if n > self.kvm.gfn_limit - base:
@@ -186,9 +192,9 @@ cdef class Vm:
         # The new slot owns them from now on (until it is deleted in turn).
         rp = self._retired_pfns
         lo, hi = np.searchsorted(rp, np.array([p, p + n], dtype=np.uint64))
-        for j in range(lo, hi):
-            flags[<u64>rp[j] - p] = self._retired_bits[j]
         if lo < hi:
+            _host_flags_array(flags, n)[(rp[lo:hi] - np.uint64(p)).astype(np.intp)] = \
+                self._retired_bits[lo:hi]
             self._retired_pfns = np.concatenate((rp[:lo], rp[hi:]))
             self._retired_bits = np.concatenate((self._retired_bits[:lo], self._retired_bits[hi:]))
         at = 0
@@ -223,7 +229,6 @@ cdef class Vm:
         cdef kvm_memory_slot_t gone
         cdef kvm_memory_slot_t* slots
         cdef bint flush
-        cdef cnp.npy_intp dims[1]
         for i in range(nslots):
             if self.kvm.slots[i].id == sid_wanted:
                 at = i
@@ -246,8 +251,7 @@ cdef class Vm:
         finally:
             kvm_mmu_write_unlock(&self.kvm)
         # Keep the host page flags that are set (no live or retired entry covers these pfns).
-        dims[0] = <cnp.npy_intp>gone.npages
-        flags = cnp.PyArray_SimpleNewFromData(1, dims, cnp.NPY_UINT8, gone.host_flags)
+        flags = _host_flags_array(gone.host_flags, gone.npages)
         marked = np.flatnonzero(flags)
         at_r = np.searchsorted(self._retired_pfns, np.uint64(gone.pfn))
         self._retired_pfns = np.concatenate((self._retired_pfns[:at_r],

@@ -45,7 +45,7 @@ METADATA = {
     "kvm.rcu_reader_seq", "self.kvm.rcu_reader_seq", "st.faults", "st.pages", "st.pt_pages",
     "st.warn", "vcpu.stat.faults", "vcpu.stat.pages", "counts", "out", "o", "flags", "seen",
     "leaves", "tables", "acc.faults", "acc.pt_pages", "acc.pages", "acc.warn", "wrprot",
-    "link", "size", "dims", "d", "done", "it.pt_path",
+    "link", "size", "dims", "d", "done", "it.pt_path", "c.cache_warn",
 }
 
 _HEAD = re.compile(r"^\s*(?:cdef|cpdef|def)\s+(?:inline\s+)?(?:[\w\*\.\[\], ]+\s+)?"

@@ -48,16 +48,14 @@ cdef int _audit_locked(Vm vm) except -1:
     cdef uint8_t* seen = <uint8_t*>cnp.PyArray_DATA(seen_arr)
     cdef int64_t leaves[4]
     cdef int64_t tables[6]
-    cdef mmu_stats_t acc
+    cdef vm_counters_t counters
+    cdef mmu_stats_t* acc = &counters.st
     cdef int64_t i, idx, n_free, n_table = 0, linked = 0
     cdef Vcpu v
     vm._raise_fatal()
     memset(leaves, 0, sizeof(leaves))
     memset(tables, 0, sizeof(tables))
-    memset(&acc, 0, sizeof(acc))
-    _stats_add(&acc, &vm.st)
-    for v in vm._vcpus:
-        _stats_add(&acc, &v.vcpu.stat)
+    _sum_counters(vm, &counters)
     if p.sp[kvm.root].ptep != NULL:
         _audit_fail("table-metadata", f"the root {kvm.root} has a parent entry")
     _audit_table(kvm, kvm.root, kvm.root_level, 0, seen, leaves, tables)

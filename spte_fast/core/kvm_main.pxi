@@ -37,6 +37,41 @@ cdef object _host_flags_array(uint8_t* flags, u64 npages):
     return cnp.PyArray_SimpleNewFromData(1, dims, cnp.NPY_UINT8, flags)
 
 
+ctypedef struct vm_counters_t:
+    mmu_stats_t st                      # the VM's own context plus every vCPU's
+    cache_init_stats_t init             # the root's cache plus every vCPU cache
+    int64_t cache_warn[NR_CACHE_WARN]   # the same caches' warnings
+    int64_t nx_lpage_splits
+
+
+cdef void _sum_counters(Vm vm, vm_counters_t* c):
+    """Every counter of the VM, summed over its contexts and caches (mmu_lock held)."""
+    cdef Vcpu v
+    cdef int i
+    memset(c, 0, sizeof(vm_counters_t))
+    _stats_add(&c.st, &vm.st)
+    _init_stats_add(&c.init, &vm.root_mc.init)
+    for i in range(NR_CACHE_WARN):
+        c.cache_warn[i] += vm.root_mc.warn[i]
+    for v in vm._vcpus:
+        _stats_add(&c.st, &v.vcpu.stat)
+        _init_stats_add(&c.init, &v.cache.mc.init)
+        for i in range(NR_CACHE_WARN):
+            c.cache_warn[i] += v.cache.mc.warn[i]
+    c.nx_lpage_splits = vm.kvm.nx_lpage_splits
+
+
+cdef int _read_counters(Vm vm, vm_counters_t* c) except -1:
+    """_sum_counters under mmu_lock for write: a consistent snapshot of every vCPU's."""
+    with nogil:
+        kvm_mmu_write_lock(&vm.kvm)
+    try:
+        _sum_counters(vm, c)
+    finally:
+        kvm_mmu_write_unlock(&vm.kvm)
+    return 0
+
+
 cdef class Vm:
     """A VM's TDP MMU: one root, memslots, vCPUs, zaps, stats and an audit.
 
@@ -352,44 +387,28 @@ cdef class Vm:
     @property
     def stats(self):
         """The counters of docs/API.md (KVM's stat names in its table)."""
-        cdef mmu_stats_t acc
-        cdef cache_init_stats_t init
-        cdef int64_t warns
-        cdef Vcpu v
-        memset(&acc, 0, sizeof(acc))
-        memset(&init, 0, sizeof(init))
-        with nogil:
-            kvm_mmu_write_lock(&self.kvm)   # a consistent snapshot of every vCPU's counters
-        try:
-            _stats_add(&acc, &self.st)
-            _init_stats_add(&init, &self.root_mc.init)
-            warns = sum(_cache_warnings(&self.root_mc).values())
-            for v in self._vcpus:
-                _stats_add(&acc, &v.vcpu.stat)
-                _init_stats_add(&init, &v.cache.mc.init)
-                warns += sum(_cache_warnings(&v.cache.mc).values())
-            nx_lpage_splits = self.kvm.nx_lpage_splits
-        finally:
-            kvm_mmu_write_unlock(&self.kvm)
+        cdef vm_counters_t c
+        _read_counters(self, &c)
         d = {
-            "faults_fixed": acc.faults[RET_PF_FIXED],
-            "faults_spurious": acc.faults[RET_PF_SPURIOUS],
-            "faults_retry": acc.faults[RET_PF_RETRY],
-            "faults_emulate": acc.faults[RET_PF_EMULATE],
-            "pages_4k": acc.pages[1], "pages_2m": acc.pages[2], "pages_1g": acc.pages[3],
-            "pt_pages": sum(acc.pt_pages[i] for i in range(1, 6)),
+            "faults_fixed": c.st.faults[RET_PF_FIXED],
+            "faults_spurious": c.st.faults[RET_PF_SPURIOUS],
+            "faults_retry": c.st.faults[RET_PF_RETRY],
+            "faults_emulate": c.st.faults[RET_PF_EMULATE],
+            "pages_4k": c.st.pages[1], "pages_2m": c.st.pages[2], "pages_1g": c.st.pages[3],
+            "pt_pages": sum(c.st.pt_pages[i] for i in range(1, 6)),
         }
         for i in range(1, 6):
-            d[f"pt_pages_l{i}"] = acc.pt_pages[i]
+            d[f"pt_pages_l{i}"] = c.st.pt_pages[i]
         d.update({
-            "tables_allocated": acc.tables_allocated, "tables_freed": acc.tables_freed,
-            "cache_fills": init.fills, "cache_zero_inits": init.zero_inits,
-            "init_bytes_written": init.init_bytes_written,
-            "tlb_flushes": acc.tlb_flushes, "tlb_flushes_ranged": acc.tlb_flushes_ranged,
-            "cas_failures": acc.cas_failures,
-            "warnings": sum(acc.warn[i] for i in range(NR_MMU_WARN)) + warns,
-            "spte_changes": acc.spte_changes, "nx_lpage_splits": nx_lpage_splits,
-            "mmio_sptes_created": acc.mmio_sptes_created,
+            "tables_allocated": c.st.tables_allocated, "tables_freed": c.st.tables_freed,
+            "cache_fills": c.init.fills, "cache_zero_inits": c.init.zero_inits,
+            "init_bytes_written": c.init.init_bytes_written,
+            "tlb_flushes": c.st.tlb_flushes, "tlb_flushes_ranged": c.st.tlb_flushes_ranged,
+            "cas_failures": c.st.cas_failures,
+            "warnings": sum(c.st.warn[i] for i in range(NR_MMU_WARN)) +
+                        sum(c.cache_warn[i] for i in range(NR_CACHE_WARN)),
+            "spte_changes": c.st.spte_changes, "nx_lpage_splits": c.nx_lpage_splits,
+            "mmio_sptes_created": c.st.mmio_sptes_created,
         })
         return d
 
@@ -397,26 +416,13 @@ cdef class Vm:
     def warnings_by_reason(self):
         """{reason: count} for every reason of ``spte_fast.errors.WARN_REASONS``: the VM's
         own warnings, every vCPU's, and their memory caches'."""
-        cdef mmu_stats_t acc
-        cdef Vcpu v
-        memset(&acc, 0, sizeof(acc))
-        with nogil:
-            kvm_mmu_write_lock(&self.kvm)
-        try:
-            _stats_add(&acc, &self.st)
-            caches = [_cache_warnings(&self.root_mc)]
-            for v in self._vcpus:
-                _stats_add(&acc, &v.vcpu.stat)
-                caches.append(_cache_warnings(&v.cache.mc))
-        finally:
-            kvm_mmu_write_unlock(&self.kvm)
-        out = dict.fromkeys(WARN_REASONS, 0)
-        for i, name in enumerate(_MMU_WARN_NAMES):
-            out[name] = acc.warn[i]
-        for c in caches:
-            for name, n in c.items():
-                out[name] += n
-        return out
+        cdef vm_counters_t c
+        _read_counters(self, &c)
+        counts = [c.st.warn[i] for i in range(NR_MMU_WARN)] + \
+            [c.cache_warn[i] for i in range(NR_CACHE_WARN)]
+        names = _MMU_WARN_NAMES + CACHE_WARN_REASONS
+        by_name = dict(zip(names, counts))
+        return {name: by_name[name] for name in WARN_REASONS}
 
     # -- zaps (exclusive unless noted) ---------------------------------------------------
     def zap_gfn_range(self, start, end):

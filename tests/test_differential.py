@@ -87,12 +87,16 @@ class CacheSide:
         ]
 
 
+def both_implementations():
+    """(engine module, reference module); fails loudly if the engine is not built."""
+    importlib.import_module("spte_fast._core")
+    return importlib.import_module("spte_fast"), importlib.import_module("spte_fast.reference")
+
+
 class CacheDifferential(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
-        importlib.import_module("spte_fast._core")  # fail loudly if the engine is not built
-        self.fast_mod = importlib.import_module("spte_fast")
-        self.ref_mod = importlib.import_module("spte_fast.reference")
+        self.fast_mod, self.ref_mod = both_implementations()
         self.fast = self.ref = None
         self.handed_out = []  # pages given out by cache.alloc(): (index, cache id)
         self.raw = []  # pages taken by pool.alloc()
@@ -261,9 +265,7 @@ class VmSide:
 class VmDifferential(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
-        importlib.import_module("spte_fast._core")  # fail loudly if the engine is not built
-        self.fast_mod = importlib.import_module("spte_fast")
-        self.ref_mod = importlib.import_module("spte_fast.reference")
+        self.fast_mod, self.ref_mod = both_implementations()
         self.sides = None
         self.touched = set()  # gfns faulted or zapped (valid ones)
         self.pfns = set()  # host pfns of slots, for the host-flag comparison

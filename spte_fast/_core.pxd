@@ -284,7 +284,6 @@ ctypedef struct tdp_iter_t:
 ctypedef struct kvm_page_fault_t:
     gfn_t gfn
     u64 error_code                  # PFERR_* bits
-    bint present                    # PFERR_PRESENT_MASK
     bint write                      # PFERR_WRITE_MASK
     bint exec                       # PFERR_FETCH_MASK
     bint prefetch

@@ -159,7 +159,6 @@ cdef int kvm_mmu_do_page_fault(kvm_vcpu_t* vcpu, gfn_t gfn, u64 error_code) noex
     cdef int r
     fault.gfn = gfn
     fault.error_code = error_code
-    fault.present = (error_code & PFERR_PRESENT_MASK) != 0
     fault.write = (error_code & PFERR_WRITE_MASK) != 0
     fault.exec = (error_code & PFERR_FETCH_MASK) != 0
     fault.prefetch = False

@@ -54,3 +54,10 @@ def test_stub_classes_list_every_public_attribute():
         assert public <= stub, f"{cls.__name__}: missing from the stub {sorted(public - stub)}"
         assert stub - {"__init__", "__len__"} <= public, \
             f"{cls.__name__}: the stub names {sorted(stub - public)}, which it lacks"
+
+
+def test_the_bench_hooks_live_outside_the_product_module():
+    """The C loops bench/ measures against are spte_fast._bench, not part of _core."""
+    from spte_fast import _bench
+    assert not [n for n in dir(_core) if "bench" in n.lower() or "bare" in n.lower()]
+    assert {"fill_repeat", "cmpxchg_loop", "scan_repeat", "BareTdp"} <= set(dir(_bench))

@@ -214,3 +214,40 @@ def test_kvm_mmu_page_rule_catches_stray_writes():
            "    kvm.pool.state[i] = PAGE_TABLE\n"
            "    it.level = 3\n")
     assert len(kvm_mmu_page_writes(src)) == 3
+
+
+# -- the shape of the tree (issue-independent: the layout DESIGN.md describes) ---------------
+
+def test_core_pyx_is_only_the_list_of_its_parts():
+    text = (PKG / "_core.pyx").read_text()
+    body = text.split('"""', 2)[2]                      # after the module docstring
+    code = [_code(line).strip() for line in body.splitlines() if _code(line).strip()]
+    assert code[0] == "cimport cython"
+    includes = [line for line in code[1:]]
+    assert all(re.fullmatch(r'include "core/\w+\.pxi"', line) for line in includes), includes
+    assert {re.search(r"core/(\w+\.pxi)", l).group(1) for l in includes} == {p.name for p in CORE}
+
+
+@pytest.mark.parametrize("path", sorted(PKG.rglob("*.p[yx]*")), ids=lambda p: str(p.relative_to(PKG)))
+def test_no_source_file_grows_past_a_thousand_lines(path):
+    assert len(path.read_text().splitlines()) <= 1000
+
+
+def test_only_the_iterator_moves_an_iterator(funcs):
+    """kvm_tdp_mmu_map reads as KVM's loop: an iterator's level and gfn are set only by
+    the functions of core/tdp_iter.pxi (start, start_at, next, resume, seek, walk_down)."""
+    iter_funcs = {n for n, _ in functions((PKG / "core" / "tdp_iter.pxi").read_text())}
+    bad = [f"{name}: {line.strip()}" for name, body in funcs if name not in iter_funcs
+           for line in body if re.match(r"\s*it\.(level|gfn|sptep|pt_path)\b[^=]*=(?!=)",
+                                        _code(line))]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_fault_record_flows_from_the_entry_to_the_map(funcs):
+    """struct kvm_page_fault is what the fault path passes (mmu.c / tdp_mmu.c signatures)."""
+    sigs = {name: body[0] for name, body in funcs}
+    for fn in ("kvm_tdp_mmu_page_fault", "fast_page_fault", "kvm_faultin_pfn",
+               "kvm_mmu_hugepage_adjust", "disallowed_hugepage_adjust", "kvm_tdp_mmu_map",
+               "tdp_mmu_map_handle_target_level"):
+        assert "kvm_page_fault_t* fault" in sigs[fn], fn
+    assert "kvm_page_fault_t fault" in "\n".join(dict(funcs)["kvm_mmu_do_page_fault"])

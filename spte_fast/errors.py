@@ -32,6 +32,7 @@ AUDIT_INVARIANTS = {
     "table-accounting": "tables_allocated - tables_freed differs from the tables linked",
     "nx-huge-pages": "the possible-NX-huge-page list, nx_lpage_splits and the tables' "
                      "nx_huge_page_disallowed flags disagree",
+    "roots": "a root on the VM's list whose reference count is not one per vCPU using it plus one for the MMU while valid, a second valid root, or a vCPU root off the list",
     "pool-accounting": "a pool page is not exactly one of free, cached in one vCPU cache, "
                        "linked once, or parked",
 }

@@ -84,8 +84,11 @@ cdef enum:
 
 cdef enum:
     MAX_VCPUS = 256
+    MAX_ROOTS = MAX_VCPUS + 1        # one valid root, and an invalid one per vCPU at most
     KVM_MEM_LOG_DIRTY_PAGES = 1      # memslot flags (include/uapi/linux/kvm.h)
     KVM_MEM_READONLY = 2
+    KVM_MEMSLOT_INVALID = 1 << 16    # a slot being deleted or moved (include/linux/kvm_host.h)
+    KVM_ADDRESS_SPACE_NUM = 2        # kvm_arch_nr_memslot_as_ids: SMM (generations step by 2)
     HOST_ACCESSED = 1                # host page flags (struct page's accessed / dirty)
     HOST_DIRTY = 2
 
@@ -122,6 +125,11 @@ ctypedef struct kvm_mmu_page_t:
     bint nx_linked                  # on kvm.possible_nx_huge_pages
     int64_t nx_prev                 # possible_nx_huge_page_link (pool indices, -1 ends)
     int64_t nx_next
+    # Roots only (tdp_mmu.c), changed under kvm.tdp_mmu_pages_lock:
+    int root_count                  # tdp_mmu_root_count: one per vCPU using it, +1 for the
+                                    # MMU until the root is invalidated
+    bint role_invalid               # role.invalid
+    bint scheduled_root_to_zap      # tdp_mmu_scheduled_root_to_zap
 
 
 # ---------------------------------------------------------------------------
@@ -203,6 +211,11 @@ ctypedef struct mmu_stats_t:
     int64_t cas_failures
     int64_t spte_changes            # calls of handle_changed_spte
     int64_t mmio_sptes_created
+    int64_t faults_fast             # pf_fast: faults fast_page_fault answered
+    int64_t hw_walks                # the CPU's EPT/NPT walks (vcpu.access)
+    int64_t hw_ad_sets              # leaves whose A (and D) the CPU set
+    int64_t exits_ept_violation     # EPT violations / #NPF without RSVD
+    int64_t exits_misconfig         # EPT misconfigurations / #NPF with RSVD
     int64_t warn[NR_MMU_WARN]       # by WARN_*
 
 
@@ -215,10 +228,22 @@ ctypedef struct kvm_t:
     pool_t* pool
     int root_level                  # tdp_root_level
     int max_level                   # largest mapping level
-    int64_t root                    # pool index of the root table
     bint nx_huge_pages              # the NX huge-page mitigation
     gfn_t gfn_limit                 # exclusive: 1 << (9 * root_level)
-    u64 mmio_gen                    # memslots generation (its low 19 bits go into MMIO SPTEs)
+    int host_phys_bits              # host MAXPHYADDR (shadow_phys_bits)
+    gfn_t max_gfn                   # kvm_mmu_max_gfn(): the last gfn the host can address
+    u64 rsvd_pa_mask                # PA bits host_phys_bits..51: reserved for the CPU
+    bint ad_enabled                 # kvm_ad_enabled(): the CPU sets A/D bits
+    u64 generation                  # memslots generation: +2 per swap (its low 19 bits go
+                                    # into MMIO SPTEs)
+    int64_t roots[MAX_ROOTS]        # tdp_mmu_roots: pool indices, oldest first
+    int nr_roots
+    # What the CPU's walker checks (core/hw.pxi): present bits, per access kind the bits a
+    # leaf needs and those it must not have, and whether it sets A/D.
+    u64 hw_present_mask
+    u64 hw_need[3]
+    u64 hw_forbid[3]
+    bint hw_ad_enabled
     kvm_memory_slot_t* slots        # sorted by base_gfn
     int nslots
     int64_t inject_cas_fail         # test aid: fail this many CAS attempts
@@ -264,6 +289,9 @@ ctypedef struct kvm_vcpu_t:
     walk_hint_t hint
     int last_used_slot              # index into kvm.slots (vcpu->last_used_slot)
     int vcpu_idx                    # also its reader slot in the grace period
+    int64_t root                    # mmu->root.hpa: pool index of its root, -1 INVALID_PAGE
+    gfn_t mmio_gfn                  # vcpu_cache_mmio_info (0: nothing cached)
+    u64 mmio_gen                    # the memslots generation it was cached in
 
 
 # struct tdp_iter (arch/x86/kvm/mmu/tdp_iter.h)
@@ -284,7 +312,10 @@ ctypedef struct tdp_iter_t:
 ctypedef struct kvm_page_fault_t:
     gfn_t gfn
     u64 error_code                  # PFERR_* bits
+    bint present                    # PFERR_PRESENT_MASK
     bint write                      # PFERR_WRITE_MASK
+    bint user                       # PFERR_USER_MASK
+    bint rsvd                       # PFERR_RSVD_MASK
     bint exec                       # PFERR_FETCH_MASK
     bint prefetch
     bint nx_huge_page_workaround_enabled
@@ -314,11 +345,18 @@ cdef void tdp_iter_next(tdp_iter_t* it) noexcept nogil
 
 cdef void kvm_mmu_read_lock(kvm_t* kvm, int reader) noexcept nogil
 cdef void kvm_mmu_read_unlock(kvm_t* kvm, int reader) noexcept nogil
-cdef int kvm_mmu_do_page_fault(kvm_vcpu_t* vcpu, gfn_t gfn, u64 error_code) noexcept nogil
+cdef int kvm_mmu_page_fault(kvm_vcpu_t* vcpu, gfn_t gfn, u64 error_code) noexcept nogil
 
 # One fault as Vcpu.fault makes it, GIL-free: the vCPU's mutex, mmu_lock for read,
 # RET_PF_* or -SPTE_ENOMEM / -SPTE_EIO.  The gfn must be below kvm.gfn_limit.
 cdef int vcpu_fault(kvm_vcpu_t* vcpu, gfn_t gfn, bint write, bint exec) noexcept nogil
+# The same with a full error code (PFERR_*), as an exit handler passes it.
+cdef int vcpu_fault_error_code(kvm_vcpu_t* vcpu, gfn_t gfn, u64 error_code) noexcept nogil
+# One access as the CPU makes it (the hardware view): the vCPU's mutex, mmu_lock for read,
+# the EPT/NPT walk with A/D assists, and the exits it raises until the access completes.
+# 0 (no exit) or the RET_PF_* of the last exit, or -SPTE_ENOMEM / -SPTE_EIO; may also
+# return BATCH_INTERRUPTIBLE (1 << 8) after 2**16 re-executions: call again.
+cdef int vcpu_access(kvm_vcpu_t* vcpu, gfn_t gfn, bint write, bint exec) noexcept nogil
 # The kvm_vcpu_t of a Python Vcpu (with the GIL; keep the Vcpu alive while using it).
 cdef kvm_vcpu_t* vcpu_handle(object vcpu) except NULL
 
@@ -367,7 +405,6 @@ cdef class MemoryCache:
 cdef class Vm:
     cdef kvm_t kvm
     cdef mmu_stats_t st             # the VM's own operations (zaps, memslot changes)
-    cdef kvm_mmu_memory_cache_t root_mc   # initialises the root as a vCPU cache would
     cdef readonly SpteLayout layout
     cdef readonly PagePool pool
     cdef object _retired_pfns       # sorted uint64: host pages of deleted slots with flags set
@@ -378,9 +415,16 @@ cdef class Vm:
     cdef int _next_slot_id
     cdef gfn_t _gfn(self, v, str name) except? 0xFFFFFFFFFFFFFFFF
     cdef int _raise_fatal(self) except -1
-    cdef int _install_memslots(self, kvm_memory_slot_t* slots, int n) except -1
+    cdef int _swap_memslots(self, kvm_memory_slot_t* slots, int n, int mark_invalid,
+                            int clear_invalid) except -1
+    cdef int _zap_all_fast(self) except -1
+    cdef int _check_slot_range(self, gfn_t base, u64 n, int64_t skip_id) except -1
+    cdef int _check_max_gfn(self, gfn_t base, u64 n) except -1
     cdef object _add_memslot(self, gfn_t base, u64 n, u64 p, bint readonly)
+    cdef int _slot_index(self, int64_t sid_wanted) except -1
+    cdef int _invalidate_memslot(self, int at) except -1
     cdef int _delete_memslot(self, int64_t sid_wanted) except -1
+    cdef int _move_memslot(self, int64_t sid_wanted, gfn_t base) except -1
     cdef int _host_flags(self, pfn) except -1
     cdef list _tdp_iter(self, gfn_t start, gfn_t end, int min_level)
     cdef int _register_vcpu(self, Vcpu v) except -1

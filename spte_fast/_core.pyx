@@ -20,7 +20,8 @@ include "core/mmu_page.pxi"      # struct kvm_mmu_page               (mmu_intern
 include "core/tdp_iter.pxi"      # SPTE reads/writes, the iterator   (tdp_iter.[ch])
 include "core/tdp_mmu.pxi"       # setters, bookkeeping, map, zaps   (tdp_mmu.c)
 include "core/mmu.pxi"           # page-fault entry, huge-page level (mmu.c)
-include "core/x86.pxi"           # a vCPU's fault loop               (x86.c)
+include "core/hw.pxi"            # the CPU: EPT/NPT walker, exit codes (SDM, APM)
+include "core/x86.pxi"           # a vCPU's faults and accesses     (x86.c)
 include "core/boundary.pxi"      # argument checks, _check_rc
 include "core/api.pxi"           # constants, SpteLayout, kernels, PagePool, MemoryCache
 include "core/kvm_main.pxi"      # Vm, Vcpu                          (kvm_main.c ioctls)

@@ -82,6 +82,9 @@ ctypedef struct spte_masks_t:
     u64 shadow_mmio_value         # EPT: W|X (misconfig); NPT: bit 51 | P
     u64 shadow_mmio_mask          # EPT: RWX | bit 63 if nonpresent has it; NPT: bit 51 | P
     u64 shadow_mmio_access_mask   # EPT: 0; NPT: W|U
+    u64 mmio_gfn_mask             # the GPA bits of an MMIO SPTE (6.10's
+                                  # shadow_nonpresent_or_rsvd_lower_gfn_mask); a Vm sets
+                                  # GENMASK(host MAXPHYADDR - 1, 12)
     bint ept                      # paging mode
     bint ad_disabled              # TDP SPTEs carry SPTE_TDP_AD_DISABLED (EPT without A/D)
 
@@ -265,14 +268,14 @@ cdef inline u64 get_mmio_spte_generation(u64 spte) noexcept nogil:
 
 
 cdef inline gfn_t get_mmio_spte_gfn(const spte_masks_t* m, u64 spte) noexcept nogil:
-    """The GPA bits of an MMIO SPTE: the PFN field minus the MMIO marker bits (NPT bit 51)."""
-    return (spte & SPTE_BASE_ADDR_MASK & ~m.shadow_mmio_mask) >> 12
+    """The GPA bits of an MMIO SPTE (6.10 get_mmio_spte_gfn without the L1TF relocation)."""
+    return (spte & m.mmio_gfn_mask) >> 12
 
 
 cdef inline u64 make_mmio_spte(const spte_masks_t* m, gfn_t gfn, unsigned int access, u64 gen) noexcept nogil:
     cdef u64 spte = generation_mmio_spte_mask(gen & MMIO_SPTE_GEN_MASK)
     spte |= m.shadow_mmio_value | (access & m.shadow_mmio_access_mask)
-    spte |= (gfn << 12) & SPTE_BASE_ADDR_MASK
+    spte |= gfn << 12                   # 6.10 ORs the gpa unmasked
     return spte
 
 

@@ -17,6 +17,8 @@ __all__ = [
     "VMX_EPT_RWX_MASK", "VMX_EPT_MISCONFIG_WX_VALUE", "VMX_EPT_MEMTYPE_WB_IPAT",
     "MMIO_SPTE_GEN_MASK", "MMIO_SPTE_GEN_LOW_START", "MMIO_SPTE_GEN_LOW_END",
     "MMIO_SPTE_GEN_HIGH_START", "MMIO_SPTE_GEN_HIGH_END", "NPT_MMIO_VALUE",
+    "PFERR_PRESENT_MASK", "PFERR_WRITE_MASK", "PFERR_USER_MASK", "PFERR_RSVD_MASK",
+    "PFERR_FETCH_MASK", "ACCESS_HIT",
     "SpteLayout", "PagePool", "MemoryCache", "Vm", "Vcpu",
     "fill_pages", "scan_present", "count_present", "cmpxchg", "xchg", "atomic_or",
     "atomic_and_not",
@@ -59,7 +61,13 @@ globals().update(dict(
     MMIO_SPTE_GEN_HIGH_START=MMIO_SPTE_GEN_HIGH_START,
     MMIO_SPTE_GEN_HIGH_END=MMIO_SPTE_GEN_HIGH_END,
     NPT_MMIO_VALUE=NPT_MMIO_VALUE,
+    PFERR_PRESENT_MASK=PFERR_PRESENT_MASK,
+    PFERR_WRITE_MASK=PFERR_WRITE_MASK,
+    PFERR_USER_MASK=PFERR_USER_MASK,
+    PFERR_RSVD_MASK=PFERR_RSVD_MASK,
+    PFERR_FETCH_MASK=PFERR_FETCH_MASK,
 ))
+ACCESS_HIT = 0      # access_batch's per-access code of an access that caused no exit
 PG_LEVEL_4K = 1
 PG_LEVEL_2M = 2
 PG_LEVEL_1G = 3

@@ -56,9 +56,12 @@ cdef int _audit_locked(Vm vm) except -1:
     memset(leaves, 0, sizeof(leaves))
     memset(tables, 0, sizeof(tables))
     _sum_counters(vm, &counters)
-    if p.sp[kvm.root].ptep != NULL:
-        _audit_fail("table-metadata", f"the root {kvm.root} has a parent entry")
-    _audit_table(kvm, kvm.root, kvm.root_level, 0, seen, leaves, tables)
+    _audit_roots(vm)
+    for i in range(kvm.nr_roots):
+        idx = kvm.roots[i]
+        if p.sp[idx].ptep != NULL:
+            _audit_fail("table-metadata", f"the root {idx} has a parent entry")
+        _audit_table(kvm, idx, kvm.root_level, 0, seen, leaves, tables)
     for i in range(1, 4):
         if leaves[i] != acc.pages[i]:
             _audit_fail("page-stats", f"{leaves[i]} present leaves at level {i}, "
@@ -109,6 +112,39 @@ cdef int _audit_locked(Vm vm) except -1:
                         "not a vCPU's")
     if n_free != 0:
         _audit_fail("pool-accounting", "free list and page states disagree")
+    return 0
+
+
+cdef int _audit_roots(Vm vm) except -1:
+    """Reference counts: one per vCPU using the root, plus the MMU's until invalidated; one
+    valid root at most; every vCPU's root on the list; an invalid root that has been zapped
+    holds only the non-present value."""
+    cdef kvm_t* kvm = &vm.kvm
+    cdef kvm_mmu_page_t* sp
+    cdef int i, users, valid = 0
+    cdef int64_t root
+    cdef Vcpu v
+    cdef list listed = [kvm.roots[i] for i in range(kvm.nr_roots)]
+    for v in vm._vcpus:
+        if v.vcpu.root >= 0 and v.vcpu.root not in listed:
+            _audit_fail("roots", f"vCPU {v.vcpu.vcpu_idx}'s root {v.vcpu.root} is not on the "
+                        "VM's list of roots")
+    for i in range(kvm.nr_roots):
+        root = kvm.roots[i]
+        sp = pool_sp(kvm.pool, root)
+        users = 0
+        for v in vm._vcpus:
+            users += v.vcpu.root == root
+        valid += not sp.role_invalid
+        if sp.root_count != users + (0 if sp.role_invalid else 1):
+            _audit_fail("roots", f"root {root} ({'invalid' if sp.role_invalid else 'valid'}) "
+                        f"has reference count {sp.root_count} with {users} vCPU(s) using it")
+        if sp.role_invalid and not sp.scheduled_root_to_zap and \
+                count_present_kernel(pool_page(kvm.pool, root),
+                                     kvm.m.shadow_nonpresent_value) != 0:
+            _audit_fail("roots", f"invalid root {root} was zapped but holds entries")
+    if valid > 1:
+        _audit_fail("roots", f"{valid} valid roots with the same role")
     return 0
 
 
@@ -170,7 +206,7 @@ cdef int _audit_table(kvm_t* kvm, int64_t t, int level, gfn_t base, uint8_t* see
         if is_mmio_spte(m, e):
             if level != 1:
                 _audit_fail_at("mmio-level", "MMIO SPTE above 4K", g, level, e)
-            if get_mmio_spte_gfn(m, e) != (g & ((SPTE_BASE_ADDR_MASK & ~m.shadow_mmio_mask) >> 12)):
+            if get_mmio_spte_gfn(m, e) != g:
                 _audit_fail_at("mmio-gfn", "MMIO SPTE encodes another gfn", g, level, e)
             continue
         if not is_shadow_present_pte(e):

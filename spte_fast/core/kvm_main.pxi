@@ -10,6 +10,7 @@ import threading as _threading
 
 from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport INT64_MAX, INT64_MIN
+from libc.string cimport memmove
 
 
 cdef inline void _stats_add(mmu_stats_t* acc, const mmu_stats_t* s) noexcept nogil:
@@ -28,6 +29,11 @@ cdef inline void _stats_add(mmu_stats_t* acc, const mmu_stats_t* s) noexcept nog
     acc.cas_failures += s.cas_failures
     acc.spte_changes += s.spte_changes
     acc.mmio_sptes_created += s.mmio_sptes_created
+    acc.faults_fast += s.faults_fast
+    acc.hw_walks += s.hw_walks
+    acc.hw_ad_sets += s.hw_ad_sets
+    acc.exits_ept_violation += s.exits_ept_violation
+    acc.exits_misconfig += s.exits_misconfig
 
 
 cdef object _host_flags_array(uint8_t* flags, u64 npages):
@@ -39,7 +45,7 @@ cdef object _host_flags_array(uint8_t* flags, u64 npages):
 
 ctypedef struct vm_counters_t:
     mmu_stats_t st                      # the VM's own context plus every vCPU's
-    cache_init_stats_t init             # the root's cache plus every vCPU cache
+    cache_init_stats_t init             # every vCPU cache
     int64_t cache_warn[NR_CACHE_WARN]   # the same caches' warnings
     int64_t nx_lpage_splits
 
@@ -50,9 +56,6 @@ cdef void _sum_counters(Vm vm, vm_counters_t* c):
     cdef int i
     memset(c, 0, sizeof(vm_counters_t))
     _stats_add(&c.st, &vm.st)
-    _init_stats_add(&c.init, &vm.root_mc.init)
-    for i in range(NR_CACHE_WARN):
-        c.cache_warn[i] += vm.root_mc.warn[i]
     for v in vm._vcpus:
         _stats_add(&c.st, &v.vcpu.stat)
         _init_stats_add(&c.init, &v.cache.mc.init)
@@ -72,24 +75,57 @@ cdef int _read_counters(Vm vm, vm_counters_t* c) except -1:
     return 0
 
 
+cdef cnp.ndarray _error_code_array(object a, Py_ssize_t n):
+    """fault_batch's ``error_codes``: 1-D integers of n entries, each a 32-bit error code."""
+    arr = _int_array(a, "error_codes")
+    if arr.shape[0] != n:
+        raise ValueError(f"error_codes has {arr.shape[0]} entries, gfns has {n}")
+    if arr.size and int(arr.max()) > 0xFFFFFFFF:
+        raise ValueError("error_codes values must be 32-bit error codes (0 .. 2**32 - 1)")
+    return np.ascontiguousarray(arr, dtype=np.uint64)
+
+
+cdef cnp.ndarray _hw_access_array(object a, Py_ssize_t n):
+    """access_batch's ``access``: 0 read, 1 write, 2 instruction fetch."""
+    arr = _int_array(a, "access")
+    if arr.shape[0] != n:
+        raise ValueError(f"access has {arr.shape[0]} entries, gfns has {n}")
+    if arr.size and int(arr.max()) > ACC_FETCH:
+        raise ValueError("access values must be 0..2 (0 read, 1 write, 2 fetch; a fetch is "
+                         "never a write)")
+    return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+cdef cnp.ndarray _batch_out(object out, Py_ssize_t n):
+    """A batch's ``out``: the array the kernel writes -- ``out`` itself when C-contiguous,
+    else a scratch array the caller copies back; None for no ``out``."""
+    if out is None:
+        return None
+    _out_array(out, n)
+    return out if out.flags.c_contiguous else np.empty(n, dtype=np.int8)
+
+
 cdef class Vm:
-    """A VM's TDP MMU: one root, memslots, vCPUs, zaps, stats and an audit.
+    """A VM's TDP MMU: roots, memslots, vCPUs, zaps, stats and an audit.
 
     >>> import spte_fast as sf
     >>> vm = sf.Vm(sf.SpteLayout.ept(), root_level=4, max_pt_pages=64)
     >>> vm.add_memslot(0, 1024, pfn=0x100000)
     0
-    >>> vm.vcpu().fault(5, write=True)
+    >>> v = vm.vcpu()
+    >>> v.fault(5, write=True)
     <PF.FIXED: 4>
+    >>> v.access(5, write=True) is None     # the CPU's walk finds the leaf: no exit
+    True
     """
 
     def __cinit__(self, SpteLayout layout not None, root_level=4, max_level=PG_LEVEL_1G,
-                  max_pt_pages=1 << 20, nx_huge_pages=False, poison=None):
+                  max_pt_pages=1 << 20, nx_huge_pages=False, poison=None,
+                  host_maxphyaddr=46):
         cdef int rl = <int>_as_int(root_level, "root_level", 4, 5)
         cdef int ml = <int>_as_int(max_level, "max_level", 1, 3)
         cdef int64_t cap = _as_int(max_pt_pages, "max_pt_pages", 2, 1 << 32)
-        cdef int64_t root
-        cdef u64 nonpresent = layout.m.shadow_nonpresent_value
+        cdef int hpa = <int>_as_int(host_maxphyaddr, "host_maxphyaddr", 36, 52)
         memset(&self.kvm, 0, sizeof(kvm_t))
         memset(&self.st, 0, sizeof(mmu_stats_t))
         self.st.rcu_reader = -1         # the VM's own operations hold mmu_lock for write
@@ -106,23 +142,22 @@ cdef class Vm:
         self._vcpu_lock = _threading.Lock()
         self._vcpus = []
         self.kvm.m = layout.m
+        masks_set_host_phys_bits(&self.kvm.m, hpa)     # kvm->arch.shadow_mmio_value
         self.kvm.pool = &self.pool.p
         self.kvm.root_level = rl
         self.kvm.max_level = ml
         self.kvm.nx_huge_pages = bool(nx_huge_pages)
         self.kvm.gfn_limit = (<u64>1) << (9 * rl)
+        self.kvm.host_phys_bits = hpa
+        self.kvm.max_gfn = ((<u64>1) << (hpa - 12)) - 1
+        self.kvm.rsvd_pa_mask = (((<u64>1) << 52) - ((<u64>1) << hpa)) if hpa < 52 else 0
+        self.kvm.ad_enabled = self.kvm.m.shadow_accessed_mask != 0
+        hw_setup(&self.kvm)
         self.kvm.rcu_pending = <int64_t*>malloc(cap * sizeof(int64_t))
         self.kvm.rcu_pending_seq = <u64*>malloc(cap * sizeof(u64))
         if self.kvm.rcu_pending == NULL or self.kvm.rcu_pending_seq == NULL:
             raise MemoryError()
-        # kvm_tdp_mmu_alloc_root: the root is a page initialised as a vCPU cache would.
-        mmu_memory_cache_setup(&self.root_mc, &self.pool.p, nonpresent, nonpresent == 0)
-        root = mmu_memory_cache_alloc_obj(&self.root_mc)
-        _check_rc(-SPTE_ENOMEM if root < 0 else 0, "Vm(): a page for the root")
-        tdp_mmu_init_sp(&self.kvm, root, NULL, 0, rl, False)
-        self.kvm.root = root
-        self.st.tables_allocated += 1
-        tdp_account_mmu_page(&self.st, pool_sp(&self.pool.p, root))
+        # No root yet: the first vCPU to enter the guest loads one (kvm_mmu_load).
 
     def __dealloc__(self):
         cdef int i
@@ -131,8 +166,6 @@ cdef class Vm:
         PyMem_RawFree(self.kvm.slots)
         free(self.kvm.rcu_pending)
         free(self.kvm.rcu_pending_seq)
-        if self.root_mc.pool != NULL:
-            mmu_memory_cache_teardown(&self.root_mc)
         pthread_rwlock_destroy(&self.kvm.mmu_lock)
         pthread_mutex_destroy(&self.kvm.tdp_mmu_pages_lock)
 
@@ -153,11 +186,43 @@ cdef class Vm:
     @property
     def nx_huge_pages(self): return bool(self.kvm.nx_huge_pages)
     @property
-    def root(self): return self.kvm.root
-    @property
-    def mmio_generation(self): return self.kvm.mmio_gen
+    def mmio_generation(self):
+        """The memslots generation (kvm_memslots()->generation): +2 per swap."""
+        return self.kvm.generation
     @property
     def gfn_limit(self): return self.kvm.gfn_limit
+    @property
+    def host_maxphyaddr(self): return self.kvm.host_phys_bits
+    @property
+    def max_gfn(self):
+        """kvm_mmu_max_gfn(): the last gfn a host with host_maxphyaddr bits can address."""
+        return self.kvm.max_gfn
+
+    @property
+    def root(self):
+        """Pool index of the valid root, or None before a vCPU has loaded one."""
+        cdef int64_t r
+        with nogil:
+            kvm_mmu_write_lock(&self.kvm)
+            r = kvm_valid_root(&self.kvm)
+            kvm_mmu_write_unlock(&self.kvm)
+        return None if r < 0 else r
+
+    @property
+    def roots(self):
+        """[(pool_index, refcount, invalid)] of kvm->arch.tdp_mmu_roots, newest first."""
+        cdef int i
+        cdef kvm_mmu_page_t* sp
+        out = []
+        with nogil:
+            kvm_mmu_write_lock(&self.kvm)
+        try:
+            for i in range(self.kvm.nr_roots - 1, -1, -1):
+                sp = pool_sp(self.kvm.pool, self.kvm.roots[i])
+                out.append((self.kvm.roots[i], sp.root_count, bool(sp.role_invalid)))
+        finally:
+            kvm_mmu_write_unlock(&self.kvm)
+        return out
 
     @property
     def memslots(self):
@@ -180,14 +245,76 @@ cdef class Vm:
         return g
 
     # -- memslots (kvm_set_memslot) ---------------------------------------------------
-    cdef int _install_memslots(self, kvm_memory_slot_t* slots, int n) except -1:
-        """Make `slots` the active set (caller holds slots_lock and mmu_lock for write) and
-        bump the generation; an MMIO SPTE of the old generation no longer matches."""
-        PyMem_RawFree(self.kvm.slots)
-        self.kvm.slots = slots
-        self.kvm.nslots = n
+    cdef int _swap_memslots(self, kvm_memory_slot_t* slots, int n, int mark_invalid,
+                            int clear_invalid) except -1:
+        """kvm_swap_active_memslots (slots_lock held): under mmu_lock for write publish
+        `slots` (NULL: the same array) after marking slot index `mark_invalid` (or clearing
+        `clear_invalid`: the swap back of a failed change) KVM_MEMSLOT_INVALID, and move the
+        generation by 2 (one per address space); then kvm_arch_memslots_updated, which zaps
+        everything fast when the MMIO generation wrapped."""
+        cdef bint wrapped
+        cdef kvm_memory_slot_t* old = NULL
         with nogil:
-            kvm_mmu_invalidate_mmio_sptes(&self.kvm, &self.st)
+            kvm_mmu_write_lock(&self.kvm)
+            if slots != NULL:
+                old = self.kvm.slots
+                self.kvm.slots = slots
+                self.kvm.nslots = n
+            if mark_invalid >= 0:
+                self.kvm.slots[mark_invalid].flags |= KVM_MEMSLOT_INVALID
+            if clear_invalid >= 0:
+                self.kvm.slots[clear_invalid].flags &= ~KVM_MEMSLOT_INVALID
+            self.kvm.generation += KVM_ADDRESS_SPACE_NUM
+            wrapped = kvm_mmu_invalidate_mmio_sptes(&self.kvm, self.kvm.generation)
+            kvm_mmu_write_unlock(&self.kvm)
+        PyMem_RawFree(old)
+        if wrapped:
+            self._zap_all_fast()
+        return 0
+
+    cdef int _zap_all_fast(self) except -1:
+        """kvm_mmu_zap_all_fast: invalidate every root (vCPUs load a new one on their next
+        entry), then zap the invalidated roots and put the MMU's references.  No TLB flush
+        is counted (6.10: each vCPU flushes its own when it loads the new root)."""
+        cdef int r = -SPTE_EBUSY
+        with nogil:
+            kvm_mmu_write_lock(&self.kvm)
+            kvm_tdp_mmu_invalidate_all_roots(&self.kvm)
+            kvm_mmu_write_unlock(&self.kvm)
+        # KVM zaps them holding mmu_lock for read, with atomic setters; here the VM holds it
+        # for write (same result: no fault can run on an invalid root), and only injected
+        # CAS failures can make a pass retry -- then signals are checked between tries.
+        while r == -SPTE_EBUSY:
+            with nogil:
+                kvm_mmu_write_lock(&self.kvm)
+                r = kvm_tdp_mmu_zap_invalidated_roots(&self.kvm, &self.st, RETRY_CHECK)
+                kvm_mmu_write_unlock(&self.kvm)
+            if r == -SPTE_EBUSY:
+                PyErr_CheckSignals()
+        self._raise_fatal()
+        return 0
+
+    cdef int _check_slot_range(self, gfn_t base, u64 n, int64_t skip_id) except -1:
+        """kvm_set_memory_region's checks of a slot's gfns (besides kvm_mmu_max_gfn)."""
+        cdef kvm_memory_slot_t* s
+        cdef int i
+        if n == 0:
+            raise ValueError("npages must be >= 1")
+        if n > self.kvm.gfn_limit - base:
+            raise ValueError(f"slot [{base:#x}, {base + n:#x}) is beyond the address width "
+                             f"(gfn < {self.kvm.gfn_limit:#x})")
+        for i in range(self.kvm.nslots):
+            s = &self.kvm.slots[i]
+            if s.id != skip_id and base < s.base_gfn + s.npages and s.base_gfn < base + n:
+                raise ValueError(f"gfns [{base:#x}, {base + n:#x}) overlap slot {s.id}")
+        return 0
+
+    cdef int _check_max_gfn(self, gfn_t base, u64 n) except -1:
+        """kvm_arch_prepare_memory_region: -EINVAL past kvm_mmu_max_gfn()."""
+        if base + n - 1 > self.kvm.max_gfn:
+            raise ValueError(f"slot [{base:#x}, {base + n:#x}) is beyond the host's "
+                             f"MAXPHYADDR ({self.kvm.host_phys_bits} bits: gfn <= "
+                             f"{self.kvm.max_gfn:#x})")
         return 0
 
     def add_memslot(self, base_gfn, npages, pfn, readonly=False):
@@ -203,19 +330,16 @@ cdef class Vm:
         cdef kvm_memory_slot_t* slots
         cdef int i, at, nslots = self.kvm.nslots
         cdef uint8_t* flags
-        if n == 0:
-            raise ValueError("npages must be >= 1")
-        if n > self.kvm.gfn_limit - base:
-            raise ValueError(f"slot [{base:#x}, {base + n:#x}) is beyond the address width "
-                             f"(gfn < {self.kvm.gfn_limit:#x})")
-        if p >= PFN_LIMIT or n > PFN_LIMIT - p:
-            raise ValueError(f"pfns [{p:#x}, {p + n:#x}) do not fit the PFN field (< 1 << 40)")
+        cdef u64 host_pfns = (<u64>1) << (self.kvm.host_phys_bits - 12)
+        self._check_slot_range(base, n, -1)
+        if p >= host_pfns or n > host_pfns - p:
+            raise ValueError(f"pfns [{p:#x}, {p + n:#x}) are beyond the host's MAXPHYADDR "
+                             f"({self.kvm.host_phys_bits} bits: pfn < {host_pfns:#x})")
         for i in range(nslots):
             s = &self.kvm.slots[i]
-            if base < s.base_gfn + s.npages and s.base_gfn < base + n:
-                raise ValueError(f"gfns [{base:#x}, {base + n:#x}) overlap slot {s.id}")
             if p < s.pfn + s.npages and s.pfn < p + n:
                 raise ValueError(f"pfns [{p:#x}, {p + n:#x}) overlap those of slot {s.id}")
+        self._check_max_gfn(base, n)
         flags = <uint8_t*>PyMem_RawCalloc(n, 1)     # calloc: untouched pages cost nothing
         slots = <kvm_memory_slot_t*>PyMem_RawMalloc((nslots + 1) * sizeof(kvm_memory_slot_t))
         if flags == NULL or slots == NULL:
@@ -245,46 +369,51 @@ cdef class Vm:
         s.id = self._next_slot_id
         s.host_flags = flags
         self._next_slot_id += 1
-        with nogil:
-            kvm_mmu_write_lock(&self.kvm)
+        self._swap_memslots(slots, nslots + 1, -1, -1)     # kvm_create_memslot
+        return self._next_slot_id - 1
+
+    cdef int _slot_index(self, int64_t sid_wanted) except -1:
+        cdef int i
+        for i in range(self.kvm.nslots):
+            if self.kvm.slots[i].id == sid_wanted:
+                return i
+        raise ValueError(f"no memslot with id {sid_wanted!r}")
+
+    cdef int _invalidate_memslot(self, int at) except -1:
+        """kvm_invalidate_memslot: the slot swapped for an invalid copy (faults on it now
+        retry), then kvm_arch_flush_shadow_memslot, which is kvm_mmu_zap_all_fast in 6.10.
+        Interrupted (Ctrl-C during injected CAS failures): swapped back, as KVM's failure
+        path does, and the exception propagates."""
+        self._swap_memslots(NULL, 0, at, -1)
         try:
-            self._install_memslots(slots, nslots + 1)
-        finally:
-            kvm_mmu_write_unlock(&self.kvm)
-        return s.id
+            self._zap_all_fast()
+        except BaseException:
+            self._swap_memslots(NULL, 0, -1, at)
+            raise
+        return 0
 
     def delete_memslot(self, slot_id):
-        """Zap the slot's range, remove it, bump the MMIO generation."""
+        """KVM_MR_DELETE: invalidate the slot, zap all roots fast, remove it (two swaps)."""
         cdef int64_t sid_wanted = _as_int(slot_id, "slot_id", INT64_MIN, INT64_MAX)
         with self._slots_lock:
             self._delete_memslot(sid_wanted)
 
     cdef int _delete_memslot(self, int64_t sid_wanted) except -1:
-        cdef int i, at = -1, nslots = self.kvm.nslots
+        cdef int at = self._slot_index(sid_wanted), nslots = self.kvm.nslots
         cdef kvm_memory_slot_t gone
         cdef kvm_memory_slot_t* slots
-        cdef bint flush
-        for i in range(nslots):
-            if self.kvm.slots[i].id == sid_wanted:
-                at = i
-        if at < 0:
-            raise ValueError(f"no memslot with id {sid_wanted!r}")
-        gone = self.kvm.slots[at]
         slots = <kvm_memory_slot_t*>PyMem_RawMalloc(max(nslots - 1, 1) * sizeof(kvm_memory_slot_t))
         if slots == NULL:
             raise MemoryError()
+        try:
+            self._invalidate_memslot(at)
+        except BaseException:
+            PyMem_RawFree(slots)
+            raise
+        gone = self.kvm.slots[at]
         memcpy(slots, self.kvm.slots, at * sizeof(kvm_memory_slot_t))
         memcpy(slots + at, self.kvm.slots + at + 1, (nslots - at - 1) * sizeof(kvm_memory_slot_t))
-        with nogil:
-            kvm_mmu_write_lock(&self.kvm)
-            flush = tdp_mmu_zap_leafs(&self.kvm, &self.st, gone.base_gfn,
-                                      gone.base_gfn + gone.npages)
-            if flush:
-                self.st.tlb_flushes_ranged += 1
-        try:
-            self._install_memslots(slots, nslots - 1)
-        finally:
-            kvm_mmu_write_unlock(&self.kvm)
+        self._swap_memslots(slots, nslots - 1, -1, -1)     # kvm_delete_memslot
         # Keep the host page flags that are set (no live or retired entry covers these pfns).
         flags = _host_flags_array(gone.host_flags, gone.npages)
         marked = np.flatnonzero(flags)
@@ -296,6 +425,49 @@ cdef class Vm:
                                              self._retired_bits[at_r:]))
         del flags
         PyMem_RawFree(gone.host_flags)
+        self._raise_fatal()
+        return 0
+
+    def move_memslot(self, slot_id, new_base_gfn):
+        """KVM_MR_MOVE: the slot's gfns start at ``new_base_gfn`` (same pfns, size, flags).
+        Invalidate, zap all roots fast, move (two swaps).  The same base is no change."""
+        cdef int64_t sid_wanted = _as_int(slot_id, "slot_id", INT64_MIN, INT64_MAX)
+        cdef gfn_t base = self._gfn(new_base_gfn, "new_base_gfn")
+        with self._slots_lock:
+            self._move_memslot(sid_wanted, base)
+
+    cdef int _move_memslot(self, int64_t sid_wanted, gfn_t base) except -1:
+        cdef int at = self._slot_index(sid_wanted), nslots = self.kvm.nslots, to
+        cdef kvm_memory_slot_t moved = self.kvm.slots[at]
+        cdef kvm_memory_slot_t* slots
+        if base == moved.base_gfn:
+            return 0                        # KVM_MR_FLAGS_ONLY with no flag change: nothing
+        self._check_slot_range(base, moved.npages, moved.id)
+        slots = <kvm_memory_slot_t*>PyMem_RawMalloc(nslots * sizeof(kvm_memory_slot_t))
+        if slots == NULL:
+            raise MemoryError()
+        try:
+            self._invalidate_memslot(at)
+        except BaseException:
+            PyMem_RawFree(slots)
+            raise
+        if base + moved.npages - 1 > self.kvm.max_gfn:
+            # kvm_prepare_memory_region fails only now, after the invalidation: the slot is
+            # swapped back (a third swap) with everything already zapped.
+            PyMem_RawFree(slots)
+            self._swap_memslots(NULL, 0, -1, at)
+            self._check_max_gfn(base, moved.npages)
+        # The slots without it, then it again at its sorted place.
+        memcpy(slots, self.kvm.slots, at * sizeof(kvm_memory_slot_t))
+        memcpy(slots + at, self.kvm.slots + at + 1, (nslots - at - 1) * sizeof(kvm_memory_slot_t))
+        to = 0
+        while to < nslots - 1 and slots[to].base_gfn < base:
+            to += 1
+        memmove(slots + to + 1, slots + to, (nslots - 1 - to) * sizeof(kvm_memory_slot_t))
+        moved.base_gfn = base
+        moved.flags &= ~KVM_MEMSLOT_INVALID
+        slots[to] = moved
+        self._swap_memslots(slots, nslots, -1, -1)         # kvm_move_memslot
         self._raise_fatal()
         return 0
 
@@ -352,6 +524,8 @@ cdef class Vm:
     def lookup(self, gfn):
         """(spte, level) of the present leaf that maps gfn, or None."""
         path = self.walk(gfn)
+        if not path:
+            return None
         level, spte = path[len(path) - 1]
         if is_shadow_present_pte(spte) and is_last_spte(spte, level):
             return (spte, level)
@@ -370,12 +544,17 @@ cdef class Vm:
         return self._tdp_iter(s, e, ml)
 
     cdef list _tdp_iter(self, gfn_t start, gfn_t end, int min_level):
+        """The walk over the valid root (none yet: nothing to visit)."""
         cdef tdp_iter_t it
+        cdef int64_t root
         out = []
         with nogil:
             kvm_mmu_write_lock(&self.kvm)
         try:
-            tdp_iter_start(&it, self.kvm.pool.pages, kvm_root_pt(&self.kvm),
+            root = kvm_valid_root(&self.kvm)
+            if root < 0:
+                return out
+            tdp_iter_start(&it, self.kvm.pool.pages, root_pt(&self.kvm, root),
                            self.kvm.root_level, min_level, start)
             while it.valid and it.gfn < end:
                 out.append((it.level, it.gfn, it.old_spte))
@@ -394,6 +573,7 @@ cdef class Vm:
             "faults_spurious": c.st.faults[RET_PF_SPURIOUS],
             "faults_retry": c.st.faults[RET_PF_RETRY],
             "faults_emulate": c.st.faults[RET_PF_EMULATE],
+            "faults_fast": c.st.faults_fast,
             "pages_4k": c.st.pages[1], "pages_2m": c.st.pages[2], "pages_1g": c.st.pages[3],
             "pt_pages": sum(c.st.pt_pages[i] for i in range(1, 6)),
         }
@@ -409,6 +589,9 @@ cdef class Vm:
                         sum(c.cache_warn[i] for i in range(NR_CACHE_WARN)),
             "spte_changes": c.st.spte_changes, "nx_lpage_splits": c.nx_lpage_splits,
             "mmio_sptes_created": c.st.mmio_sptes_created,
+            "hw_walks": c.st.hw_walks, "hw_ad_sets": c.st.hw_ad_sets,
+            "exits_ept_violation": c.st.exits_ept_violation,
+            "exits_misconfig": c.st.exits_misconfig,
         })
         return d
 
@@ -437,7 +620,7 @@ cdef class Vm:
             raise ValueError(f"start {s:#x} > end {e:#x}")
         with nogil:
             kvm_mmu_write_lock(&self.kvm)
-            flush = tdp_mmu_zap_leafs(&self.kvm, &self.st, s, e) if s < e else False
+            flush = kvm_tdp_mmu_zap_leafs(&self.kvm, &self.st, s, e) if s < e else False
             if flush:
                 self.st.tlb_flushes_ranged += 1
             kvm_mmu_write_unlock(&self.kvm)
@@ -445,25 +628,33 @@ cdef class Vm:
         return bool(flush)
 
     def zap_all(self):
-        """Zap everything (4K, 2M, 1G, root-level passes); only the root stays."""
-        cdef bint zapped
+        """kvm_mmu_zap_all: every root, valid or invalid, zapped by 4K, 2M, 1G and
+        root-level passes; the roots stay.  No TLB flush (6.10).  True if anything was
+        zapped."""
+        cdef int zapped
         with nogil:
             kvm_mmu_write_lock(&self.kvm)
-            zapped = tdp_mmu_zap_root(&self.kvm, &self.st)
-            if zapped:
-                self.st.tlb_flushes += 1
+            zapped = kvm_tdp_mmu_zap_all(&self.kvm, &self.st)
             kvm_mmu_write_unlock(&self.kvm)
         self._raise_fatal()
-        return bool(zapped)
+        return zapped > 0
+
+    def zap_all_fast(self):
+        """kvm_mmu_zap_all_fast: invalidate every root, zap them (shared), drop the MMU's
+        references; each vCPU loads a new root on its next entry."""
+        with self._slots_lock:          # KVM asserts slots_lock
+            self._zap_all_fast()
 
     def zap_sp(self, gfn, level):
         """Zap the level-``level`` table on gfn's path (its parent entry -> non-present)."""
         cdef gfn_t g = self._gfn(gfn, "gfn")
         cdef int lvl = <int>_as_int(level, "level", 1, self.kvm.root_level - 1)
         cdef bint done
+        cdef int64_t root
         with nogil:
             kvm_mmu_write_lock(&self.kvm)
-            done = tdp_mmu_zap_sp_at(&self.kvm, &self.st, g, lvl)
+            root = kvm_valid_root(&self.kvm)
+            done = root >= 0 and tdp_mmu_zap_sp_at(&self.kvm, &self.st, root, g, lvl)
             if done:
                 self.st.tlb_flushes += 1    # kvm_mmu_remote_flush_or_zap
             kvm_mmu_write_unlock(&self.kvm)
@@ -475,10 +666,13 @@ cdef class Vm:
         cdef gfn_t g = self._gfn(gfn, "gfn")
         cdef int lvl = <int>_as_int(level, "level", 1, self.kvm.root_level)
         cdef int r = -SPTE_EBUSY
+        cdef int64_t root
         while r == -SPTE_EBUSY:
             with nogil:
                 kvm_mmu_write_lock(&self.kvm)
-                r = tdp_mmu_zap_spte_atomic_at(&self.kvm, &self.st, g, lvl, RETRY_CHECK)
+                root = kvm_valid_root(&self.kvm)
+                r = 0 if root < 0 else \
+                    tdp_mmu_zap_spte_atomic_at(&self.kvm, &self.st, root, g, lvl, RETRY_CHECK)
                 kvm_mmu_write_unlock(&self.kvm)
             if r == -SPTE_EBUSY:
                 PyErr_CheckSignals()        # lost RETRY_CHECK races in a row: Ctrl-C works
@@ -513,50 +707,69 @@ cdef class Vcpu:
         self.vcpu.kvm = &vm.kvm
         self.vcpu.mmu_shadow_page_cache = &self.cache.mc
         self.vcpu.stat.rcu_reader = -1
+        self.vcpu.root = -1                 # INVALID_PAGE until its first entry
         vm._register_vcpu(self)         # Vcpu(vm) and vm.vcpu() are the same thing
 
-    def fault(self, gfn, write=False, exec=False):
-        """One guest page fault -> PF.FIXED / SPURIOUS / RETRY / EMULATE."""
+    @property
+    def root(self):
+        """Pool index of the root this vCPU has loaded (mmu->root.hpa), or None."""
+        return None if self.vcpu.root < 0 else self.vcpu.root
+
+    def fault(self, gfn, write=False, exec=False, *, error_code=None):
+        """One exit delivered to the MMU (kvm_mmu_page_fault) -> PF.FIXED / SPURIOUS /
+        RETRY / EMULATE.  ``write``/``exec`` alone: a not-present fault; ``error_code``: the
+        full PFERR_* error code instead (then write and exec must be False)."""
         cdef gfn_t g = self.vm._gfn(gfn, "gfn")
         cdef bint w = bool(write)
         cdef bint x = bool(exec)
+        cdef u64 ec
         cdef int r
+        if error_code is None:
+            ec = fault_error_code(w, x)
+        else:
+            ec = <u64>_as_int(error_code, "error_code", 0, 0xFFFFFFFF)
+            if w or x:
+                raise ValueError("pass either write/exec or error_code, not both")
         with nogil:
-            r = vcpu_fault(&self.vcpu, g, w, x)
+            r = vcpu_fault_error_code(&self.vcpu, g, ec)
         self.vm._raise_fatal()
         _check_rc(r, f"fault(gfn={g:#x})", self.cache.mc.last_warn)
         return PF(r)
 
-    def fault_batch(self, gfns, access=None, out=None):
+    def fault_batch(self, gfns, access=None, out=None, *, error_codes=None):
         """Fault every gfn in order, in C with the GIL released.
 
         ``gfns``: 1-D integer array; ``access``: None or 1-D integers (bit 0 write,
-        bit 1 exec); ``out``: None or a writable int8 array receiving each final PF.
+        bit 1 exec); ``error_codes``: None or 1-D 32-bit error codes (instead of
+        ``access``); ``out``: None or a writable int8 array receiving each final PF.
         RETRY results are faulted again (counted in "retry").  Returns the counts.
         """
         cdef cnp.ndarray g_arr = _gfn_array(gfns, "gfns", self.vm.kvm.gfn_limit)
         cdef Py_ssize_t n = g_arr.shape[0]
         cdef cnp.ndarray a_arr = None
-        cdef cnp.ndarray o_arr = None
+        cdef cnp.ndarray e_arr = None
         cdef const uint8_t* a = NULL
-        cdef int8_t* o = NULL
+        cdef const u64* e = NULL
+        cdef object o_arr = None
+        if access is not None and error_codes is not None:
+            raise ValueError("pass either access or error_codes, not both")
         if access is not None:
             a_arr = _access_array(access, n)
             a = <const uint8_t*>cnp.PyArray_DATA(a_arr)
-        if out is not None:
-            _out_array(out, n)
-            # A strided view is filled through a contiguous buffer, copied back below.
-            o_arr = out if out.flags.c_contiguous else np.empty(n, dtype=np.int8)
-            o = <int8_t*>cnp.PyArray_DATA(o_arr)
+        if error_codes is not None:
+            e_arr = _error_code_array(error_codes, n)
+            e = <const u64*>cnp.PyArray_DATA(e_arr)
+        o_arr = _batch_out(out, n)
+        cdef int8_t* o = NULL if o_arr is None else <int8_t*>cnp.PyArray_DATA(<cnp.ndarray>o_arr)
         cdef const gfn_t* g = <const gfn_t*>cnp.PyArray_DATA(g_arr)
-        cdef int64_t counts[6]
+        cdef int64_t counts[NR_BATCH_COUNTS]
         cdef Py_ssize_t done = 0
         cdef int rc = BATCH_INTERRUPTIBLE
         memset(counts, 0, sizeof(counts))
         try:
             while rc == BATCH_INTERRUPTIBLE:
                 with nogil:
-                    rc = vcpu_fault_batch(&self.vcpu, g, a, o, n, counts, &done)
+                    rc = vcpu_fault_batch(&self.vcpu, g, a, e, o, n, counts, &done)
                 if rc == BATCH_INTERRUPTIBLE:
                     PyErr_CheckSignals()    # KeyboardInterrupt propagates from here
         finally:
@@ -567,15 +780,79 @@ cdef class Vcpu:
                   self.cache.mc.last_warn, done,
                   f"gfns[{done}] changed under the batch to a gfn beyond the address width")
         return {"fixed": counts[RET_PF_FIXED], "spurious": counts[RET_PF_SPURIOUS],
-                "retry": counts[RET_PF_RETRY], "emulate": counts[RET_PF_EMULATE]}
+                "retry": counts[RET_PF_RETRY], "emulate": counts[RET_PF_EMULATE],
+                "fast": counts[COUNT_FAST]}
+
+    def access(self, gfn, write=False, exec=False):
+        """One guest access as the CPU makes it: the EPT/NPT walk (setting A, and D on a
+        write), and the exits it raises until the access completes.  None if no exit
+        happened, else the PF of the last exit (EMULATE: the emulator did the access)."""
+        cdef gfn_t g = self.vm._gfn(gfn, "gfn")
+        cdef bint w = bool(write)
+        cdef bint x = bool(exec)
+        cdef int r = ACCESS_INTERRUPTED
+        if w and x:
+            raise ValueError("an access is a read, a write or an instruction fetch, not both")
+        while r == ACCESS_INTERRUPTED:
+            with nogil:
+                r = vcpu_access(&self.vcpu, g, w, x)
+            if r == ACCESS_INTERRUPTED:
+                PyErr_CheckSignals()
+        self.vm._raise_fatal()
+        _check_rc(r, f"access(gfn={g:#x})", self.cache.mc.last_warn)
+        return None if r == 0 else PF(r)
+
+    def access_batch(self, gfns, access=None, out=None):
+        """The CPU's accesses to ``gfns`` in order, in C with the GIL released.
+
+        ``access``: None (reads) or 1-D integers 0 read, 1 write, 2 fetch; ``out``: None or
+        a writable int8 array receiving per access ACCESS_HIT (0) or the PF of its last
+        exit.  Returns {"hits", "fixed", "spurious", "retry", "emulate", "fast"}: accesses
+        without an exit, then the exits by result.
+        """
+        cdef cnp.ndarray g_arr = _gfn_array(gfns, "gfns", self.vm.kvm.gfn_limit)
+        cdef Py_ssize_t n = g_arr.shape[0]
+        cdef cnp.ndarray a_arr = None
+        cdef const uint8_t* a = NULL
+        cdef object o_arr = None
+        if access is not None:
+            a_arr = _hw_access_array(access, n)
+            a = <const uint8_t*>cnp.PyArray_DATA(a_arr)
+        o_arr = _batch_out(out, n)
+        cdef int8_t* o = NULL if o_arr is None else <int8_t*>cnp.PyArray_DATA(<cnp.ndarray>o_arr)
+        cdef const gfn_t* g = <const gfn_t*>cnp.PyArray_DATA(g_arr)
+        cdef int64_t counts[NR_BATCH_COUNTS]
+        cdef Py_ssize_t done = 0
+        cdef int rc = BATCH_INTERRUPTIBLE
+        memset(counts, 0, sizeof(counts))
+        try:
+            while rc == BATCH_INTERRUPTIBLE:
+                with nogil:
+                    rc = vcpu_access_batch(&self.vcpu, g, a, o, n, counts, &done)
+                if rc == BATCH_INTERRUPTIBLE:
+                    PyErr_CheckSignals()
+        finally:
+            if o_arr is not None and o_arr is not out:
+                out[:done] = o_arr[:done]
+        self.vm._raise_fatal()
+        _check_rc(rc, f"access_batch: stopped after {done} of {n} accesses",
+                  self.cache.mc.last_warn, done,
+                  f"gfns[{done}] or access[{done}] changed under the batch to a bad value")
+        return {"hits": counts[0], "fixed": counts[RET_PF_FIXED],
+                "spurious": counts[RET_PF_SPURIOUS], "retry": counts[RET_PF_RETRY],
+                "emulate": counts[RET_PF_EMULATE], "fast": counts[COUNT_FAST]}
 
     @property
     def stats(self):
-        """This vCPU's own counters (faults by result)."""
-        return {"faults_fixed": self.vcpu.stat.faults[RET_PF_FIXED],
-                "faults_spurious": self.vcpu.stat.faults[RET_PF_SPURIOUS],
-                "faults_retry": self.vcpu.stat.faults[RET_PF_RETRY],
-                "faults_emulate": self.vcpu.stat.faults[RET_PF_EMULATE]}
+        """This vCPU's own counters: faults by result and its hardware view."""
+        cdef mmu_stats_t* st = &self.vcpu.stat
+        return {"faults_fixed": st.faults[RET_PF_FIXED],
+                "faults_spurious": st.faults[RET_PF_SPURIOUS],
+                "faults_retry": st.faults[RET_PF_RETRY],
+                "faults_emulate": st.faults[RET_PF_EMULATE],
+                "faults_fast": st.faults_fast, "hw_walks": st.hw_walks,
+                "hw_ad_sets": st.hw_ad_sets, "exits_ept_violation": st.exits_ept_violation,
+                "exits_misconfig": st.exits_misconfig}
 
 
 cdef kvm_vcpu_t* vcpu_handle(object vcpu) except NULL:

@@ -65,11 +65,30 @@ cdef inline bint is_access_allowed(const spte_masks_t* m, kvm_page_fault_t* faul
     return (spte & PT_PRESENT_MASK) != 0
 
 
+cdef inline void vcpu_cache_mmio_info(kvm_vcpu_t* vcpu, gfn_t gfn) noexcept nogil:
+    """x86.h vcpu_cache_mmio_info for a direct MMU (gva 0): the gfn and the generation."""
+    vcpu.mmio_gfn = gfn
+    vcpu.mmio_gen = vcpu.kvm.generation
+
+
+cdef inline int kvm_handle_noslot_fault(kvm_vcpu_t* vcpu,
+                                        kvm_page_fault_t* fault) noexcept nogil:
+    """A gfn in no memslot: emulated; an MMIO SPTE is made for it (RET_PF_CONTINUE) unless
+    MMIO caching is off or the gfn is beyond host MAXPHYADDR."""
+    vcpu_cache_mmio_info(vcpu, fault.gfn)
+    if vcpu.kvm.m.shadow_mmio_value == 0:   # !enable_mmio_caching
+        return RET_PF_EMULATE
+    if fault.gfn > vcpu.kvm.max_gfn:        # kvm_mmu_max_gfn(): no SPTE for such a gfn
+        return RET_PF_EMULATE
+    return RET_PF_CONTINUE
+
+
 cdef int kvm_faultin_pfn(kvm_vcpu_t* vcpu, kvm_page_fault_t* fault) noexcept nogil:
-    """The memslot and pfn of the fault (RET_PF_CONTINUE), or how to finish it."""
-    fault.slot = kvm_vcpu_gfn_to_memslot(vcpu, fault.gfn)
+    """The pfn of the fault (RET_PF_CONTINUE), or how to finish it."""
     if fault.slot == NULL:
-        return RET_PF_CONTINUE              # no memslot: an MMIO SPTE (KVM_PFN_NOSLOT)
+        return kvm_handle_noslot_fault(vcpu, fault)
+    if fault.slot.flags & KVM_MEMSLOT_INVALID:
+        return RET_PF_RETRY                 # the slot is being deleted or moved
     fault.map_writable = not (fault.slot.flags & KVM_MEM_READONLY)
     if fault.write and not fault.map_writable:
         return RET_PF_EMULATE               # KVM_PFN_ERR_RO_FAULT: emulate, install nothing
@@ -120,13 +139,63 @@ cdef inline void walk_hint_save(kvm_vcpu_t* vcpu, tdp_iter_t* it, gfn_t gfn) noe
 
 # -- the fault ----------------------------------------------------------------------------
 
-cdef inline int fast_page_fault(kvm_vcpu_t* vcpu, kvm_page_fault_t* fault,
-                                tdp_iter_t* it) noexcept nogil:
-    """The fast path's question on the last SPTE of the walk: SPURIOUS if it already
-    allows the access, else RET_PF_INVALID (take the slow path)."""
-    if is_shadow_present_pte(it.old_spte) and is_access_allowed(&vcpu.kvm.m, fault, it.old_spte):
-        return RET_PF_SPURIOUS
-    return RET_PF_INVALID
+cdef inline bint page_fault_can_be_fast(kvm_t* kvm, kvm_page_fault_t* fault) noexcept nogil:
+    """6.10: never for RSVD faults (an MMIO SPTE of an old generation needs the slow path);
+    a not-present fault only when KVM does not use A/D bits (access tracking); a present
+    one only for a write (write-protection)."""
+    if fault.rsvd:
+        return False
+    if not fault.present:
+        return not kvm.ad_enabled
+    return fault.write
+
+
+cdef inline bint fast_pf_fix_direct_spte(kvm_vcpu_t* vcpu, kvm_page_fault_t* fault,
+                                         tdp_iter_t* it, u64 new_spte) noexcept nogil:
+    """The lockless fix: one compare-and-exchange and no handle_changed_spte (6.10: the pfn,
+    level and presence are unchanged).  A newly writable SPTE would mark the gfn dirty in
+    the slot's dirty bitmap (mark_page_dirty_in_slot): no slot is dirty-logged yet."""
+    return __tdp_mmu_set_spte_atomic(vcpu.kvm, &vcpu.stat, it, new_spte) == 0
+
+
+cdef int fast_page_fault(kvm_vcpu_t* vcpu, kvm_page_fault_t* fault,
+                         tdp_iter_t* it) noexcept nogil:
+    """fast_page_fault on the last SPTE of the walk `it` (kvm_tdp_mmu_fast_pf_get_last_sptep):
+    SPURIOUS if it already allows the access; FIXED if restoring an access-tracked SPTE
+    and/or setting W on an MMU-writable one allows it; else RET_PF_INVALID (slow path)."""
+    cdef kvm_t* kvm = vcpu.kvm
+    cdef const spte_masks_t* m = &kvm.m
+    cdef int ret = RET_PF_INVALID, retry_count = 0
+    cdef u64 spte, new_spte
+    if not page_fault_can_be_fast(kvm, fault):
+        return RET_PF_INVALID
+    while True:
+        spte = it.old_spte
+        if not is_shadow_present_pte(spte) or not is_last_spte(spte, it.level):
+            break
+        if is_access_allowed(m, fault, spte):
+            ret = RET_PF_SPURIOUS
+            break
+        new_spte = spte
+        if not kvm.ad_enabled and is_access_track_spte(m, spte):
+            new_spte = restore_acc_track_spte(m, new_spte)
+        if fault.write and is_mmu_writable_spte(m, spte):
+            new_spte |= PT_WRITABLE_MASK
+        if new_spte == spte or not is_access_allowed(m, fault, new_spte):
+            break
+        if fast_pf_fix_direct_spte(vcpu, fault, it, new_spte):
+            ret = RET_PF_FIXED
+            break
+        retry_count += 1
+        if retry_count > 4:                 # "Fast #PF retrying more than 4 times"
+            break
+        # Walk again, as the next kvm_tdp_mmu_fast_pf_get_last_sptep would.
+        tdp_iter_start(it, kvm.pool.pages, root_pt(kvm, vcpu.root), kvm.root_level, 1,
+                       fault.gfn)
+        tdp_iter_walk_down(it)
+    if ret != RET_PF_INVALID:
+        vcpu.stat.faults_fast += 1
+    return ret
 
 
 cdef int kvm_tdp_mmu_page_fault(kvm_vcpu_t* vcpu, kvm_page_fault_t* fault) noexcept nogil:
@@ -136,7 +205,8 @@ cdef int kvm_tdp_mmu_page_fault(kvm_vcpu_t* vcpu, kvm_page_fault_t* fault) noexc
     cdef int r
     # kvm_tdp_mmu_fast_pf_get_last_sptep: the walk, from the hint when it is valid.
     if not walk_hint_seed(vcpu, &it, fault.gfn):
-        tdp_iter_start(&it, kvm.pool.pages, kvm_root_pt(kvm), kvm.root_level, 1, fault.gfn)
+        tdp_iter_start(&it, kvm.pool.pages, root_pt(kvm, vcpu.root), kvm.root_level, 1,
+                       fault.gfn)
         tdp_iter_walk_down(&it)
     r = fast_page_fault(vcpu, fault, &it)
     if r == RET_PF_INVALID:
@@ -159,7 +229,10 @@ cdef int kvm_mmu_do_page_fault(kvm_vcpu_t* vcpu, gfn_t gfn, u64 error_code) noex
     cdef int r
     fault.gfn = gfn
     fault.error_code = error_code
+    fault.present = (error_code & PFERR_PRESENT_MASK) != 0
     fault.write = (error_code & PFERR_WRITE_MASK) != 0
+    fault.user = (error_code & PFERR_USER_MASK) != 0
+    fault.rsvd = (error_code & PFERR_RSVD_MASK) != 0
     fault.exec = (error_code & PFERR_FETCH_MASK) != 0
     fault.prefetch = False
     fault.nx_huge_page_workaround_enabled = vcpu.kvm.nx_huge_pages
@@ -167,7 +240,7 @@ cdef int kvm_mmu_do_page_fault(kvm_vcpu_t* vcpu, gfn_t gfn, u64 error_code) noex
     fault.req_level = 1
     fault.goal_level = 1
     fault.huge_page_disallowed = False
-    fault.slot = NULL
+    fault.slot = kvm_vcpu_gfn_to_memslot(vcpu, gfn)     # a direct MMU: the gfn is the gpa
     fault.pfn = 0
     fault.map_writable = False
     r = kvm_tdp_mmu_page_fault(vcpu, &fault)
@@ -181,9 +254,69 @@ cdef inline u64 fault_error_code(bint write, bint exec) noexcept nogil:
     return (PFERR_WRITE_MASK if write else 0) | (PFERR_FETCH_MASK if exec else 0)
 
 
-cdef void kvm_mmu_invalidate_mmio_sptes(kvm_t* kvm, mmu_stats_t* st) noexcept nogil:
-    """A memslot change: the next generation.  When it wraps to 0, an MMIO SPTE from
-    2**19 changes ago would look current again, so every SPTE goes (one full flush)."""
-    kvm.mmio_gen = (kvm.mmio_gen + 1) & MMIO_SPTE_GEN_MASK
-    if kvm.mmio_gen == 0 and tdp_mmu_zap_root(kvm, st):
-        st.tlb_flushes += 1
+cdef int handle_mmio_page_fault(kvm_vcpu_t* vcpu, gfn_t gfn) noexcept nogil:
+    """A fault with RSVD set, i.e. on an MMIO SPTE (direct MMU): EMULATE if the vCPU's MMIO
+    info or the SPTE is of the current generation, RET_PF_INVALID for an old generation (the
+    slow path remakes it), RETRY if the SPTE is no longer MMIO (zapped meanwhile)."""
+    cdef kvm_t* kvm = vcpu.kvm
+    cdef tdp_iter_t it
+    cdef u64 spte
+    # mmio_info_in_cache -> vcpu_match_mmio_gpa (a cached gfn of 0 never matches)
+    if vcpu.mmio_gen == kvm.generation and vcpu.mmio_gfn != 0 and vcpu.mmio_gfn == gfn:
+        return RET_PF_EMULATE
+    # get_mmio_spte: the last SPTE of kvm_tdp_mmu_get_walk
+    tdp_iter_start(&it, kvm.pool.pages, root_pt(kvm, vcpu.root), kvm.root_level, 1, gfn)
+    tdp_iter_walk_down(&it)
+    spte = it.old_spte
+    if is_mmio_spte(&kvm.m, spte):
+        if get_mmio_spte_generation(spte) != (kvm.generation & MMIO_SPTE_GEN_MASK):
+            return RET_PF_INVALID           # check_mmio_spte
+        vcpu_cache_mmio_info(vcpu, get_mmio_spte_gfn(&kvm.m, spte))
+        return RET_PF_EMULATE
+    return RET_PF_RETRY
+
+
+cdef int kvm_mmu_page_fault(kvm_vcpu_t* vcpu, gfn_t gfn, u64 error_code) noexcept nogil:
+    """kvm_mmu_page_fault: what an EPT violation / misconfiguration or a #NPF hands to the
+    MMU.  RET_PF_* (or -SPTE_ENOMEM / -SPTE_EIO from kvm_mmu_do_page_fault)."""
+    cdef int r = RET_PF_INVALID
+    if error_code & PFERR_RSVD_MASK:
+        r = handle_mmio_page_fault(vcpu, gfn)
+        if r == RET_PF_EMULATE:
+            return r
+    if r == RET_PF_INVALID:
+        r = kvm_mmu_do_page_fault(vcpu, gfn, error_code)
+    return r
+
+
+cdef bint kvm_mmu_invalidate_mmio_sptes(kvm_t* kvm, u64 gen) noexcept nogil:
+    """kvm_arch_memslots_updated: an MMIO SPTE of another generation no longer matches.
+    True when the MMIO generation wrapped (its address-space bit stripped): an MMIO SPTE
+    from 2**18 swaps ago would look current again, so the caller runs
+    kvm_mmu_zap_all_fast."""
+    gen &= MMIO_SPTE_GEN_MASK
+    gen &= ~(<u64>KVM_ADDRESS_SPACE_NUM - 1)
+    return gen == 0
+
+
+# -- kvm_mmu_load / kvm_mmu_free_obsolete_roots (the vCPU's root, on each entry) ---------
+
+cdef int kvm_mmu_reload(kvm_vcpu_t* vcpu) noexcept nogil:
+    """On entering the guest (vcpu_enter_guest, mmu_lock held for read here): service
+    KVM_REQ_MMU_FREE_OBSOLETE_ROOTS (drop an invalid root), then kvm_mmu_reload ->
+    kvm_mmu_load (top up the cache, find or allocate the root).  0 or -SPTE_ENOMEM/EIO."""
+    cdef kvm_t* kvm = vcpu.kvm
+    cdef int r
+    if vcpu.root >= 0:
+        if not pool_sp(kvm.pool, vcpu.root).role_invalid:
+            return 0
+        kvm_tdp_mmu_put_root(kvm, &vcpu.stat, vcpu.root)
+        vcpu.root = -1
+        vcpu.hint.valid = False
+    r = mmu_topup_memory_caches(vcpu)
+    if r < 0:
+        return r
+    vcpu.root = kvm_tdp_mmu_alloc_root(vcpu)
+    if vcpu.root < 0:
+        return -SPTE_ENOMEM
+    return 0

@@ -40,8 +40,38 @@ cdef void tdp_mmu_init_sp(kvm_t* kvm, int64_t idx, tdp_ptep_t sptep, gfn_t gfn,
     sp.nx_linked = False
     sp.nx_prev = -1
     sp.nx_next = -1
+    sp.root_count = 0
+    sp.role_invalid = False
+    sp.scheduled_root_to_zap = False
     kvm.pool.state[idx] = PAGE_TABLE
     kvm.pool.clean[idx] = 0             # the VM writes into its tables
+
+
+cdef inline void tdp_mmu_init_root(kvm_t* kvm, int64_t idx, int root_level) noexcept nogil:
+    """kvm_tdp_mmu_alloc_root's tdp_mmu_init_sp(root, NULL, 0, role) and
+    refcount_set(&root->tdp_mmu_root_count, 2): the vCPU's reference and the MMU's."""
+    tdp_mmu_init_sp(kvm, idx, NULL, 0, root_level, False)
+    pool_sp(kvm.pool, idx).root_count = 2
+
+
+cdef inline void tdp_mmu_invalidate_root(kvm_mmu_page_t* root) noexcept nogil:
+    """kvm_tdp_mmu_invalidate_all_roots, per root (tdp_mmu_pages_lock held)."""
+    root.scheduled_root_to_zap = True
+    root.role_invalid = True
+
+
+cdef inline void kvm_tdp_mmu_get_root(kvm_mmu_page_t* root) noexcept nogil:
+    root.root_count += 1
+
+
+cdef inline int tdp_mmu_root_drop_ref(kvm_mmu_page_t* root) noexcept nogil:
+    """refcount_dec_and_test's count: the references left."""
+    root.root_count -= 1
+    return root.root_count
+
+
+cdef inline void tdp_mmu_root_zapped(kvm_mmu_page_t* root) noexcept nogil:
+    root.scheduled_root_to_zap = False
 
 
 cdef inline void tdp_mmu_init_child_sp(kvm_t* kvm, int64_t idx, tdp_iter_t* it,

@@ -27,6 +27,7 @@ cdef void masks_init_ept(spte_masks_t* m, bint has_ad_bits, bint has_exec_only,
     m.shadow_mmio_value = VMX_EPT_MISCONFIG_WX_VALUE
     m.shadow_mmio_mask = VMX_EPT_RWX_MASK | ve
     m.shadow_mmio_access_mask = 0
+    m.mmio_gfn_mask = SPTE_BASE_ADDR_MASK & ~m.shadow_mmio_mask
 
 
 cdef void masks_init_npt(spte_masks_t* m, u64 nonpresent) noexcept nogil:
@@ -49,3 +50,18 @@ cdef void masks_init_npt(spte_masks_t* m, u64 nonpresent) noexcept nogil:
     m.shadow_mmio_value = NPT_MMIO_VALUE
     m.shadow_mmio_mask = NPT_MMIO_VALUE
     m.shadow_mmio_access_mask = ACC_WRITE_MASK | ACC_USER_MASK
+    m.mmio_gfn_mask = SPTE_BASE_ADDR_MASK & ~m.shadow_mmio_mask
+
+
+cdef void masks_set_host_phys_bits(spte_masks_t* m, int phys_bits) noexcept nogil:
+    """A VM's copy of the masks on a host with `phys_bits` of physical address.
+
+    kvm_mmu_reset_all_pte_masks: NPT marks MMIO SPTEs with the reserved PA bit 51 only when
+    the host has fewer than 52 bits; with 52 there is no reserved bit and MMIO caching is
+    off (kvm_mmu_set_mmio_spte_mask with value 0).  EPT always uses the W|X
+    misconfiguration.  The GPA of an MMIO SPTE lives in bits 12 .. phys_bits - 1
+    (shadow_nonpresent_or_rsvd_lower_gfn_mask; the L1TF relocation is not modelled)."""
+    m.mmio_gfn_mask = (((<u64>1) << phys_bits) - 1) & ~(<u64>0xfff)
+    if not m.ept and phys_bits >= 52:
+        m.shadow_mmio_value = 0
+        m.shadow_mmio_mask = 0

@@ -263,7 +263,7 @@ cdef int tdp_mmu_map_handle_target_level(kvm_vcpu_t* vcpu, kvm_page_fault_t* fau
     cdef bint wrprot = False
     cdef int ret = RET_PF_FIXED
     if fault.slot == NULL:
-        new_spte = make_mmio_spte(&kvm.m, it.gfn, ACC_ALL, kvm.mmio_gen)
+        new_spte = make_mmio_spte(&kvm.m, it.gfn, ACC_ALL, kvm.generation)
     else:
         new_spte = make_spte(&kvm.m, it.level, ACC_ALL, fault.pfn, it.old_spte,
                              fault.prefetch, fault.map_writable, kvm.m.ad_disabled,
@@ -284,17 +284,97 @@ cdef int tdp_mmu_map_handle_target_level(kvm_vcpu_t* vcpu, kvm_page_fault_t* fau
     return ret
 
 
+# -- roots (spec §3.10 "Root lifecycle"; tdp_mmu.c 6.10) -------------------------------------
+# kvm.roots is kvm->arch.tdp_mmu_roots (oldest first here; KVM's list_add_rcu puts the newest
+# at the head, so "newest first" is this array backwards).  Roots, their reference counts
+# and flags change under tdp_mmu_pages_lock; invalidation also holds mmu_lock for write.
+
+cdef inline tdp_ptep_t root_pt(kvm_t* kvm, int64_t root) noexcept nogil:
+    return pool_page(kvm.pool, root)
+
+
+cdef int64_t kvm_valid_root(kvm_t* kvm) noexcept nogil:
+    """The valid root (one role here: address space 0, direct), or -1."""
+    cdef int i
+    for i in range(kvm.nr_roots - 1, -1, -1):
+        if not pool_sp(kvm.pool, kvm.roots[i]).role_invalid:
+            return kvm.roots[i]
+    return -1
+
+
+cdef int64_t kvm_tdp_mmu_alloc_root(kvm_vcpu_t* vcpu) noexcept nogil:
+    """kvm_tdp_mmu_alloc_root: a reference to the valid root, or a new root from the vCPU's
+    cache (reference count 2: the vCPU's and the MMU's).  -1 when the cache is empty."""
+    cdef kvm_t* kvm = vcpu.kvm
+    cdef int64_t root
+    cdef kvm_mmu_page_t* sp
+    pthread_mutex_lock(&kvm.tdp_mmu_pages_lock)
+    root = kvm_valid_root(kvm)
+    if root >= 0:
+        kvm_tdp_mmu_get_root(pool_sp(kvm.pool, root))
+    else:
+        root = tdp_mmu_alloc_sp(vcpu)
+        if root >= 0:
+            tdp_mmu_init_root(kvm, root, kvm.root_level)
+            sp = pool_sp(kvm.pool, root)
+            tdp_account_mmu_page(&vcpu.stat, sp)
+            kvm.roots[kvm.nr_roots] = root
+            kvm.nr_roots += 1
+    pthread_mutex_unlock(&kvm.tdp_mmu_pages_lock)
+    return root
+
+
+cdef void kvm_tdp_mmu_put_root(kvm_t* kvm, mmu_stats_t* st, int64_t root) noexcept nogil:
+    """kvm_tdp_mmu_put_root: drop one reference; the last one (only ever on an invalid root)
+    takes the root off the list and frees its page after the grace period."""
+    cdef kvm_mmu_page_t* sp = pool_sp(kvm.pool, root)
+    cdef int i, j = 0
+    pthread_mutex_lock(&kvm.tdp_mmu_pages_lock)
+    if tdp_mmu_root_drop_ref(sp) > 0:
+        pthread_mutex_unlock(&kvm.tdp_mmu_pages_lock)
+        return
+    for i in range(kvm.nr_roots):
+        if kvm.roots[i] != root:
+            kvm.roots[j] = kvm.roots[i]
+            j += 1
+    kvm.nr_roots = j
+    pthread_mutex_unlock(&kvm.tdp_mmu_pages_lock)
+    tdp_unaccount_mmu_page(st, sp)
+    if st.rcu_reader >= 0 and rcu_other_readers(kvm, st.rcu_reader):
+        call_rcu_free_sp(kvm, st, root)
+    else:
+        tdp_mmu_free_sp(kvm, st, root)
+
+
+cdef void kvm_tdp_mmu_invalidate_all_roots(kvm_t* kvm) noexcept nogil:
+    """kvm_tdp_mmu_invalidate_all_roots (mmu_lock held for write): every valid root becomes
+    invalid and scheduled for zapping; vCPUs drop theirs on their next entry."""
+    cdef int i
+    cdef kvm_mmu_page_t* sp
+    pthread_mutex_lock(&kvm.tdp_mmu_pages_lock)
+    for i in range(kvm.nr_roots):
+        sp = pool_sp(kvm.pool, kvm.roots[i])
+        if not sp.role_invalid:
+            tdp_mmu_invalidate_root(sp)
+    pthread_mutex_unlock(&kvm.tdp_mmu_pages_lock)
+
+
 # -- zaps (spec §3.10) -----------------------------------------------------------------------
 
-cdef inline tdp_ptep_t kvm_root_pt(kvm_t* kvm) noexcept nogil:
-    return pool_page(kvm.pool, kvm.root)
+cdef inline gfn_t tdp_mmu_max_gfn_exclusive(kvm_t* kvm) noexcept nogil:
+    """Walks are bounded at host MAXPHYADDR: no SPTE maps a gfn beyond kvm_mmu_max_gfn()."""
+    return kvm.max_gfn + 1
 
 
-cdef bint tdp_mmu_zap_leafs(kvm_t* kvm, mmu_stats_t* st, gfn_t start, gfn_t end) noexcept nogil:
+cdef bint tdp_mmu_zap_leafs(kvm_t* kvm, mmu_stats_t* st, int64_t root, gfn_t start,
+                            gfn_t end) noexcept nogil:
     """tdp_mmu_zap_leafs (exclusive): present leaves in [start, end); no table is freed."""
     cdef tdp_iter_t it
     cdef bint flush = False
-    tdp_iter_start(&it, kvm.pool.pages, kvm_root_pt(kvm), kvm.root_level, 1, start)
+    end = min(end, tdp_mmu_max_gfn_exclusive(kvm))
+    if start >= end:
+        return False
+    tdp_iter_start(&it, kvm.pool.pages, root_pt(kvm, root), kvm.root_level, 1, start)
     while it.valid and it.gfn < end:
         if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level):
             tdp_mmu_iter_set_spte(kvm, st, &it, kvm.m.shadow_nonpresent_value)
@@ -303,27 +383,88 @@ cdef bint tdp_mmu_zap_leafs(kvm_t* kvm, mmu_stats_t* st, gfn_t start, gfn_t end)
     return flush
 
 
-cdef bint __tdp_mmu_zap_root(kvm_t* kvm, mmu_stats_t* st, int zap_level) noexcept nogil:
-    """__tdp_mmu_zap_root (exclusive): every present entry at zap_level."""
+cdef bint kvm_tdp_mmu_zap_leafs(kvm_t* kvm, mmu_stats_t* st, gfn_t start,
+                                gfn_t end) noexcept nogil:
+    """kvm_tdp_mmu_zap_leafs: tdp_mmu_zap_leafs over every valid root."""
+    cdef bint flush = False
+    cdef int i
+    for i in range(kvm.nr_roots - 1, -1, -1):
+        if not pool_sp(kvm.pool, kvm.roots[i]).role_invalid:
+            flush |= tdp_mmu_zap_leafs(kvm, st, kvm.roots[i], start, end)
+    return flush
+
+
+cdef int __tdp_mmu_zap_root(kvm_t* kvm, mmu_stats_t* st, int64_t root, int zap_level,
+                            bint shared, int64_t max_tries) noexcept nogil:
+    """__tdp_mmu_zap_root: every present entry at zap_level.  Exclusive: tdp_mmu_set_spte;
+    shared: tdp_mmu_set_spte_atomic, retried on the refreshed value (goto retry).  Returns 1
+    when something was zapped, 0 if not, -SPTE_EBUSY after `max_tries` lost races in a row
+    (the caller checks for signals and runs the pass again)."""
     cdef tdp_iter_t it
     cdef bint zapped = False
-    tdp_iter_start(&it, kvm.pool.pages, kvm_root_pt(kvm), kvm.root_level, zap_level, 0)
-    while it.valid and it.gfn < kvm.gfn_limit:
+    cdef int64_t tries = 0
+    cdef gfn_t end = tdp_mmu_max_gfn_exclusive(kvm)
+    tdp_iter_start(&it, kvm.pool.pages, root_pt(kvm, root), kvm.root_level, zap_level, 0)
+    while it.valid and it.gfn < end:
         if is_shadow_present_pte(it.old_spte) and it.level <= zap_level:
-            tdp_mmu_iter_set_spte(kvm, st, &it, kvm.m.shadow_nonpresent_value)
+            if not shared:
+                tdp_mmu_iter_set_spte(kvm, st, &it, kvm.m.shadow_nonpresent_value)
+            elif tdp_mmu_set_spte_atomic(kvm, st, &it, kvm.m.shadow_nonpresent_value):
+                tries += 1
+                if tries == max_tries:
+                    return -SPTE_EBUSY
+                continue                    # retry: it.old_spte holds what was found
             zapped = True
+            tries = 0
         tdp_iter_next(&it)
+    return 1 if zapped else 0
+
+
+cdef int tdp_mmu_zap_root(kvm_t* kvm, mmu_stats_t* st, int64_t root, bint shared,
+                          int64_t max_tries) noexcept nogil:
+    """4K -> 2M -> 1G -> root-level passes, so no single removal recurses deeply.  1 if
+    anything was zapped, 0 if not, -SPTE_EBUSY from a shared pass that kept losing."""
+    cdef int r, zapped = 0, k
+    cdef int levels[4]
+    levels[0] = 1
+    levels[1] = 2
+    levels[2] = 3
+    levels[3] = kvm.root_level
+    for k in range(4):
+        r = __tdp_mmu_zap_root(kvm, st, root, levels[k], shared, max_tries)
+        if r < 0:
+            return r
+        zapped |= r
     return zapped
 
 
-cdef bint tdp_mmu_zap_root(kvm_t* kvm, mmu_stats_t* st) noexcept nogil:
-    """4K -> 2M -> 1G -> root-level passes, so no single removal recurses deeply."""
-    cdef bint zapped = False
-    zapped |= __tdp_mmu_zap_root(kvm, st, 1)
-    zapped |= __tdp_mmu_zap_root(kvm, st, 2)
-    zapped |= __tdp_mmu_zap_root(kvm, st, 3)
-    zapped |= __tdp_mmu_zap_root(kvm, st, kvm.root_level)
+cdef int kvm_tdp_mmu_zap_all(kvm_t* kvm, mmu_stats_t* st) noexcept nogil:
+    """kvm_tdp_mmu_zap_all (exclusive): every root, valid or not; no TLB flush (6.10: only
+    the VM's destruction or the VMM's exit zaps everything)."""
+    cdef int i, zapped = 0
+    for i in range(kvm.nr_roots - 1, -1, -1):
+        zapped |= tdp_mmu_zap_root(kvm, st, kvm.roots[i], False, 1)
     return zapped
+
+
+cdef int kvm_tdp_mmu_zap_invalidated_roots(kvm_t* kvm, mmu_stats_t* st,
+                                           int64_t max_tries) noexcept nogil:
+    """kvm_tdp_mmu_zap_invalidated_roots: zap each root scheduled by the invalidation in
+    shared mode (no TLB flush: each vCPU flushes its own on loading a new root), then put
+    the MMU's reference.  0, or -SPTE_EBUSY (call again: the root stays scheduled)."""
+    cdef int i = kvm.nr_roots - 1
+    cdef int64_t root
+    cdef kvm_mmu_page_t* sp
+    while i >= 0:
+        root = kvm.roots[i]
+        sp = pool_sp(kvm.pool, root)
+        if sp.scheduled_root_to_zap:
+            if tdp_mmu_zap_root(kvm, st, root, True, max_tries) < 0:
+                return -SPTE_EBUSY
+            tdp_mmu_root_zapped(sp)
+            kvm_tdp_mmu_put_root(kvm, st, root)   # may take it off the list
+        i = min(i, kvm.nr_roots) - 1
+    return 0
 
 
 cdef bint kvm_tdp_mmu_zap_sp(kvm_t* kvm, mmu_stats_t* st, kvm_mmu_page_t* sp) noexcept nogil:
@@ -341,10 +482,11 @@ cdef bint kvm_tdp_mmu_zap_sp(kvm_t* kvm, mmu_stats_t* st, kvm_mmu_page_t* sp) no
     return True
 
 
-cdef bint tdp_mmu_zap_sp_at(kvm_t* kvm, mmu_stats_t* st, gfn_t gfn, int level) noexcept nogil:
+cdef bint tdp_mmu_zap_sp_at(kvm_t* kvm, mmu_stats_t* st, int64_t root, gfn_t gfn,
+                            int level) noexcept nogil:
     """Zap the level-`level` table on gfn's path, if one is linked."""
     cdef tdp_iter_t it
-    if not tdp_iter_seek(&it, kvm.pool.pages, kvm_root_pt(kvm), kvm.root_level, gfn,
+    if not tdp_iter_seek(&it, kvm.pool.pages, root_pt(kvm, root), kvm.root_level, gfn,
                          level + 1):
         return False
     if not tdp_iter_at_nonleaf(&it):
@@ -352,15 +494,15 @@ cdef bint tdp_mmu_zap_sp_at(kvm_t* kvm, mmu_stats_t* st, gfn_t gfn, int level) n
     return kvm_tdp_mmu_zap_sp(kvm, st, spte_to_child_sp(kvm, it.old_spte))
 
 
-cdef int tdp_mmu_zap_spte_atomic_at(kvm_t* kvm, mmu_stats_t* st, gfn_t gfn, int level,
-                                    int64_t max_tries) noexcept nogil:
+cdef int tdp_mmu_zap_spte_atomic_at(kvm_t* kvm, mmu_stats_t* st, int64_t root, gfn_t gfn,
+                                    int level, int64_t max_tries) noexcept nogil:
     """The atomic zap of the present entry at `level` on gfn's path; a lost CAS is retried
     on the refreshed value, as KVM's callers do (goto retry).  Returns 1 when zapped, 0 when
     the entry is not present, -SPTE_EBUSY after `max_tries` lost races (the caller checks
     for signals and calls again: nothing loops for ever with the GIL released)."""
     cdef tdp_iter_t it
     cdef int64_t tries = 0
-    if not tdp_iter_seek(&it, kvm.pool.pages, kvm_root_pt(kvm), kvm.root_level, gfn, level):
+    if not tdp_iter_seek(&it, kvm.pool.pages, root_pt(kvm, root), kvm.root_level, gfn, level):
         return 0
     while is_shadow_present_pte(it.old_spte):
         if tdp_mmu_zap_spte_atomic(kvm, st, &it) == 0:

@@ -10,14 +10,18 @@ cdef enum:
     RETRY_CHECK = 1 << 16       # RETRYs of one fault (or lost races of one zap) before the
                                 # caller checks for signals
     BATCH_INTERRUPTIBLE = 1     # the batch stopped so that signals can be checked
+    ACCESS_INTERRUPTED = 1 << 8 # vcpu_access: re-executed RETRY_CHECK times, call again
     PREFETCH_DISTANCE = 12
+    NR_BATCH_COUNTS = 7         # by RET_PF_* (index 0: accesses without an exit), then fast
+    COUNT_FAST = 6
 
 
-cdef inline void _prefetch_leaf(kvm_t* kvm, gfn_t gfn) noexcept nogil:
+cdef inline void _prefetch_leaf(kvm_vcpu_t* vcpu, gfn_t gfn) noexcept nogil:
     """Walk the upper levels (cache-resident) and prefetch the 4K entry of a later fault,
     so the leaf-table misses of a batch overlap instead of queueing one by one."""
+    cdef kvm_t* kvm = vcpu.kvm
     cdef int level = kvm.root_level
-    cdef tdp_ptep_t table = kvm_root_pt(kvm)
+    cdef tdp_ptep_t table = root_pt(kvm, vcpu.root)
     cdef u64 spte
     while level > 1:
         spte = kvm_tdp_mmu_read_spte(table + spte_index(gfn, level))
@@ -28,32 +32,54 @@ cdef inline void _prefetch_leaf(kvm_t* kvm, gfn_t gfn) noexcept nogil:
     spte_prefetch(table + spte_index(gfn, 1))
 
 
-cdef int vcpu_fault(kvm_vcpu_t* vcpu, gfn_t gfn, bint write, bint exec) noexcept nogil:
+cdef inline int vcpu_enter(kvm_vcpu_t* vcpu) noexcept nogil:
+    """Enter the read side as a vCPU entering the guest: mmu_lock for read, then the
+    requests and the root (kvm_mmu_reload).  0, or the error (the lock is then dropped)."""
+    cdef int r
+    kvm_mmu_read_lock(vcpu.kvm, vcpu.vcpu_idx)
+    vcpu.hint.valid = False                 # the hint lives only inside one read side
+    r = kvm_mmu_reload(vcpu)
+    if r < 0:
+        kvm_mmu_read_unlock(vcpu.kvm, vcpu.vcpu_idx)
+    return r
+
+
+cdef inline void vcpu_exit(kvm_vcpu_t* vcpu) noexcept nogil:
+    kvm_mmu_read_unlock(vcpu.kvm, vcpu.vcpu_idx)
+
+
+cdef int vcpu_fault_error_code(kvm_vcpu_t* vcpu, gfn_t gfn, u64 error_code) noexcept nogil:
     """One fault as Vcpu.fault makes it: the vCPU's mutex, mmu_lock for read, the fault."""
     cdef int r
     pthread_mutex_lock(&vcpu.mmu_shadow_page_cache.lock)
-    kvm_mmu_read_lock(vcpu.kvm, vcpu.vcpu_idx)
-    vcpu.hint.valid = False                 # a new entry to the read side
-    r = kvm_mmu_do_page_fault(vcpu, gfn, fault_error_code(write, exec))
-    kvm_mmu_read_unlock(vcpu.kvm, vcpu.vcpu_idx)
+    r = vcpu_enter(vcpu)
+    if r == 0:
+        r = kvm_mmu_page_fault(vcpu, gfn, error_code)
+        vcpu_exit(vcpu)
     pthread_mutex_unlock(&vcpu.mmu_shadow_page_cache.lock)
     rcu_reclaim_pending(vcpu.kvm)
     return r
 
 
+cdef int vcpu_fault(kvm_vcpu_t* vcpu, gfn_t gfn, bint write, bint exec) noexcept nogil:
+    """A not-present fault for a read, write or instruction fetch."""
+    return vcpu_fault_error_code(vcpu, gfn, fault_error_code(write, exec))
+
+
 cdef int vcpu_fault_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* access,
-                          int8_t* out, Py_ssize_t n, int64_t* counts,
-                          Py_ssize_t* done) noexcept nogil:
+                          const u64* error_codes, int8_t* out, Py_ssize_t n,
+                          int64_t* counts, Py_ssize_t* done) noexcept nogil:
     """The batch from ``done[0]`` on: fault, re-fault on RETRY.
 
-    Returns 0 when every fault is done, -SPTE_ENOMEM / -SPTE_EIO from a fault,
-    -SPTE_EINVAL for a gfn beyond the address width (the caller checked them, but another
-    thread may rewrite the array meanwhile), or BATCH_INTERRUPTIBLE after RETRY_CHECK
-    RETRYs of one fault: the caller checks for signals (Ctrl-C) before it resumes.
+    Returns 0 when every fault is done, -SPTE_ENOMEM / -SPTE_EIO from a fault (or from
+    loading the root), -SPTE_EINVAL for a gfn beyond the address width (the caller checked
+    them, but another thread may rewrite the array meanwhile), or BATCH_INTERRUPTIBLE after
+    RETRY_CHECK RETRYs of one fault: the caller checks for signals (Ctrl-C) before it
+    resumes.
 
-    Results are counted once, in the vCPU's stat.faults; ``counts`` (by RET_PF_*) receives
-    what this batch added to them, read per read-side section while the vCPU's mutex keeps
-    every other caller of this vCPU out.
+    Results are counted once, in the vCPU's stat.faults; ``counts`` (NR_BATCH_COUNTS, by
+    RET_PF_*, then fast) receives what this batch added to them, read per read-side section
+    while the vCPU's mutex keeps every other caller of this vCPU out.
     """
     cdef kvm_t* kvm = vcpu.kvm
     cdef kvm_mmu_memory_cache_t* mc = vcpu.mmu_shadow_page_cache
@@ -61,20 +87,26 @@ cdef int vcpu_fault_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* ac
     cdef int r = 0, k
     cdef int64_t retries
     cdef int64_t before[6]
+    cdef int64_t fast_before
     cdef gfn_t gfn
     cdef u64 error_code = 0
     while i < n and r >= 0:
         chunk_end = min(n, i + FAULT_CHUNK)
         pthread_mutex_lock(&mc.lock)
-        kvm_mmu_read_lock(kvm, vcpu.vcpu_idx)
-        vcpu.hint.valid = False             # the hint lives only inside one read side
+        r = vcpu_enter(vcpu)
+        if r < 0:
+            pthread_mutex_unlock(&mc.lock)
+            break
         memcpy(before, vcpu.stat.faults, sizeof(before))
+        fast_before = vcpu.stat.faults_fast
         while i < chunk_end:
             # Prefetch only when a later fault enters another leaf table (random access).
             if i + PREFETCH_DISTANCE < n and \
                     (gfns[i + PREFETCH_DISTANCE] ^ gfns[i + PREFETCH_DISTANCE - 1]) >> 9:
-                _prefetch_leaf(kvm, gfns[i + PREFETCH_DISTANCE])
-            if access != NULL:
+                _prefetch_leaf(vcpu, gfns[i + PREFETCH_DISTANCE])
+            if error_codes != NULL:
+                error_code = error_codes[i]
+            elif access != NULL:
                 error_code = fault_error_code(access[i] & 1, (access[i] >> 1) & 1)
             gfn = spte_load_acquire(<const u64*>&gfns[i])   # one read: the array is the caller's
             if gfn >= kvm.gfn_limit:
@@ -82,7 +114,7 @@ cdef int vcpu_fault_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* ac
                 break
             retries = 0
             while True:
-                r = kvm_mmu_do_page_fault(vcpu, gfn, error_code)
+                r = kvm_mmu_page_fault(vcpu, gfn, error_code)
                 if r != RET_PF_RETRY:
                     break
                 retries += 1
@@ -95,10 +127,108 @@ cdef int vcpu_fault_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* ac
             i += 1
         for k in range(6):
             counts[k] += vcpu.stat.faults[k] - before[k]
-        kvm_mmu_read_unlock(kvm, vcpu.vcpu_idx)
+        counts[COUNT_FAST] += vcpu.stat.faults_fast - fast_before
+        vcpu_exit(vcpu)
         pthread_mutex_unlock(&mc.lock)
         rcu_reclaim_pending(kvm)
         if r == RET_PF_RETRY:
+            done[0] = i
+            return BATCH_INTERRUPTIBLE
+    done[0] = i
+    return r if r < 0 else 0
+
+
+# -- the hardware view: accesses ----------------------------------------------------------
+
+cdef inline int kvm_access_one(kvm_vcpu_t* vcpu, gfn_t gfn, int acc,
+                               int64_t* counts) noexcept nogil:
+    """One access inside the read side, to completion: walk; on an exit hand the error code
+    to kvm_mmu_page_fault and, unless it was emulated, let the guest re-execute (walk
+    again).  0 (no exit) or the RET_PF_* of the last exit; -SPTE_E* from a fault;
+    ACCESS_INTERRUPTED after RETRY_CHECK re-executions."""
+    cdef int ex, r = 0
+    cdef int64_t reexec = 0, fast_before
+    cdef bint leaf_present = False
+    while True:
+        ex = hw_tdp_walk(vcpu, gfn, acc, &leaf_present)
+        if ex == HW_HIT:
+            return r
+        if ex == HW_VIOLATION:
+            vcpu.stat.exits_ept_violation += 1
+        else:
+            vcpu.stat.exits_misconfig += 1
+        fast_before = vcpu.stat.faults_fast
+        r = kvm_mmu_page_fault(vcpu, gfn, tdp_exit_error_code(vcpu.kvm, ex, acc, leaf_present))
+        if r < 0:
+            return r
+        counts[r] += 1
+        counts[COUNT_FAST] += vcpu.stat.faults_fast - fast_before
+        if r == RET_PF_EMULATE:
+            return r                        # the emulator performs the access
+        reexec += 1
+        if reexec == RETRY_CHECK:
+            return ACCESS_INTERRUPTED
+
+
+cdef int vcpu_access(kvm_vcpu_t* vcpu, gfn_t gfn, bint write, bint exec) noexcept nogil:
+    cdef int64_t counts[NR_BATCH_COUNTS]
+    cdef int r
+    cdef int acc = ACC_WRITE if write else (ACC_FETCH if exec else ACC_READ)
+    memset(counts, 0, sizeof(counts))
+    pthread_mutex_lock(&vcpu.mmu_shadow_page_cache.lock)
+    r = vcpu_enter(vcpu)
+    if r == 0:
+        r = kvm_access_one(vcpu, gfn, acc, counts)
+        vcpu_exit(vcpu)
+    pthread_mutex_unlock(&vcpu.mmu_shadow_page_cache.lock)
+    rcu_reclaim_pending(vcpu.kvm)
+    return r
+
+
+cdef int vcpu_access_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* access,
+                           int8_t* out, Py_ssize_t n, int64_t* counts,
+                           Py_ssize_t* done) noexcept nogil:
+    """The accesses from ``done[0]`` on, as vcpu_fault_batch runs faults (chunks of
+    FAULT_CHUNK per read-side section).  ``counts``: index 0 the accesses that caused no
+    exit, RET_PF_* the exits' results, COUNT_FAST the exits fast_page_fault resolved."""
+    cdef kvm_t* kvm = vcpu.kvm
+    cdef kvm_mmu_memory_cache_t* mc = vcpu.mmu_shadow_page_cache
+    cdef Py_ssize_t i = done[0], chunk_end
+    cdef int r = 0
+    cdef gfn_t gfn
+    cdef int acc = ACC_READ
+    while i < n and r >= 0:
+        chunk_end = min(n, i + FAULT_CHUNK)
+        pthread_mutex_lock(&mc.lock)
+        r = vcpu_enter(vcpu)
+        if r < 0:
+            pthread_mutex_unlock(&mc.lock)
+            break
+        while i < chunk_end:
+            if i + PREFETCH_DISTANCE < n and \
+                    (gfns[i + PREFETCH_DISTANCE] ^ gfns[i + PREFETCH_DISTANCE - 1]) >> 9:
+                _prefetch_leaf(vcpu, gfns[i + PREFETCH_DISTANCE])
+            if access != NULL:
+                acc = access[i]
+                if acc > ACC_FETCH:
+                    r = -SPTE_EINVAL
+                    break
+            gfn = spte_load_acquire(<const u64*>&gfns[i])
+            if gfn >= kvm.gfn_limit:
+                r = -SPTE_EINVAL
+                break
+            r = kvm_access_one(vcpu, gfn, acc, counts)
+            if r < 0 or r == ACCESS_INTERRUPTED:
+                break
+            if r == 0:
+                counts[0] += 1
+            if out != NULL:
+                out[i] = <int8_t>r
+            i += 1
+        vcpu_exit(vcpu)
+        pthread_mutex_unlock(&mc.lock)
+        rcu_reclaim_pending(kvm)
+        if r == ACCESS_INTERRUPTED:
             done[0] = i
             return BATCH_INTERRUPTIBLE
     done[0] = i

@@ -1,0 +1,118 @@
+# =====================================================================================
+# core/hw.pxi: the CPU's side of TDP -- the EPT / NPT page walker and the exits it raises
+# =====================================================================================
+# Not KVM code: what the processor does on a TLB miss for a guest-physical address (Intel
+# SDM vol. 3 §29.3 "EPT", AMD APM vol. 2 §15.25 "Nested Paging"), and how VMX/SVM turn a
+# failed walk into the error code KVM receives (vmx.c handle_ept_violation /
+# handle_ept_misconfig, svm.c npf_interception).  The walker sees hardware bits, not
+# KVM's: an EPT entry is present when any of R/W/X is set (an access-tracked SPTE is
+# not), W without R is a misconfiguration (KVM's MMIO SPTEs), and on NPT a set physical
+# address bit at or above MAXPHYADDR is a reserved-bit fault (NPT's MMIO SPTEs, bit 51).
+# KVM makes every non-leaf SPTE with full access (fast_page_fault relies on it too), so
+# only the leaf's permissions decide.  When the access is permitted the walker sets the
+# accessed bit, and the dirty bit on a write, with one atomic OR, and no VM exit happens:
+# the one SPTE store in the engine that is not KVM's (and so not followed by
+# handle_changed_spte -- KVM never sees it).
+
+cdef enum:
+    HW_HIT = 0                      # translated, no exit
+    HW_VIOLATION = 1                # EPT violation / #NPF (no RSVD)
+    HW_MISCONFIG = 2                # EPT misconfiguration / #NPF with RSVD
+    ACC_READ = 0                    # the kinds of access (access_batch's codes)
+    ACC_WRITE = 1
+    ACC_FETCH = 2
+
+
+cdef void hw_setup(kvm_t* kvm) noexcept nogil:
+    """What the walker checks, per access kind, for this VM's paging mode."""
+    cdef const spte_masks_t* m = &kvm.m
+    if m.ept:
+        kvm.hw_present_mask = VMX_EPT_RWX_MASK
+        kvm.hw_need[ACC_READ] = 1                       # R
+        kvm.hw_need[ACC_WRITE] = PT_WRITABLE_MASK       # W
+        kvm.hw_need[ACC_FETCH] = 4                      # X (no MBEC: one X bit)
+        kvm.hw_forbid[ACC_READ] = kvm.hw_forbid[ACC_WRITE] = kvm.hw_forbid[ACC_FETCH] = 0
+    else:
+        # Nested page walks are user accesses: U is needed at the leaf for any access.
+        kvm.hw_present_mask = PT_PRESENT_MASK
+        kvm.hw_need[ACC_READ] = PT_PRESENT_MASK | m.shadow_user_mask
+        kvm.hw_need[ACC_WRITE] = PT_PRESENT_MASK | m.shadow_user_mask | PT_WRITABLE_MASK
+        kvm.hw_need[ACC_FETCH] = PT_PRESENT_MASK | m.shadow_user_mask
+        kvm.hw_forbid[ACC_READ] = kvm.hw_forbid[ACC_WRITE] = 0
+        kvm.hw_forbid[ACC_FETCH] = m.shadow_nx_mask
+    kvm.hw_ad_enabled = kvm.ad_enabled
+
+
+cdef inline void hw_set_ad_bits(tdp_ptep_t sptep, u64 bits) noexcept nogil:
+    """The CPU's locked OR of the accessed / dirty flags into a leaf."""
+    spte_fetch_or_seq_cst(sptep, bits)
+
+
+cdef inline int hw_tdp_walk(kvm_vcpu_t* vcpu, gfn_t gfn, int acc,
+                            bint* leaf_present) noexcept nogil:
+    """Translate gfn from the vCPU's root: HW_HIT (A/D set as needed), HW_VIOLATION
+    (`leaf_present` says whether the last entry walked was present to the CPU) or
+    HW_MISCONFIG."""
+    cdef kvm_t* kvm = vcpu.kvm
+    cdef tdp_ptep_t table = pool_page(kvm.pool, vcpu.root)
+    cdef tdp_ptep_t sptep
+    cdef int level = kvm.root_level
+    cdef u64 spte, need = kvm.hw_need[acc], want
+    vcpu.stat.hw_walks += 1
+    while True:
+        sptep = table + spte_index(gfn, level)
+        spte = kvm_tdp_mmu_read_spte(sptep)
+        if not (spte & kvm.hw_present_mask):
+            leaf_present[0] = False
+            return HW_VIOLATION
+        if (spte & kvm.rsvd_pa_mask) or \
+                (kvm.m.ept and (spte & (PT_PRESENT_MASK | PT_WRITABLE_MASK)) == PT_WRITABLE_MASK):
+            return HW_MISCONFIG
+        if level == 1 or (spte & PT_PAGE_SIZE_MASK):
+            break
+        table = spte_to_child_pt(kvm, spte)
+        level -= 1
+    if (spte & need) != need or (spte & kvm.hw_forbid[acc]):
+        leaf_present[0] = True
+        return HW_VIOLATION
+    if kvm.hw_ad_enabled and spte_ad_enabled(spte):
+        want = kvm.m.shadow_accessed_mask
+        if acc == ACC_WRITE:
+            want |= kvm.m.shadow_dirty_mask
+        if (spte & want) != want:
+            hw_set_ad_bits(sptep, want)
+            vcpu.stat.hw_ad_sets += 1
+    return HW_HIT
+
+
+cdef inline u64 tdp_exit_error_code(kvm_t* kvm, int exit, int acc, bint leaf_present) noexcept nogil:
+    """The error code KVM's exit handler passes to kvm_mmu_page_fault.
+
+    EPT violation (handle_ept_violation): USER for a read, WRITE, FETCH from the exit
+    qualification's access bits, PRESENT if the translation had any of R/W/X.  EPT
+    misconfiguration (handle_ept_misconfig): PFERR_RSVD_MASK alone.  #NPF
+    (npf_interception): the hardware error code -- always USER, PRESENT if the entry was
+    present (always for RSVD), RSVD, WRITE, FETCH."""
+    cdef u64 ec = 0
+    if kvm.m.ept:
+        if exit == HW_MISCONFIG:
+            return PFERR_RSVD_MASK
+        if acc == ACC_READ:
+            ec = PFERR_USER_MASK
+        elif acc == ACC_WRITE:
+            ec = PFERR_WRITE_MASK
+        else:
+            ec = PFERR_FETCH_MASK
+        if leaf_present:
+            ec |= PFERR_PRESENT_MASK
+        return ec
+    ec = PFERR_USER_MASK
+    if acc == ACC_WRITE:
+        ec |= PFERR_WRITE_MASK
+    elif acc == ACC_FETCH:
+        ec |= PFERR_FETCH_MASK
+    if exit == HW_MISCONFIG:
+        ec |= PFERR_RSVD_MASK | PFERR_PRESENT_MASK
+    elif leaf_present:
+        ec |= PFERR_PRESENT_MASK
+    return ec

@@ -236,6 +236,8 @@ ctypedef struct kvm_t:
     bint ad_enabled                 # kvm_ad_enabled(): the CPU sets A/D bits
     u64 generation                  # memslots generation: +2 per swap (its low 19 bits go
                                     # into MMIO SPTEs)
+    u64 leaf_4k_template[2]         # make_spte(level 1, ACC_ALL, pfn 0, not prefetch, a
+                                    # non-writable old SPTE), [host_writable]
     int64_t roots[MAX_ROOTS]        # tdp_mmu_roots: pool indices, oldest first
     int nr_roots
     # What the CPU's walker checks (core/hw.pxi): present bits, per access kind the bits a
@@ -243,6 +245,7 @@ ctypedef struct kvm_t:
     u64 hw_present_mask
     u64 hw_need[3]
     u64 hw_forbid[3]
+    u64 hw_ad_need[3]               # A (| D) a leaf must already have for the fast loop
     bint hw_ad_enabled
     kvm_memory_slot_t* slots        # sorted by base_gfn
     int nslots

@@ -41,6 +41,13 @@ cdef void hw_setup(kvm_t* kvm) noexcept nogil:
         kvm.hw_forbid[ACC_READ] = kvm.hw_forbid[ACC_WRITE] = 0
         kvm.hw_forbid[ACC_FETCH] = m.shadow_nx_mask
     kvm.hw_ad_enabled = kvm.ad_enabled
+    # The fast loop also wants A (and D on a write) already set when the CPU sets them
+    # (EPT without A/D: the SPTEs carry no A/D bits to look at).
+    kvm.hw_ad_need[ACC_READ] = kvm.hw_ad_need[ACC_FETCH] = 0
+    kvm.hw_ad_need[ACC_WRITE] = 0
+    if kvm.hw_ad_enabled and not m.ad_disabled:
+        kvm.hw_ad_need[ACC_READ] = kvm.hw_ad_need[ACC_FETCH] = m.shadow_accessed_mask
+        kvm.hw_ad_need[ACC_WRITE] = m.shadow_accessed_mask | m.shadow_dirty_mask
 
 
 cdef inline void hw_set_ad_bits(tdp_ptep_t sptep, u64 bits) noexcept nogil:
@@ -48,11 +55,10 @@ cdef inline void hw_set_ad_bits(tdp_ptep_t sptep, u64 bits) noexcept nogil:
     spte_fetch_or_seq_cst(sptep, bits)
 
 
-cdef inline int hw_tdp_walk(kvm_vcpu_t* vcpu, gfn_t gfn, int acc,
-                            bint* leaf_present) noexcept nogil:
-    """Translate gfn from the vCPU's root: HW_HIT (A/D set as needed), HW_VIOLATION
-    (`leaf_present` says whether the last entry walked was present to the CPU) or
-    HW_MISCONFIG."""
+cdef int hw_tdp_walk(kvm_vcpu_t* vcpu, gfn_t gfn, int acc, bint* leaf_present) noexcept nogil:
+    """Translate gfn from the vCPU's root: HW_HIT (A, and D on a write, set as needed),
+    HW_VIOLATION (`leaf_present` says whether the last entry walked was present to the
+    CPU) or HW_MISCONFIG."""
     cdef kvm_t* kvm = vcpu.kvm
     cdef tdp_ptep_t table = pool_page(kvm.pool, vcpu.root)
     cdef tdp_ptep_t sptep
@@ -83,6 +89,60 @@ cdef inline int hw_tdp_walk(kvm_vcpu_t* vcpu, gfn_t gfn, int acc,
             hw_set_ad_bits(sptep, want)
             vcpu.stat.hw_ad_sets += 1
     return HW_HIT
+
+
+# What the unrolled walk of one read-side section needs, in registers.
+ctypedef struct hw_tlb_fill_t:
+    u64* pages
+    tdp_ptep_t root
+    bint five_levels
+    u64 ok                          # bit 0 | the reserved PA bits: (spte & ok) == bit 0
+    u64 need[3]                     # per access kind: the bits the leaf must have
+    u64 check[3]                    # ... and the bits looked at (need | forbidden | ok)
+
+
+cdef inline void hw_tlb_fill_setup(kvm_vcpu_t* vcpu, hw_tlb_fill_t* f) noexcept nogil:
+    cdef kvm_t* kvm = vcpu.kvm
+    cdef int k
+    f.pages = kvm.pool.pages
+    f.root = pool_page(kvm.pool, vcpu.root)
+    f.five_levels = kvm.root_level == 5
+    f.ok = kvm.rsvd_pa_mask | PT_PRESENT_MASK
+    for k in range(3):
+        f.need[k] = kvm.hw_need[k] | kvm.hw_ad_need[k] | PT_PRESENT_MASK
+        f.check[k] = f.need[k] | kvm.hw_forbid[k] | f.ok
+
+
+cdef inline tdp_ptep_t _hw_child(u64* pages, u64 spte) noexcept nogil:
+    return pages + ((spte & SPTE_BASE_ADDR_MASK) >> 12) * SPTE_ENT_PER_PAGE
+
+
+cdef inline bint hw_walk_hits(const hw_tlb_fill_t* f, gfn_t gfn, int acc) noexcept nogil:
+    """The common case of hw_tdp_walk, unrolled: every entry has bit 0 (EPT R, NPT P) and
+    no reserved bit, no large page above 1G, and the leaf allows the access with A (and D)
+    already set -- a walk that changes nothing and raises nothing.  False: let
+    hw_tdp_walk decide (a non-present or misconfigured entry, a denied access, an A/D
+    assist)."""
+    cdef tdp_ptep_t table = f.root
+    cdef u64 spte, ok = f.ok
+    if f.five_levels:
+        spte = kvm_tdp_mmu_read_spte(table + ((gfn >> 36) & 511))
+        if (spte & ok) != PT_PRESENT_MASK or (spte & PT_PAGE_SIZE_MASK):
+            return False
+        table = _hw_child(f.pages, spte)
+    spte = kvm_tdp_mmu_read_spte(table + ((gfn >> 27) & 511))
+    if (spte & ok) != PT_PRESENT_MASK or (spte & PT_PAGE_SIZE_MASK):
+        return False
+    spte = kvm_tdp_mmu_read_spte(_hw_child(f.pages, spte) + ((gfn >> 18) & 511))
+    if not (spte & PT_PAGE_SIZE_MASK):
+        if (spte & ok) != PT_PRESENT_MASK:
+            return False
+        spte = kvm_tdp_mmu_read_spte(_hw_child(f.pages, spte) + ((gfn >> 9) & 511))
+        if not (spte & PT_PAGE_SIZE_MASK):
+            if (spte & ok) != PT_PRESENT_MASK:
+                return False
+            spte = kvm_tdp_mmu_read_spte(_hw_child(f.pages, spte) + (gfn & 511))
+    return (spte & f.check[acc]) == f.need[acc]
 
 
 cdef inline u64 tdp_exit_error_code(kvm_t* kvm, int exit, int acc, bint leaf_present) noexcept nogil:

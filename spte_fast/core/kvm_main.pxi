@@ -126,6 +126,7 @@ cdef class Vm:
         cdef int ml = <int>_as_int(max_level, "max_level", 1, 3)
         cdef int64_t cap = _as_int(max_pt_pages, "max_pt_pages", 2, 1 << 32)
         cdef int hpa = <int>_as_int(host_maxphyaddr, "host_maxphyaddr", 36, 52)
+        cdef bint wrprot
         memset(&self.kvm, 0, sizeof(kvm_t))
         memset(&self.st, 0, sizeof(mmu_stats_t))
         self.st.rcu_reader = -1         # the VM's own operations hold mmu_lock for write
@@ -153,6 +154,14 @@ cdef class Vm:
         self.kvm.rsvd_pa_mask = (((<u64>1) << 52) - ((<u64>1) << hpa)) if hpa < 52 else 0
         self.kvm.ad_enabled = self.kvm.m.shadow_accessed_mask != 0
         hw_setup(&self.kvm)
+        self.kvm.leaf_4k_template[0] = make_spte(&self.kvm.m, 1, ACC_ALL, 0,
+                                                 self.kvm.m.shadow_nonpresent_value, False,
+                                                 False, self.kvm.m.ad_disabled,
+                                                 self.kvm.nx_huge_pages, False, &wrprot)
+        self.kvm.leaf_4k_template[1] = make_spte(&self.kvm.m, 1, ACC_ALL, 0,
+                                                 self.kvm.m.shadow_nonpresent_value, False,
+                                                 True, self.kvm.m.ad_disabled,
+                                                 self.kvm.nx_huge_pages, False, &wrprot)
         self.kvm.rcu_pending = <int64_t*>malloc(cap * sizeof(int64_t))
         self.kvm.rcu_pending_seq = <u64*>malloc(cap * sizeof(u64))
         if self.kvm.rcu_pending == NULL or self.kvm.rcu_pending_seq == NULL:

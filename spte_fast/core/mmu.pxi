@@ -203,8 +203,9 @@ cdef int kvm_tdp_mmu_page_fault(kvm_vcpu_t* vcpu, kvm_page_fault_t* fault) noexc
     cdef kvm_t* kvm = vcpu.kvm
     cdef tdp_iter_t it
     cdef int r
+    cdef bint seeded = walk_hint_seed(vcpu, &it, fault.gfn)
     # kvm_tdp_mmu_fast_pf_get_last_sptep: the walk, from the hint when it is valid.
-    if not walk_hint_seed(vcpu, &it, fault.gfn):
+    if not seeded:
         tdp_iter_start(&it, kvm.pool.pages, root_pt(kvm, vcpu.root), kvm.root_level, 1,
                        fault.gfn)
         tdp_iter_walk_down(&it)
@@ -218,7 +219,8 @@ cdef int kvm_tdp_mmu_page_fault(kvm_vcpu_t* vcpu, kvm_page_fault_t* fault) noexc
             r = kvm_tdp_mmu_map(vcpu, fault, &it)
             if r < 0:
                 return r
-    if it.level == 1:
+    # A walk seeded from the hint that ended at 4K changed nothing above: the hint holds.
+    if it.level == 1 and not seeded:
         walk_hint_save(vcpu, &it, fault.gfn)
     return r
 

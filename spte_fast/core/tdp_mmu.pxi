@@ -264,6 +264,10 @@ cdef int tdp_mmu_map_handle_target_level(kvm_vcpu_t* vcpu, kvm_page_fault_t* fau
     cdef int ret = RET_PF_FIXED
     if fault.slot == NULL:
         new_spte = make_mmio_spte(&kvm.m, it.gfn, ACC_ALL, kvm.generation)
+    elif it.level == 1 and not fault.prefetch and not is_writable_pte(it.old_spte):
+        # make_spte at 4K over a non-writable old SPTE: the VM's precomputed leaf for pfn
+        # 0, with the pfn OR-ed in (the pfn only ever lands in bits 12..51).
+        new_spte = kvm.leaf_4k_template[fault.map_writable] | (fault.pfn << 12)
     else:
         new_spte = make_spte(&kvm.m, it.level, ACC_ALL, fault.pfn, it.old_spte,
                              fault.prefetch, fault.map_writable, kvm.m.ad_disabled,

@@ -140,8 +140,8 @@ cdef int vcpu_fault_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* ac
 
 # -- the hardware view: accesses ----------------------------------------------------------
 
-cdef inline int kvm_access_one(kvm_vcpu_t* vcpu, gfn_t gfn, int acc,
-                               int64_t* counts) noexcept nogil:
+cdef int kvm_access_one(kvm_vcpu_t* vcpu, gfn_t gfn, int acc,
+                        int64_t* counts) noexcept nogil:
     """One access inside the read side, to completion: walk; on an exit hand the error code
     to kvm_mmu_page_fault and, unless it was emulated, let the guest re-execute (walk
     again).  0 (no exit) or the RET_PF_* of the last exit; -SPTE_E* from a fault;
@@ -190,13 +190,18 @@ cdef int vcpu_access_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* a
                            Py_ssize_t* done) noexcept nogil:
     """The accesses from ``done[0]`` on, as vcpu_fault_batch runs faults (chunks of
     FAULT_CHUNK per read-side section).  ``counts``: index 0 the accesses that caused no
-    exit, RET_PF_* the exits' results, COUNT_FAST the exits fast_page_fault resolved."""
+    exit, RET_PF_* the exits' results, COUNT_FAST the exits fast_page_fault resolved.
+
+    An access whose walk changes nothing and raises nothing (hw_walk_hits) is counted
+    here; any other goes through kvm_access_one, which walks again in full."""
     cdef kvm_t* kvm = vcpu.kvm
     cdef kvm_mmu_memory_cache_t* mc = vcpu.mmu_shadow_page_cache
     cdef Py_ssize_t i = done[0], chunk_end
     cdef int r = 0
     cdef gfn_t gfn
     cdef int acc = ACC_READ
+    cdef int64_t hits
+    cdef hw_tlb_fill_t f
     while i < n and r >= 0:
         chunk_end = min(n, i + FAULT_CHUNK)
         pthread_mutex_lock(&mc.lock)
@@ -204,6 +209,8 @@ cdef int vcpu_access_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* a
         if r < 0:
             pthread_mutex_unlock(&mc.lock)
             break
+        hw_tlb_fill_setup(vcpu, &f)         # the root stays for the whole section
+        hits = 0
         while i < chunk_end:
             if i + PREFETCH_DISTANCE < n and \
                     (gfns[i + PREFETCH_DISTANCE] ^ gfns[i + PREFETCH_DISTANCE - 1]) >> 9:
@@ -217,14 +224,20 @@ cdef int vcpu_access_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* a
             if gfn >= kvm.gfn_limit:
                 r = -SPTE_EINVAL
                 break
-            r = kvm_access_one(vcpu, gfn, acc, counts)
-            if r < 0 or r == ACCESS_INTERRUPTED:
-                break
-            if r == 0:
-                counts[0] += 1
+            if hw_walk_hits(&f, gfn, acc):
+                hits += 1
+                r = 0
+            else:
+                r = kvm_access_one(vcpu, gfn, acc, counts)
+                if r < 0 or r == ACCESS_INTERRUPTED:
+                    break
+                if r == 0:
+                    counts[0] += 1
             if out != NULL:
                 out[i] = <int8_t>r
             i += 1
+        counts[0] += hits
+        vcpu.stat.hw_walks += hits
         vcpu_exit(vcpu)
         pthread_mutex_unlock(&mc.lock)
         rcu_reclaim_pending(kvm)

@@ -1,10 +1,13 @@
-"""The page-fault entry, huge-page level adjustment, the NX huge-page list and the MMU's
-side of zaps and memslot changes.
+"""The page-fault entry, the vCPU's entry into the guest, huge-page level adjustment, the NX
+huge-page list and the MMU's side of zaps and memslot changes.
 
-Models Linux v6.10's ``arch/x86/kvm/mmu/mmu.c`` (``kvm_tdp_mmu_page_fault``,
-``fast_page_fault``, ``mmu_topup_memory_caches``, ``kvm_faultin_pfn``,
-``kvm_mmu_hugepage_adjust``, ``disallowed_hugepage_adjust``,
-``track_possible_nx_huge_page``, ``kvm_zap_gfn_range``, ``kvm_mmu_invalidate_mmio_sptes``,
+Models Linux v6.10's ``arch/x86/kvm/mmu/mmu.c`` (``kvm_mmu_page_fault``,
+``handle_mmio_page_fault`` with the vCPU's MMIO info cache, ``page_fault_can_be_fast``,
+``fast_page_fault``, ``kvm_tdp_mmu_page_fault``, ``mmu_topup_memory_caches``,
+``kvm_faultin_pfn``, ``kvm_handle_noslot_fault``, ``kvm_mmu_load`` and the freeing of
+obsolete roots, ``kvm_mmu_hugepage_adjust``, ``disallowed_hugepage_adjust``,
+``track_possible_nx_huge_page``, ``kvm_zap_gfn_range``, ``kvm_mmu_zap_all``,
+``kvm_mmu_zap_all_fast``, ``kvm_mmu_invalidate_mmio_sptes``,
 ``kvm_arch_flush_shadow_memslot``) and ``mmu_internal.h`` (``struct kvm_page_fault``,
 ``kvm_mmu_do_page_fault``).  Spec §3.9.
 """
@@ -19,7 +22,6 @@ from .spte import (ACC_ALL, MMIO_SPTE_GEN_MASK, PG_LEVEL_4K, PT64_ROOT_MAX_LEVEL
                    PT_PRESENT_MASK, PT_WRITABLE_MASK, get_mmio_spte_generation,
                    get_mmio_spte_gfn, gfn_round_for_level, is_large_pte, is_last_spte,
                    is_mmio_spte, is_shadow_present_pte, pages_per_hpage)
-from .tdp_iter import kvm_tdp_mmu_read_spte
 
 # Page-fault error code bits (arch/x86/include/asm/kvm_host.h).
 PFERR_PRESENT_MASK = 1 << 0

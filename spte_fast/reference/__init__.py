@@ -17,7 +17,10 @@ It is split the way KVM is:
 ``memslots``   memslot records and lookups, host page flags (kvm_main.c)
 ``tdp_iter``   the iterator and the SPTE read/write primitives (tdp_iter.c, .h)
 ``tdp_mmu``    kvm_mmu_page, setters, handle_changed_spte, map, zaps (tdp_mmu.c)
-``mmu``        kvm_page_fault, the fault entry, huge-page adjust, NX list (mmu.c)
+``tdp_mmu_roots`` the roots list, reference counts, invalidation, root zaps (tdp_mmu.c)
+``mmu``        kvm_page_fault, the fault entry (error codes, MMIO, fast path), vCPU
+               entry (kvm_mmu_load), huge-page adjust, NX list, zap_all_fast (mmu.c)
+``hw``         the CPU: the hardware walk, A/D assists, VM exits (vmx.c, svm.c callers)
 ``audit``      ``vm.audit()``
 ``api``        ``Vm`` and ``Vcpu``: argument checks, then one call into the above
 =============  ==================================================================
@@ -31,8 +34,11 @@ made are marked with a comment starting ``API.md is silent:``.
 from ..errors import AuditError, CacheConfigError, OutOfMemory, SpteError
 from ..pf import PF
 from .api import Vcpu, Vm
+from .hw import ACCESS_HIT
 from .kernels import (atomic_and_not, atomic_or, cmpxchg, count_present, fill_pages,
                       scan_present, xchg)
+from .mmu import (PFERR_FETCH_MASK, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_USER_MASK,
+                  PFERR_WRITE_MASK)
 from .mmu_cache import MemoryCache
 from .pool import PagePool
 from .spte import (ACC_ALL, ACC_EXEC_MASK, ACC_USER_MASK, ACC_WRITE_MASK,
@@ -67,6 +73,8 @@ __all__ = [
     "VMX_EPT_MEMTYPE_WB_IPAT",
     "MMIO_SPTE_GEN_MASK", "MMIO_SPTE_GEN_LOW_START", "MMIO_SPTE_GEN_LOW_END",
     "MMIO_SPTE_GEN_HIGH_START", "MMIO_SPTE_GEN_HIGH_END", "NPT_MMIO_VALUE",
+    "PFERR_PRESENT_MASK", "PFERR_WRITE_MASK", "PFERR_USER_MASK", "PFERR_RSVD_MASK",
+    "PFERR_FETCH_MASK", "ACCESS_HIT",
     # page-fault results and errors
     "PF", "SpteError", "OutOfMemory", "CacheConfigError", "AuditError",
     # classes

@@ -8,23 +8,28 @@ contract is docs/API.md; every check raises TypeError / ValueError before anythi
 """
 import numpy as np
 
-from . import audit, memslots, mmu, tdp_mmu
+from . import audit, hw, memslots, mmu, tdp_mmu, tdp_mmu_roots
 from ._checks import check_int, check_int_array, check_writable
 from .kvm_host import (KVM_MAX_VCPUS, Kvm, kvm_stats, kvm_vm_ioctl_create_vcpu,
                        kvm_warnings_by_reason)
 from .spte import PG_LEVEL_1G, PG_LEVEL_4K, SpteLayout, is_last_spte, is_shadow_present_pte
 
+#: Error codes are the 32 architectural bits of the #PF / #NPF error code.
+ERROR_CODE_LIMIT = 1 << 32
+
 
 class Vm:
-    """A VM with one TDP MMU root (4 or 5 levels) over a :class:`PagePool` of page tables.
+    """A VM with TDP MMU roots (4 or 5 levels) over a :class:`PagePool` of page tables.
 
-    Lock modes are modelled by which setter a path uses: the fault path and the atomic zap
-    run in shared mode (compare-and-exchange, ``tdp_mmu_set_spte_atomic``); zap_gfn_range,
-    zap_all and zap_sp run in exclusive mode (``tdp_mmu_set_spte``).
+    Roots come from the vCPUs' caches when a vCPU first enters the guest; there is at most
+    one valid root.  Lock modes are modelled by which setter a path uses: the fault path,
+    the atomic zap and the zap of invalidated roots run in shared mode
+    (compare-and-exchange, ``tdp_mmu_set_spte_atomic``); zap_gfn_range, zap_all and zap_sp
+    run in exclusive mode (``tdp_mmu_set_spte``).
     """
 
     def __init__(self, layout, root_level=4, max_level=PG_LEVEL_1G, max_pt_pages=1 << 20,
-                 nx_huge_pages=False, poison=None):
+                 nx_huge_pages=False, poison=None, host_maxphyaddr=46):
         if not isinstance(layout, SpteLayout):
             raise TypeError(f"layout must be a SpteLayout, not {type(layout).__name__}")
         root_level = check_int("root_level", root_level)
@@ -32,9 +37,9 @@ class Vm:
             raise ValueError(f"root_level must be 4 or 5, got {root_level}")
         max_level = check_int("max_level", max_level, PG_LEVEL_4K, PG_LEVEL_1G + 1)
         max_pt_pages = check_int("max_pt_pages", max_pt_pages, 2)
+        host_maxphyaddr = check_int("host_maxphyaddr", host_maxphyaddr, 36, 53)
         self._kvm = Kvm(layout, root_level, max_level, max_pt_pages, bool(nx_huge_pages),
-                        poison)
-        tdp_mmu.kvm_tdp_mmu_alloc_root(self._kvm)
+                        poison, host_maxphyaddr)
         self._vcpus = []  # the Vcpu objects, in the order of self._kvm.vcpus
 
     # --- read-only attributes -------------------------------------------------------------------
@@ -44,9 +49,24 @@ class Vm:
     max_level = property(lambda self: self._kvm.max_level)
     nx_huge_pages = property(lambda self: self._kvm.nx_huge_pages)
     pool = property(lambda self: self._kvm.pool)
-    root = property(lambda self: self._kvm.root.spt)
-    mmio_generation = property(lambda self: self._kvm.mmio_generation)
+    mmio_generation = property(lambda self: self._kvm.memslots_generation)
     gfn_limit = property(lambda self: self._kvm.gfn_limit)
+    host_maxphyaddr = property(lambda self: self._kvm.host_maxphyaddr)
+    max_gfn = property(lambda self: self._kvm.max_gfn)
+
+    def _valid_root(self):
+        return tdp_mmu_roots.kvm_tdp_mmu_valid_root(self._kvm)
+
+    @property
+    def root(self):
+        """Pool index of the VM's valid root, or None."""
+        root = self._valid_root()
+        return None if root is None else root.spt
+
+    @property
+    def roots(self):
+        """[(pool index, refcount, invalid), ...] of every root on the list, newest first."""
+        return tdp_mmu_roots.kvm_tdp_mmu_roots_view(self._kvm)
 
     def __repr__(self):
         return (f"Vm({self.layout!r}, root_level={self.root_level}, "
@@ -59,7 +79,7 @@ class Vm:
     @property
     def warnings_by_reason(self):
         """{reason: count} for every reason of ``errors.WARN_REASONS``, in that order: the
-        VM's own warnings plus those of the root's cache and of every vCPU cache."""
+        VM's own warnings plus those of every vCPU cache."""
         return kvm_warnings_by_reason(self._kvm)
 
     def _check_gfn(self, gfn, name="gfn"):
@@ -75,6 +95,11 @@ class Vm:
 
     def delete_memslot(self, slot_id):
         memslots.kvm_delete_memslot(self._kvm, check_int("slot_id", slot_id))
+
+    def move_memslot(self, slot_id, new_base_gfn):
+        slot_id = check_int("slot_id", slot_id)
+        new_base_gfn = check_int("new_base_gfn", new_base_gfn, 0)
+        memslots.kvm_move_memslot(self._kvm, slot_id, new_base_gfn)
 
     @property
     def memslots(self):
@@ -107,13 +132,18 @@ class Vm:
     # --- walks ------------------------------------------------------------------------------------
 
     def walk(self, gfn):
-        """[(level, spte), ...] from the root down to the first entry that is not a present
-        non-leaf."""
-        return tdp_mmu.kvm_tdp_mmu_get_walk(self._kvm, self._check_gfn(gfn))
+        """[(level, spte), ...] from the valid root down to the first entry that is not a
+        present non-leaf; [] without a valid root."""
+        gfn = self._check_gfn(gfn)
+        root = self._valid_root()
+        return [] if root is None else tdp_mmu.tdp_mmu_walk(self._kvm, root, gfn)
 
     def lookup(self, gfn):
         """(spte, level) of the present leaf mapping gfn, or None."""
-        level, spte = self.walk(gfn)[-1]
+        walk = self.walk(gfn)
+        if not walk:
+            return None
+        level, spte = walk[-1]
         if is_shadow_present_pte(spte) and is_last_spte(spte, level):
             return spte, level
         return None
@@ -127,7 +157,10 @@ class Vm:
         if start > end:
             raise ValueError(f"start {start:#x} > end {end:#x}")
         min_level = check_int("min_level", min_level, PG_LEVEL_4K, self._kvm.root_level + 1)
-        return tdp_mmu.kvm_tdp_mmu_iter_view(self._kvm, start, end, min_level)
+        root = self._valid_root()
+        if root is None:
+            return []
+        return tdp_mmu.kvm_tdp_mmu_iter_view(self._kvm, root, start, end, min_level)
 
     # --- zaps -------------------------------------------------------------------------------------
 
@@ -139,18 +172,30 @@ class Vm:
         return mmu.kvm_zap_gfn_range(self._kvm, start, end)
 
     def zap_all(self):
-        """Zap everything; True when anything was zapped (one full TLB flush then)."""
+        """Zap every root (kvm_mmu_zap_all); True when anything was zapped.  No TLB flush
+        is counted (6.10)."""
         return mmu.kvm_mmu_zap_all(self._kvm)
+
+    def zap_all_fast(self):
+        """kvm_mmu_zap_all_fast: invalidate every root, zap the invalidated ones; the
+        vCPUs load a new root at their next entry."""
+        mmu.kvm_mmu_zap_all_fast(self._kvm)
 
     def zap_sp(self, gfn, level):
         gfn = self._check_gfn(gfn)
         level = check_int("level", level, PG_LEVEL_4K, self._kvm.root_level)
-        return mmu.kvm_mmu_zap_sp_at(self._kvm, gfn, level)
+        root = self._valid_root()
+        if root is None:
+            return False
+        return mmu.kvm_mmu_zap_sp_at(self._kvm, root, gfn, level)
 
     def zap_spte_atomic(self, gfn, level):
         gfn = self._check_gfn(gfn)
         level = check_int("level", level, PG_LEVEL_4K, self._kvm.root_level + 1)
-        return tdp_mmu.tdp_mmu_zap_spte_atomic_at(self._kvm, gfn, level)
+        root = self._valid_root()
+        if root is None:
+            return False
+        return tdp_mmu.tdp_mmu_zap_spte_atomic_at(self._kvm, root, gfn, level)
 
     # --- audit ------------------------------------------------------------------------------------
 
@@ -176,40 +221,90 @@ class Vcpu:
 
     @property
     def stats(self):
-        """This vCPU's own fault counts."""
+        """This vCPU's own counters."""
         return dict(self._vcpu.stat)
 
-    def fault(self, gfn, write=False, exec=False):  # noqa: A002 - the contract's name
-        gfn = self._vm._check_gfn(gfn)
-        return mmu.kvm_mmu_do_page_fault(self._vcpu, gfn, bool(write), bool(exec))
+    @property
+    def root(self):
+        """Pool index of this vCPU's root (possibly invalid), or None."""
+        root = self._vcpu.root
+        return None if root is None else root.spt
 
-    def fault_batch(self, gfns, access=None, out=None):
-        """Fault every gfn in order; RETRY results are faulted again."""
+    def fault(self, gfn, write=False, exec=False, *, error_code=None):  # noqa: A002
+        """Enter the guest, then deliver one fault to kvm_mmu_page_fault."""
+        gfn = self._vm._check_gfn(gfn)
+        if error_code is None:
+            error_code = mmu.pf_error_code(bool(write), bool(exec))
+        else:
+            error_code = check_int("error_code", error_code, 0, ERROR_CODE_LIMIT)
+            if write or exec:
+                raise ValueError("error_code together with write or exec")
+        mmu.kvm_vcpu_enter_guest(self._vcpu)
+        return mmu.kvm_mmu_page_fault(self._vcpu, gfn, error_code)
+
+    def _check_gfns(self, gfns):
         gfn_limit = self._vm._kvm.gfn_limit
-        # Validate everything before the first fault.
         gfn_list = check_int_array("gfns", gfns)
-        n = len(gfn_list)
         for gfn in gfn_list:
             if not 0 <= gfn < gfn_limit:
                 raise ValueError(f"gfn {gfn:#x} outside [0, {gfn_limit:#x})")
-        if access is None:
-            access_list = [0] * n
+        return gfn_list
+
+    @staticmethod
+    def _check_values(name, array, n, limit):
+        values = check_int_array(name, array)
+        if len(values) != n:
+            raise ValueError(f"{name} has {len(values)} entries, gfns has {n}")
+        for v in values:
+            if not 0 <= v < limit:
+                raise ValueError(f"{name} values must be in 0..{limit - 1:#x}, got {v:#x}")
+        return values
+
+    @staticmethod
+    def _check_out(out, n):
+        if out is None:
+            return
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"out must be a numpy.ndarray, not {type(out).__name__}")
+        if out.dtype != np.int8:
+            raise TypeError(f"out must have dtype int8, not {out.dtype}")
+        if out.shape != (n,):
+            raise ValueError(f"out must have shape ({n},), not {out.shape}")
+        check_writable("out", out)
+
+    def fault_batch(self, gfns, access=None, out=None, *, error_codes=None):
+        """Fault every gfn in order; RETRY results are faulted again."""
+        # Validate everything before the first fault.
+        gfn_list = self._check_gfns(gfns)
+        n = len(gfn_list)
+        if error_codes is not None:
+            if access is not None:
+                raise ValueError("access and error_codes together")
+            code_list = self._check_values("error_codes", error_codes, n, ERROR_CODE_LIMIT)
+        elif access is None:
+            code_list = [0] * n
         else:
-            access_list = check_int_array("access", access)
-            if len(access_list) != n:
-                raise ValueError(f"access has {len(access_list)} entries, gfns has {n}")
-            for a in access_list:
-                if not 0 <= a <= 3:
-                    raise ValueError(f"access values must be in 0..3, got {a}")
-        if out is not None:
-            if not isinstance(out, np.ndarray):
-                raise TypeError(f"out must be a numpy.ndarray, not {type(out).__name__}")
-            if out.dtype != np.int8:
-                raise TypeError(f"out must have dtype int8, not {out.dtype}")
-            if out.shape != (n,):
-                raise ValueError(f"out must have shape ({n},), not {out.shape}")
-            check_writable("out", out)
-        return mmu.kvm_mmu_page_fault_batch(self._vcpu, gfn_list, access_list, out)
+            code_list = [mmu.pf_error_code(bool(a & 1), bool(a & 2))
+                         for a in self._check_values("access", access, n, 4)]
+        self._check_out(out, n)
+        return mmu.kvm_mmu_page_fault_batch(self._vcpu, gfn_list, code_list, out)
+
+    def access(self, gfn, write=False, exec=False):  # noqa: A002 - the contract's name
+        """The guest accesses gfn once: None if the hardware completed it without an exit,
+        else the PF of the last exit."""
+        gfn = self._vm._check_gfn(gfn)
+        if write and exec:
+            raise ValueError("an access is a write or an instruction fetch, not both")
+        return hw.kvm_vcpu_access(self._vcpu, gfn, bool(write), bool(exec))
+
+    def access_batch(self, gfns, access=None, out=None):
+        """Every access in order -> {"hits", "fixed", "spurious", "retry", "emulate",
+        "fast"}."""
+        gfn_list = self._check_gfns(gfns)
+        n = len(gfn_list)
+        access_list = [0] * n if access is None else self._check_values("access", access, n, 3)
+        self._check_out(out, n)
+        return hw.kvm_vcpu_access_batch(self._vcpu, gfn_list, access_list, out)
 
     def __repr__(self):
         return f"Vcpu(cache={self.cache!r})"

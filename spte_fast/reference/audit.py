@@ -9,9 +9,9 @@ broken iterator cannot hide a broken table) and raises ``AuditError`` with an
 """
 from ..errors import AuditError
 from .memslots import gfn_to_memslot
-from .spte import (PT64_ROOT_MAX_LEVEL, PT_WRITABLE_MASK, SPTE_BASE_ADDR_MASK, SPTE_ENT_PER_PAGE,
-                   VMX_EPT_SUPPRESS_VE_BIT, is_last_spte, is_shadow_present_pte,
-                   pages_per_hpage, spte_to_pfn)
+from .spte import (PT64_ROOT_MAX_LEVEL, PT_WRITABLE_MASK, SPTE_ENT_PER_PAGE,
+                   VMX_EPT_SUPPRESS_VE_BIT, get_mmio_spte_gfn, is_last_spte, is_mmio_spte,
+                   is_shadow_present_pte, pages_per_hpage, spte_to_pfn)
 from .tdp_iter import kvm_tdp_mmu_read_spte
 from .tdp_mmu import PAGE_STAT_KEYS
 
@@ -32,15 +32,15 @@ def _describe_sp(sp):
 def kvm_mmu_audit(kvm):
     """Check the invariants of API.md; raise AuditError naming the first one broken.
 
-    Per entry of every linked table, in this order: frozen entries, MMIO SPTEs (level,
-    gfn), other non-present values, the EPT suppress-#VE bit, then non-leaf entries
+    First the roots (list, reference counts, zapped invalid roots).  Then per entry of
+    every table linked below a root on the list, in this order: frozen entries, MMIO SPTEs
+    (level, gfn), other non-present values, the EPT suppress-#VE bit, then non-leaf entries
     (encoding, target, the child's kvm_mmu_page) or leaves (level, writable state, slot,
     pfn, read-only slot).  Then the counters, the NX huge-page list and the pool.
     """
     L = kvm.layout
     pool = kvm.pool
     ve = bool(L.present_mask & VMX_EPT_SUPPRESS_VE_BIT)  # EPT with a bit-63 non-present value
-    mmio_gfn_mask = (SPTE_BASE_ADDR_MASK & ~L.mmio_mask) >> 12  # the gfn bits MMIO SPTEs hold
     page_counts = dict.fromkeys(PAGE_STAT_KEYS.values(), 0)
     level_counts = dict.fromkeys(range(1, PT64_ROOT_MAX_LEVEL + 1), 0)
     linked = []  # tables reached from the root, in pre-order
@@ -66,10 +66,10 @@ def kvm_mmu_audit(kvm):
                 continue
             if L.is_frozen_spte(spte):
                 _fail("no-frozen-at-rest", "frozen SPTE left in a linked table", gfn, level, spte)
-            if L.is_mmio_spte(spte):  # current or stale: both are allowed
+            if is_mmio_spte(kvm, spte):  # current or stale: both are allowed
                 if level != 1:
                     _fail("mmio-level", "MMIO SPTE above 4K", gfn, level, spte)
-                if L.get_mmio_spte_gfn(spte) != gfn & mmio_gfn_mask:
+                if get_mmio_spte_gfn(kvm, spte) != gfn:
                     _fail("mmio-gfn", "MMIO SPTE encodes another gfn", gfn, level, spte)
                 continue
             if not is_shadow_present_pte(spte):
@@ -106,7 +106,9 @@ def kvm_mmu_audit(kvm):
                   gfn, level, spte)
         page_counts[PAGE_STAT_KEYS[level]] += 1
 
-    visit(kvm.root.spt, kvm.root_level, 0, None)
+    _audit_roots(kvm)
+    for root in kvm.tdp_mmu_roots:
+        visit(root.spt, root.role.level, 0, None)
 
     stat = kvm.stat
     for key, found in page_counts.items():
@@ -123,6 +125,36 @@ def kvm_mmu_audit(kvm):
               f"tables_freed {stat['tables_freed']} != {len(linked)} tables linked")
     _audit_nx_huge_pages(kvm, linked)
     _audit_pool(kvm, linked, seen)
+
+
+def _audit_roots(kvm):
+    """The roots list: each root once, at most one valid; every vCPU's root on it; each
+    root's refcount is one per vCPU using it plus the MMU's while valid (and never 0 on
+    the list); an invalid root no longer scheduled to zap holds only non-present
+    entries."""
+    roots = kvm.tdp_mmu_roots
+    if len({id(root) for root in roots}) != len(roots):
+        _fail("roots", "a root is on the list twice")
+    valid = [root.spt for root in roots if not root.role.invalid]
+    if len(valid) > 1:
+        _fail("roots", f"more than one valid root: {valid}")
+    on_list = {id(root) for root in roots}
+    for n, vcpu in enumerate(kvm.vcpus):
+        if vcpu.root is not None and id(vcpu.root) not in on_list:
+            _fail("roots", f"vCPU {n}'s root {vcpu.root.spt} is not on the roots list")
+    nonpresent = kvm.layout.nonpresent_value
+    for root in roots:
+        users = sum(1 for vcpu in kvm.vcpus if vcpu.root is root)
+        expected = (0 if root.role.invalid else 1) + users
+        if root.tdp_mmu_root_count != expected or root.tdp_mmu_root_count < 1:
+            _fail("roots", f"root {root.spt} (invalid {root.role.invalid}) has refcount "
+                  f"{root.tdp_mmu_root_count}, {users} vCPUs use it")
+        if root.role.invalid and not root.tdp_mmu_scheduled_root_to_zap:
+            for i in range(SPTE_ENT_PER_PAGE):
+                spte = kvm_tdp_mmu_read_spte(kvm.pool, (root.spt, i))
+                if spte != nonpresent:
+                    _fail("roots", f"invalid root {root.spt} was zapped but holds entry {i}",
+                          i * pages_per_hpage(root.role.level), root.role.level, spte)
 
 
 def _audit_nx_huge_pages(kvm, linked):

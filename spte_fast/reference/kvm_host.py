@@ -13,7 +13,8 @@ everything else is VM-wide (``kvm->stat``); ``vm.stats`` sums them when read.
 from ..errors import WARN_REASONS
 from .mmu_cache import MemoryCache
 from .pool import PagePool
-from .spte import KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE, gfn_round_for_level, pages_per_hpage
+from .spte import (KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE, gfn_round_for_level,
+                   kvm_mmu_init_mmio_masks, pages_per_hpage)
 
 #: gfn bits of the guest physical address width: 48-bit (4 levels) and 57-bit (5 levels).
 GPA_WIDTH_GFN_BITS = {4: 36, 5: 45}
@@ -27,35 +28,50 @@ KVM_STATS = (
     "spte_changes", "nx_lpage_splits", "mmio_sptes_created",
 )
 
-#: Per-vCPU counters: the result of every fault (KVM's ``vcpu->stat.pf_fixed`` etc.).
-VCPU_STATS = ("faults_fixed", "faults_spurious", "faults_retry", "faults_emulate")
+#: Per-vCPU counters, in ``vcpu.stats`` order: the result of every fault (KVM's
+#: ``vcpu->stat.pf_fixed`` etc.), the faults fast_page_fault resolved (``pf_fast``), and the
+#: hardware's work: walks, accessed/dirty bits it set, and its exits by reason.
+VCPU_STATS = ("faults_fixed", "faults_spurious", "faults_retry", "faults_emulate",
+              "faults_fast", "hw_walks", "hw_ad_sets", "exits_ept_violation",
+              "exits_misconfig")
 
 KVM_MAX_VCPUS = 256
 
 
 class Kvm:
-    """``struct kvm`` with its ``kvm_arch``: one TDP MMU root over a pool of page tables.
+    """``struct kvm`` with its ``kvm_arch``: the TDP MMU roots over a pool of page tables.
 
-    Built empty by ``api.Vm``; ``tdp_mmu.kvm_tdp_mmu_alloc_root`` then gives it its root.
+    Built empty by ``api.Vm``: there is no root until a vCPU enters the guest
+    (``mmu.kvm_mmu_load`` -> ``tdp_mmu_roots.kvm_tdp_mmu_alloc_root``).
     """
 
-    def __init__(self, layout, root_level, max_level, max_pt_pages, nx_huge_pages, poison):
+    def __init__(self, layout, root_level, max_level, max_pt_pages, nx_huge_pages, poison,
+                 host_maxphyaddr):
         self.layout = layout                  # the SPTE masks of the paging mode
-        self.root_level = root_level          # 4 or 5 (the root's role.level)
+        self.root_level = root_level          # 4 or 5 (the roots' role.level)
         self.max_level = max_level            # KVM_MAX_HUGEPAGE_LEVEL of this model
         self.nx_huge_pages = nx_huge_pages    # is_nx_huge_page_enabled(kvm)
         self.gfn_limit = 1 << GPA_WIDTH_GFN_BITS[root_level]  # exclusive bound on gfns
+        # shadow_phys_bits (host MAXPHYADDR) and kvm_mmu_max_gfn() with TDP enabled.
+        self.host_maxphyaddr = host_maxphyaddr
+        self.max_gfn = (1 << (host_maxphyaddr - 12)) - 1
+        # shadow_mmio_value / _mask / _access_mask, enable_mmio_caching, and the lower-gfn
+        # mask of get_mmio_spte_gfn (spte.kvm_mmu_init_mmio_masks sets them).
+        self.enable_mmio_caching = False
+        self.shadow_mmio_value = 0
+        self.shadow_mmio_mask = 0
+        self.shadow_mmio_access_mask = 0
+        self.mmio_gfn_mask = 0
+        kvm_mmu_init_mmio_masks(self)
         self.pool = PagePool(max_pt_pages, poison=poison)
-        # The root is initialised like a page of a vCPU's shadow-page cache, by a cache of
-        # the VM's own (KVM takes it from the vCPU cache in kvm_tdp_mmu_alloc_root).
-        self.root_cache = MemoryCache(self.pool, init_value=layout.nonpresent_value,
-                                      capacity=KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE)
-        self.root = None                      # the root's kvm_mmu_page
+        self.tdp_mmu_roots = []               # kvm->arch.tdp_mmu_roots, newest first
         self.mmu_pages = {}                   # pool index -> kvm_mmu_page (page_private)
         self.possible_nx_huge_pages = []      # kvm->arch.possible_nx_huge_pages, FIFO
         self.memslots = {}                    # slot id -> KvmMemorySlot
         self.next_slot_id = 0
-        self.mmio_generation = 0              # memslots generation & MMIO_SPTE_GEN_MASK
+        # kvm_memslots(kvm)->generation of address space 0: +2 per swap (two address
+        # spaces on x86 with SMM); MMIO SPTEs carry it & MMIO_SPTE_GEN_MASK.
+        self.memslots_generation = 0
         self.host_accessed = set()            # host pfns whose "accessed" flag KVM set
         self.host_dirty = set()               # host pfns whose "dirty" flag KVM set
         self.vcpus = []                       # KvmVcpu, in creation order
@@ -65,7 +81,8 @@ class Kvm:
 
 
 class KvmVcpu:
-    """``struct kvm_vcpu``: its shadow-page memory cache and its fault counters."""
+    """``struct kvm_vcpu``: its shadow-page memory cache, its root, its MMIO info cache
+    and its counters."""
 
     def __init__(self, kvm):
         self.kvm = kvm
@@ -73,6 +90,9 @@ class KvmVcpu:
         # that value is 0 (spec §1.3).
         self.cache = MemoryCache(kvm.pool, init_value=kvm.layout.nonpresent_value,
                                  capacity=KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE)
+        self.root = None                      # vcpu->arch.mmu->root: a kvm_mmu_page or None
+        self.mmio_gfn = 0                     # vcpu->arch.mmio_gfn (0: nothing cached)
+        self.mmio_gen = 0                     # vcpu->arch.mmio_gen
         self.stat = dict.fromkeys(VCPU_STATS, 0)
 
 
@@ -104,8 +124,8 @@ def kvm_flush_remote_tlbs_gfn(kvm, gfn, level):
 
 
 def kvm_caches(kvm):
-    """Every memory cache of the VM: the root's, then each vCPU's."""
-    return [kvm.root_cache] + [vcpu.cache for vcpu in kvm.vcpus]
+    """Every memory cache of the VM: each vCPU's (roots come from them too)."""
+    return [vcpu.cache for vcpu in kvm.vcpus]
 
 
 def kvm_stats(kvm):
@@ -122,7 +142,7 @@ def kvm_stats(kvm):
 
 def kvm_warnings_by_reason(kvm):
     """Every reason of ``errors.WARN_REASONS``, in order: the VM's own count plus those of
-    the root's cache and of every vCPU cache."""
+    every vCPU cache."""
     counts = dict(kvm.warnings)
     for cache in kvm_caches(kvm):
         for reason, n in cache.warnings_by_reason.items():
@@ -132,11 +152,12 @@ def kvm_warnings_by_reason(kvm):
 
 #: The keys of vm.stats, in the order docs/API.md lists them.
 STATS_ORDER = (
-    "faults_fixed", "faults_spurious", "faults_retry", "faults_emulate",
+    "faults_fixed", "faults_spurious", "faults_retry", "faults_emulate", "faults_fast",
     "pages_4k", "pages_2m", "pages_1g",
     "pt_pages", "pt_pages_l1", "pt_pages_l2", "pt_pages_l3", "pt_pages_l4", "pt_pages_l5",
     "tables_allocated", "tables_freed",
     "cache_fills", "cache_zero_inits", "init_bytes_written",
     "tlb_flushes", "tlb_flushes_ranged", "cas_failures", "warnings",
     "spte_changes", "nx_lpage_splits", "mmio_sptes_created",
+    "hw_walks", "hw_ad_sets", "exits_ept_violation", "exits_misconfig",
 )

@@ -1,18 +1,23 @@
 """Memslots: the guest-physical to host-page map, and host page accessed/dirty flags.
 
 Models Linux v6.10's ``struct kvm_memory_slot`` (``include/linux/kvm_host.h``) and the
-memslot code of ``virt/kvm/kvm_main.c``: creating and deleting a slot
-(``__kvm_set_memory_region`` with its overlap check, ``kvm_swap_active_memslots`` bumping
-the generation), ``gfn_to_memslot``, ``__gfn_to_pfn_memslot`` and
-``kvm_set_pfn_accessed`` / ``kvm_set_pfn_dirty``.  A slot here maps its gfns to host pfns
-directly (``pfn`` is the host page of ``base_gfn``) instead of through a userspace address.
+memslot code of ``virt/kvm/kvm_main.c``: creating, deleting and moving a slot
+(``__kvm_set_memory_region`` with its overlap check, ``kvm_set_memslot`` with
+``kvm_invalidate_memslot``, ``kvm_swap_active_memslots`` stepping the generation),
+``gfn_to_memslot``, ``__gfn_to_pfn_memslot`` and ``kvm_set_pfn_accessed`` /
+``kvm_set_pfn_dirty``; and x86's ``kvm_arch_prepare_memory_region`` check against
+``kvm_mmu_max_gfn()``.  A slot here maps its gfns to host pfns directly (``pfn`` is the host
+page of ``base_gfn``) instead of through a userspace address.
 
-The MMU's side of a memslot change (zap the slot's range, invalidate MMIO SPTEs when the
-generation wraps) is in ``mmu.py``, as ``kvm_arch_flush_shadow_memslot`` and
+The MMU's side of a memslot change (zap all roots for a delete or move, invalidate MMIO
+SPTEs when the generation wraps) is in ``mmu.py``, as ``kvm_arch_flush_shadow_memslot`` and
 ``kvm_mmu_invalidate_mmio_sptes`` are in ``arch/x86/kvm/mmu/mmu.c``.
 """
 from . import mmu  # kvm_main.c calls the arch hooks of mmu.c; resolved at call time
-from .spte import MMIO_SPTE_GEN_MASK, PFN_LIMIT
+
+#: kvm_arch_nr_memslot_as_ids() on x86 with SMM: address spaces 0 and 1 split the
+#: generations (0, 2, 4, ... and 1, 3, 5, ...); the model has address space 0 only.
+KVM_ADDRESS_SPACE_NUM = 2
 
 # Error and no-slot pfns (include/linux/kvm_host.h): never a real pfn (< 1 << 40).
 KVM_PFN_ERR_MASK = 0x7FF << 52
@@ -109,44 +114,83 @@ def host_page_dirty(kvm, pfn):
     return pfn in kvm.host_dirty
 
 
-# --- creating and deleting slots (__kvm_set_memory_region) -----------------------------------
+# --- creating, deleting and moving slots (__kvm_set_memory_region, kvm_set_memslot) ----------
+
+
+def _check_new_range(kvm, base_gfn, npages, slot_id=None):
+    """The gfn range of a created or moved slot: inside the address width, not above
+    kvm_mmu_max_gfn() (kvm_arch_prepare_memory_region's -EINVAL), and overlapping no other
+    slot (-EEXIST)."""
+    end = base_gfn + npages
+    if end > kvm.gfn_limit:
+        raise ValueError(f"gfn range [{base_gfn:#x}, {end:#x}) exceeds the address width "
+                         f"({kvm.gfn_limit:#x})")
+    if end - 1 > kvm.max_gfn:
+        raise ValueError(f"gfn range [{base_gfn:#x}, {end:#x}) exceeds the host's "
+                         f"MAXPHYADDR (max gfn {kvm.max_gfn:#x})")
+    for slot in kvm.memslots.values():
+        if slot.id != slot_id and base_gfn < slot.base_gfn + slot.npages and slot.base_gfn < end:
+            raise ValueError(f"gfn range overlaps memslot {slot.id}")
 
 
 def kvm_create_memslot(kvm, base_gfn, npages, pfn, readonly):
-    """A new slot -> its id.  ValueError (KVM's -EINVAL / -EEXIST) before anything changes
-    when the ranges leave the address width or the PFN field, or overlap another slot."""
-    if base_gfn + npages > kvm.gfn_limit:
-        raise ValueError(f"gfn range [{base_gfn:#x}, {base_gfn + npages:#x}) exceeds the "
-                         f"address width ({kvm.gfn_limit:#x})")
-    if pfn + npages > PFN_LIMIT:
-        raise ValueError(f"pfn range [{pfn:#x}, {pfn + npages:#x}) exceeds 1 << 40")
+    """KVM_MR_CREATE -> the new slot's id: one swap.  ValueError before anything changes
+    when the gfn range is refused, when the host has no such pfns (pfn + npages above
+    1 << (host_maxphyaddr - 12)), or when the pfns overlap another slot's."""
+    _check_new_range(kvm, base_gfn, npages)
+    host_pfn_limit = 1 << (kvm.host_maxphyaddr - 12)
+    if pfn + npages > host_pfn_limit:
+        raise ValueError(f"pfn range [{pfn:#x}, {pfn + npages:#x}) exceeds the host's "
+                         f"physical addresses (1 << {kvm.host_maxphyaddr - 12})")
     for slot in kvm.memslots.values():
-        if base_gfn < slot.base_gfn + slot.npages and slot.base_gfn < base_gfn + npages:
-            raise ValueError(f"gfn range overlaps memslot {slot.id}")
         if pfn < slot.pfn + slot.npages and slot.pfn < pfn + npages:
             raise ValueError(f"pfn range overlaps memslot {slot.id}")
     slot_id = kvm.next_slot_id
     kvm.next_slot_id += 1
     kvm.memslots[slot_id] = KvmMemorySlot(slot_id, base_gfn, npages, pfn, readonly)
-    kvm_memslots_updated(kvm)
+    kvm_swap_active_memslots(kvm)
     return slot_id
 
 
+def kvm_invalidate_memslot(kvm, slot):
+    """The first half of a delete or move: the slot is published as INVALID (a swap; a
+    fault on it would RETRY, which single-threaded nothing can observe), then the MMU
+    drops every SPTE (kvm_arch_flush_shadow_memslot)."""
+    kvm_swap_active_memslots(kvm)
+    mmu.kvm_arch_flush_shadow_memslot(kvm, slot)
+
+
 def kvm_delete_memslot(kvm, slot_id):
-    """Zap the slot's range, remove the slot, bump the generation.  ValueError if no slot
-    has this id."""
+    """KVM_MR_DELETE: invalidate (swap, zap all), then remove the slot (swap): +4.
+    ValueError if no slot has this id."""
     slot = kvm.memslots.get(slot_id)
     if slot is None:
         raise ValueError(f"no memslot {slot_id}")
-    mmu.kvm_arch_flush_shadow_memslot(kvm, slot)
+    kvm_invalidate_memslot(kvm, slot)
     del kvm.memslots[slot_id]
-    kvm_memslots_updated(kvm)
+    kvm_swap_active_memslots(kvm)
 
 
-def kvm_memslots_updated(kvm):
-    """A new memslots generation (kvm_swap_active_memslots -> kvm_arch_memslots_updated).
+def kvm_move_memslot(kvm, slot_id, new_base_gfn):
+    """KVM_MR_MOVE: the same pages at another gfn range.  Checked as a create (width,
+    max gfn, overlap with the other slots) before anything changes; then invalidate
+    (swap, zap all) and move (swap): +4.  The same base is no change at all (KVM returns
+    0 before any swap)."""
+    slot = kvm.memslots.get(slot_id)
+    if slot is None:
+        raise ValueError(f"no memslot {slot_id}")
+    if new_base_gfn == slot.base_gfn:
+        return
+    _check_new_range(kvm, new_base_gfn, slot.npages, slot_id)
+    kvm_invalidate_memslot(kvm, slot)
+    slot.base_gfn = new_base_gfn
+    kvm_swap_active_memslots(kvm)
 
-    The model steps the generation by 1 (KVM by 2, with an update-in-progress bit).
-    """
-    kvm.mmio_generation = (kvm.mmio_generation + 1) & MMIO_SPTE_GEN_MASK
-    mmu.kvm_mmu_invalidate_mmio_sptes(kvm, kvm.mmio_generation)
+
+def kvm_swap_active_memslots(kvm):
+    """Publish a new memslot set: the generation steps by the number of address spaces,
+    and kvm_arch_memslots_updated (before the new generation is published, as in KVM)
+    checks for an MMIO generation wrap."""
+    gen = kvm.memslots_generation + KVM_ADDRESS_SPACE_NUM
+    mmu.kvm_mmu_invalidate_mmio_sptes(kvm, gen)
+    kvm.memslots_generation = gen

@@ -418,7 +418,9 @@ class SpteLayout:
         spte = (generation << MMIO_SPTE_GEN_LOW_START) & _MMIO_SPTE_GEN_LOW_MASK
         spte |= (generation << _MMIO_SPTE_GEN_HIGH_SHIFT) & _MMIO_SPTE_GEN_HIGH_MASK
         spte |= self.mmio_value | (access & self.mmio_access_mask)
-        spte |= (gfn << 12) & SPTE_BASE_ADDR_MASK
+        # 6.10 ORs the whole gpa, unmasked: a gfn from bit 40 up lands in bits 52+ (an
+        # impossible gfn once kvm_mmu_max_gfn bounds MMIO SPTEs, but that is the function).
+        spte |= gfn << 12
         return spte
 
     def _check_mmio(self, spte):
@@ -489,3 +491,67 @@ class SpteLayout:
         return spte
 
 
+
+
+# =================================================================================================
+# The VM's MMIO SPTEs: kvm->arch.shadow_mmio_value and the host's physical-address width
+# =================================================================================================
+# KVM keeps shadow_mmio_mask / shadow_mmio_access_mask / enable_mmio_caching in globals set by
+# kvm_mmu_set_mmio_spte_mask, and the value per VM (kvm->arch.shadow_mmio_value, 6.10).  The
+# model keeps all of them in the Kvm record (the layout stays the paging mode's constant
+# masks); these functions take that record.
+
+
+def kvm_mmu_set_mmio_spte_mask(kvm, mmio_value, mmio_mask, access_mask):
+    """kvm_mmu_set_mmio_spte_mask: a value of 0 disables MMIO caching."""
+    kvm.enable_mmio_caching = mmio_value != 0
+    kvm.shadow_mmio_value = mmio_value
+    kvm.shadow_mmio_mask = mmio_mask
+    kvm.shadow_mmio_access_mask = access_mask
+
+
+def kvm_mmu_init_mmio_masks(kvm):
+    """The MMIO masks of the VM's paging mode and host.
+
+    EPT (kvm_mmu_set_ept_masks): the misconfiguration value W|X (0b110), always cached.
+    NPT (kvm_mmu_reset_all_pte_masks): a reserved physical-address bit (51) plus P, which
+    exists only while the host has fewer than 52 physical-address bits; at 52 there is no
+    reserved PA bit, so MMIO caching is off (value and mask 0).
+    """
+    L = kvm.layout
+    if L.mode == "ept":
+        kvm_mmu_set_mmio_spte_mask(kvm, L.mmio_value, L.mmio_mask, L.mmio_access_mask)
+    elif kvm.host_maxphyaddr < 52:
+        kvm_mmu_set_mmio_spte_mask(kvm, NPT_MMIO_VALUE, NPT_MMIO_VALUE,
+                                   ACC_WRITE_MASK | ACC_USER_MASK)
+    else:
+        kvm_mmu_set_mmio_spte_mask(kvm, 0, 0, ACC_WRITE_MASK | ACC_USER_MASK)
+    # shadow_nonpresent_or_rsvd_lower_gfn_mask without the L1TF mitigation:
+    # GENMASK(host_maxphyaddr - 1, PAGE_SHIFT).
+    kvm.mmio_gfn_mask = ((1 << kvm.host_maxphyaddr) - 1) & ~0xFFF
+
+
+def is_mmio_spte(kvm, spte):
+    """spte.h is_mmio_spte(kvm, spte): the VM's value, and only while MMIO caching is on."""
+    return kvm.enable_mmio_caching and (spte & kvm.shadow_mmio_mask) == kvm.shadow_mmio_value
+
+
+def make_mmio_spte(kvm, gfn, access):
+    """spte.c make_mmio_spte(vcpu, gfn, access): the generation is the memslots one, masked."""
+    gen = kvm.memslots_generation & MMIO_SPTE_GEN_MASK
+    spte = (gen << MMIO_SPTE_GEN_LOW_START) & _MMIO_SPTE_GEN_LOW_MASK
+    spte |= (gen << _MMIO_SPTE_GEN_HIGH_SHIFT) & _MMIO_SPTE_GEN_HIGH_MASK
+    spte |= kvm.shadow_mmio_value | (access & kvm.shadow_mmio_access_mask)
+    spte |= gfn << 12
+    return spte
+
+
+def get_mmio_spte_gfn(kvm, spte):
+    """mmu.c get_mmio_spte_gfn: the gpa bits below the host's MAXPHYADDR."""
+    return (spte & kvm.mmio_gfn_mask) >> 12
+
+
+def get_mmio_spte_generation(spte):
+    gen = (spte & _MMIO_SPTE_GEN_LOW_MASK) >> MMIO_SPTE_GEN_LOW_START
+    gen |= (spte & _MMIO_SPTE_GEN_HIGH_MASK) >> _MMIO_SPTE_GEN_HIGH_SHIFT
+    return gen

@@ -14,11 +14,12 @@ from ..errors import AuditError
 from ..pf import PF
 from . import memslots
 from . import mmu  # mmu.c and tdp_mmu.c call each other; resolved at call time
+from . import tdp_mmu_roots  # the roots' part of tdp_mmu.c; resolved at call time
 from .kvm_host import kvm_flush_remote_tlbs_gfn, kvm_warn
-from .mmu_cache import kvm_mmu_memory_cache_alloc, mmu_memory_cache_alloc_obj
+from .mmu_cache import kvm_mmu_memory_cache_alloc
 from .spte import (ACC_ALL, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, PT64_ROOT_MAX_LEVEL,
-                   SPTE_ENT_PER_PAGE, is_large_pte, is_last_spte, is_shadow_present_pte,
-                   pages_per_hpage, spte_to_pfn)
+                   SPTE_ENT_PER_PAGE, is_large_pte, is_last_spte, is_mmio_spte,
+                   is_shadow_present_pte, make_mmio_spte, pages_per_hpage, spte_to_pfn)
 from .tdp_iter import (_kvm_tdp_mmu_write_spte, for_each_tdp_pte, for_each_tdp_pte_min_level,
                        kvm_tdp_mmu_read_spte, kvm_tdp_mmu_write_spte,
                        kvm_tdp_mmu_write_spte_atomic, spte_to_child_pt)
@@ -30,15 +31,17 @@ PAGE_STAT_KEYS = {PG_LEVEL_4K: "pages_4k", PG_LEVEL_2M: "pages_2m", PG_LEVEL_1G:
 # free one, and only they change the pool's metadata of a table.
 # =================================================================================================
 
-#: The part of ``union kvm_mmu_page_role`` the model uses.
-KvmMmuPageRole = namedtuple("KvmMmuPageRole", ["level"])
+#: The part of ``union kvm_mmu_page_role`` the model uses (``invalid`` is set only on roots,
+#: by kvm_tdp_mmu_invalidate_all_roots).
+KvmMmuPageRole = namedtuple("KvmMmuPageRole", ["level", "invalid"], defaults=(False,))
 
 
 class KvmMmuPage:
     """``struct kvm_mmu_page`` of a TDP MMU table (the fields the model uses)."""
 
     __slots__ = ("spt", "role", "gfn", "ptep", "nx_huge_page_disallowed",
-                 "possible_nx_huge_page_linked")
+                 "possible_nx_huge_page_linked", "tdp_mmu_root_count",
+                 "tdp_mmu_scheduled_root_to_zap")
 
     def __init__(self, spt):
         self.spt = spt                      # pool index of the table (its "physical address")
@@ -50,6 +53,9 @@ class KvmMmuPage:
         self.nx_huge_page_disallowed = False
         # On kvm->arch.possible_nx_huge_pages (KVM: !list_empty(&possible_nx_huge_page_link)).
         self.possible_nx_huge_page_linked = False
+        # Roots only: the reference count, and "invalidated, the MMU's zap still to do".
+        self.tdp_mmu_root_count = 0
+        self.tdp_mmu_scheduled_root_to_zap = False
 
     def __repr__(self):
         level = self.role.level if self.role else None
@@ -117,15 +123,6 @@ def tdp_mmu_unlink_sp(kvm, sp):
     mmu.untrack_possible_nx_huge_page(kvm, sp)
 
 
-def kvm_tdp_mmu_alloc_root(kvm):
-    """The VM's root, initialised by the VM's own cache like a vCPU cache page."""
-    root = KvmMmuPage(mmu_memory_cache_alloc_obj(kvm.root_cache))
-    kvm.stat["tables_allocated"] += 1
-    tdp_mmu_init_sp(kvm, root, None, 0, KvmMmuPageRole(level=kvm.root_level))
-    tdp_account_mmu_page(kvm, root)
-    kvm.root = root
-
-
 # =================================================================================================
 # Bookkeeping: handle_changed_spte / handle_removed_pt (spec §3.7, §3.8)
 # =================================================================================================
@@ -167,7 +164,7 @@ def handle_changed_spte(kvm, gfn, old_spte, new_spte, level, shared):
 
     if not was_present and not is_present:
         # Only MMIO SPTEs and the frozen value may change between non-present values.
-        if (not L.is_mmio_spte(old_spte) and not L.is_mmio_spte(new_spte)
+        if (not is_mmio_spte(kvm, old_spte) and not is_mmio_spte(kvm, new_spte)
                 and not L.is_frozen_spte(new_spte)):
             kvm_warn(kvm, "nonpresent-to-nonpresent")
         return
@@ -297,9 +294,10 @@ def tdp_mmu_iter_set_spte(kvm, it, new_spte):
 # =================================================================================================
 
 
-def tdp_mmu_for_each_pte(kvm, start, end):
-    """Every entry of the VM's root intersecting [start, end), down to 4K."""
-    return for_each_tdp_pte(kvm.pool, kvm.root, start, end)
+def tdp_mmu_for_each_pte(vcpu, start, end):
+    """Every entry of the vCPU's root intersecting [start, end), down to 4K (KVM's macro
+    walks ``mmu->root``)."""
+    return for_each_tdp_pte(vcpu.kvm.pool, vcpu.root, start, end)
 
 
 def tdp_mmu_link_sp(kvm, it, sp):
@@ -331,7 +329,7 @@ def kvm_tdp_mmu_map(vcpu, fault):
     """Walk toward fault.gfn building tables, then install the leaf -> PF result."""
     kvm = vcpu.kvm
     mmu.kvm_mmu_hugepage_adjust(vcpu, fault)
-    for it in tdp_mmu_for_each_pte(kvm, fault.gfn, fault.gfn + 1):
+    for it in tdp_mmu_for_each_pte(vcpu, fault.gfn, fault.gfn + 1):
         if fault.nx_huge_page_workaround_enabled:
             mmu.disallowed_hugepage_adjust(kvm, fault, it.old_spte, it.level)
         # Frozen by another thread: retry without allocating anything.
@@ -367,7 +365,7 @@ def tdp_mmu_map_handle_target_level(vcpu, fault, it):
     ret = PF.FIXED
     wrprot = False
     if fault.slot is None:
-        new_spte = L.make_mmio_spte(it.gfn, ACC_ALL, kvm.mmio_generation)
+        new_spte = make_mmio_spte(kvm, it.gfn, ACC_ALL)
     else:
         wrprot, new_spte = L.make_spte(
             fault.pfn, it.level, ACC_ALL, prefetch=fault.prefetch,
@@ -387,7 +385,7 @@ def tdp_mmu_map_handle_target_level(vcpu, fault, it):
 
     if wrprot and fault.write:
         ret = PF.EMULATE
-    if L.is_mmio_spte(new_spte):
+    if is_mmio_spte(kvm, new_spte):
         # KVM bumps pf_mmio_spte_created even when the SPTE was already there; the
         # contract counts only SPTEs actually installed.
         if installed:
@@ -397,50 +395,34 @@ def tdp_mmu_map_handle_target_level(vcpu, fault, it):
 
 
 # =================================================================================================
-# Zaps (spec §3.10) and walks
+# Zaps (spec §3.10) and walks (whole-root zaps are in tdp_mmu_roots).  Zaps are bounded by
+# host.MAXPHYADDR (tdp_mmu_max_gfn_exclusive): no SPTE exists above kvm_mmu_max_gfn().
 # =================================================================================================
 
 
-def tdp_mmu_zap_leafs(kvm, start, end):
-    """Exclusive: zap present leaves intersecting [start, end).  Returns whether a TLB
-    flush is needed (the only root is always valid); frees no table."""
+def tdp_mmu_max_gfn_exclusive(kvm):
+    return kvm.max_gfn + 1
+
+
+def tdp_mmu_zap_leafs(kvm, root, start, end, flush):
+    """Exclusive: zap present leaves of `root` intersecting [start, end).  Returns whether
+    a TLB flush is needed (never for an invalid root); frees no table."""
+    end = min(end, tdp_mmu_max_gfn_exclusive(kvm))
     nonpresent = kvm.layout.nonpresent_value
-    flush = False
-    for it in tdp_mmu_for_each_pte(kvm, start, end):
+    for it in for_each_tdp_pte(kvm.pool, root, start, end):
         if not is_shadow_present_pte(it.old_spte) or not is_last_spte(it.old_spte, it.level):
             continue
         tdp_mmu_iter_set_spte(kvm, it, nonpresent)
-        flush = True
+        if not root.role.invalid:
+            flush = True
     return flush
 
 
-def _tdp_mmu_zap_root(kvm, root, zap_level):
-    """KVM's __tdp_mmu_zap_root (exclusive): zap present entries at levels <= zap_level
-    that the walk (min level zap_level) reaches.  Returns whether anything was zapped."""
-    nonpresent = kvm.layout.nonpresent_value
-    zapped = False
-    for it in for_each_tdp_pte_min_level(kvm.pool, root, zap_level, 0, kvm.gfn_limit):
-        if not is_shadow_present_pte(it.old_spte):
-            continue
-        if it.level > zap_level:
-            continue
-        tdp_mmu_iter_set_spte(kvm, it, nonpresent)
-        zapped = True
-    return zapped
-
-
-def tdp_mmu_zap_root(kvm, root):
-    """Passes of decreasing granularity, 4K -> 2M -> 1G -> root level, so that no single
-    removal recurses deeply."""
-    zapped = False
-    for zap_level in (PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G, root.role.level):
-        zapped |= _tdp_mmu_zap_root(kvm, root, zap_level)
-    return zapped
-
-
-def kvm_tdp_mmu_zap_all(kvm):
-    """Every table but the root is freed.  Returns whether anything was zapped."""
-    return tdp_mmu_zap_root(kvm, kvm.root)
+def kvm_tdp_mmu_zap_leafs(kvm, start, end, flush):
+    """tdp_mmu_zap_leafs over every valid root."""
+    for root in tdp_mmu_roots.kvm_tdp_mmu_valid_roots(kvm):
+        flush = tdp_mmu_zap_leafs(kvm, root, start, end, flush)
+    return flush
 
 
 def kvm_tdp_mmu_zap_sp(kvm, sp):
@@ -458,19 +440,19 @@ def kvm_tdp_mmu_zap_sp(kvm, sp):
     return True
 
 
-def tdp_mmu_find_sp(kvm, gfn, level):
-    """The kvm_mmu_page of the level-`level` table on gfn's path, or None."""
-    for it in for_each_tdp_pte_min_level(kvm.pool, kvm.root, level + 1, gfn, gfn + 1):
+def tdp_mmu_find_sp(kvm, root, gfn, level):
+    """The kvm_mmu_page of the level-`level` table on gfn's path below `root`, or None."""
+    for it in for_each_tdp_pte_min_level(kvm.pool, root, level + 1, gfn, gfn + 1):
         if it.level == level + 1:
             return spte_to_child_sp(kvm, it.old_spte, it.level)
     return None
 
 
-def tdp_mmu_zap_spte_atomic_at(kvm, gfn, level):
+def tdp_mmu_zap_spte_atomic_at(kvm, root, gfn, level):
     """Shared: the atomic zap of the present entry at `level` on gfn's path; False if that
     entry is not present (or not reached).  A lost CAS is retried on the refreshed value,
     as KVM's callers do ("goto retry")."""
-    for it in for_each_tdp_pte_min_level(kvm.pool, kvm.root, level, gfn, gfn + 1):
+    for it in for_each_tdp_pte_min_level(kvm.pool, root, level, gfn, gfn + 1):
         if it.level != level:
             continue
         while is_shadow_present_pte(it.old_spte):
@@ -480,18 +462,27 @@ def tdp_mmu_zap_spte_atomic_at(kvm, gfn, level):
     return False
 
 
-def kvm_tdp_mmu_get_walk(kvm, gfn):
-    """[(level, spte), ...] from the root down to the first entry that is not a present
+def tdp_mmu_walk(kvm, root, gfn):
+    """[(level, spte), ...] from `root` down to the first entry that is not a present
     non-leaf."""
-    return [(it.level, it.old_spte) for it in tdp_mmu_for_each_pte(kvm, gfn, gfn + 1)]
+    return [(it.level, it.old_spte) for it in for_each_tdp_pte(kvm.pool, root, gfn, gfn + 1)]
 
 
-def kvm_tdp_mmu_fast_pf_get_last_spte(kvm, gfn):
-    """(level, spte) of the last entry on gfn's walk (the fast path's question)."""
-    return kvm_tdp_mmu_get_walk(kvm, gfn)[-1]
+def kvm_tdp_mmu_get_walk(vcpu, gfn):
+    """The walk of gfn from the vCPU's root (get_mmio_spte's question)."""
+    return tdp_mmu_walk(vcpu.kvm, vcpu.root, gfn)
 
 
-def kvm_tdp_mmu_iter_view(kvm, start, end, min_level):
+def kvm_tdp_mmu_fast_pf_get_last_spte(vcpu, gfn):
+    """(sptep, level, spte) of the last entry on gfn's walk from the vCPU's root (the fast
+    path's question; the level is that of the table holding sptep)."""
+    last = None
+    for it in tdp_mmu_for_each_pte(vcpu, gfn, gfn + 1):
+        last = (it.sptep, it.level, it.old_spte)
+    return last
+
+
+def kvm_tdp_mmu_iter_view(kvm, root, start, end, min_level):
     """[(level, gfn, spte), ...]: exactly the entries for_each_tdp_pte_min_level visits."""
     return [(it.level, it.gfn, it.old_spte)
-            for it in for_each_tdp_pte_min_level(kvm.pool, kvm.root, min_level, start, end)]
+            for it in for_each_tdp_pte_min_level(kvm.pool, root, min_level, start, end)]

@@ -77,16 +77,15 @@ cdef int vcpu_fault_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* ac
     RETRY_CHECK RETRYs of one fault: the caller checks for signals (Ctrl-C) before it
     resumes.
 
-    Results are counted once, in the vCPU's stat.faults; ``counts`` (NR_BATCH_COUNTS, by
-    RET_PF_*, then fast) receives what this batch added to them, read per read-side section
-    while the vCPU's mutex keeps every other caller of this vCPU out.
+    ``counts`` (NR_BATCH_COUNTS, by RET_PF_*, then fast) counts every result of
+    kvm_mmu_page_fault, including those of handle_mmio_page_fault that KVM's pf_* stats
+    leave out; "fast" is what this batch added to pf_fast.
     """
     cdef kvm_t* kvm = vcpu.kvm
     cdef kvm_mmu_memory_cache_t* mc = vcpu.mmu_shadow_page_cache
     cdef Py_ssize_t i = done[0], chunk_end
     cdef int r = 0, k
     cdef int64_t retries
-    cdef int64_t before[6]
     cdef int64_t fast_before
     cdef gfn_t gfn
     cdef u64 error_code = 0
@@ -97,7 +96,6 @@ cdef int vcpu_fault_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* ac
         if r < 0:
             pthread_mutex_unlock(&mc.lock)
             break
-        memcpy(before, vcpu.stat.faults, sizeof(before))
         fast_before = vcpu.stat.faults_fast
         while i < chunk_end:
             # Prefetch only when a later fault enters another leaf table (random access).
@@ -115,6 +113,9 @@ cdef int vcpu_fault_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* ac
             retries = 0
             while True:
                 r = kvm_mmu_page_fault(vcpu, gfn, error_code)
+                if r < 0:
+                    break
+                counts[r] += 1              # every result, handle_mmio_page_fault's too
                 if r != RET_PF_RETRY:
                     break
                 retries += 1
@@ -125,8 +126,6 @@ cdef int vcpu_fault_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* ac
             if out != NULL:
                 out[i] = <int8_t>r
             i += 1
-        for k in range(6):
-            counts[k] += vcpu.stat.faults[k] - before[k]
         counts[COUNT_FAST] += vcpu.stat.faults_fast - fast_before
         vcpu_exit(vcpu)
         pthread_mutex_unlock(&mc.lock)

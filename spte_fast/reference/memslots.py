@@ -118,19 +118,23 @@ def host_page_dirty(kvm, pfn):
 
 
 def _check_new_range(kvm, base_gfn, npages, slot_id=None):
-    """The gfn range of a created or moved slot: inside the address width, not above
-    kvm_mmu_max_gfn() (kvm_arch_prepare_memory_region's -EINVAL), and overlapping no other
-    slot (-EEXIST)."""
+    """kvm_set_memory_region's checks of a created or moved slot's gfns: inside the
+    address width and overlapping no other slot (-EEXIST)."""
     end = base_gfn + npages
     if end > kvm.gfn_limit:
         raise ValueError(f"gfn range [{base_gfn:#x}, {end:#x}) exceeds the address width "
                          f"({kvm.gfn_limit:#x})")
-    if end - 1 > kvm.max_gfn:
-        raise ValueError(f"gfn range [{base_gfn:#x}, {end:#x}) exceeds the host's "
-                         f"MAXPHYADDR (max gfn {kvm.max_gfn:#x})")
     for slot in kvm.memslots.values():
         if slot.id != slot_id and base_gfn < slot.base_gfn + slot.npages and slot.base_gfn < end:
             raise ValueError(f"gfn range overlaps memslot {slot.id}")
+
+
+def _check_max_gfn(kvm, base_gfn, npages):
+    """kvm_arch_prepare_memory_region: -EINVAL for a slot ending above kvm_mmu_max_gfn()."""
+    end = base_gfn + npages
+    if end - 1 > kvm.max_gfn:
+        raise ValueError(f"gfn range [{base_gfn:#x}, {end:#x}) exceeds the host's "
+                         f"MAXPHYADDR (max gfn {kvm.max_gfn:#x})")
 
 
 def kvm_create_memslot(kvm, base_gfn, npages, pfn, readonly):
@@ -138,6 +142,7 @@ def kvm_create_memslot(kvm, base_gfn, npages, pfn, readonly):
     when the gfn range is refused, when the host has no such pfns (pfn + npages above
     1 << (host_maxphyaddr - 12)), or when the pfns overlap another slot's."""
     _check_new_range(kvm, base_gfn, npages)
+    _check_max_gfn(kvm, base_gfn, npages)
     host_pfn_limit = 1 << (kvm.host_maxphyaddr - 12)
     if pfn + npages > host_pfn_limit:
         raise ValueError(f"pfn range [{pfn:#x}, {pfn + npages:#x}) exceeds the host's "
@@ -172,10 +177,11 @@ def kvm_delete_memslot(kvm, slot_id):
 
 
 def kvm_move_memslot(kvm, slot_id, new_base_gfn):
-    """KVM_MR_MOVE: the same pages at another gfn range.  Checked as a create (width,
-    max gfn, overlap with the other slots) before anything changes; then invalidate
-    (swap, zap all) and move (swap): +4.  The same base is no change at all (KVM returns
-    0 before any swap)."""
+    """KVM_MR_MOVE: the same pages at another gfn range.  Width and overlap are checked
+    before anything changes; then invalidate (swap, zap all) and move (swap): +4.  The
+    max-gfn check is kvm_prepare_memory_region's, which kvm_set_memslot runs only after
+    the invalidation: a move past it has swapped and zapped, swaps the slot back (+4 in
+    all) and fails.  The same base is no change at all (KVM returns 0 before any swap)."""
     slot = kvm.memslots.get(slot_id)
     if slot is None:
         raise ValueError(f"no memslot {slot_id}")
@@ -183,6 +189,9 @@ def kvm_move_memslot(kvm, slot_id, new_base_gfn):
         return
     _check_new_range(kvm, new_base_gfn, slot.npages, slot_id)
     kvm_invalidate_memslot(kvm, slot)
+    if new_base_gfn + slot.npages - 1 > kvm.max_gfn:
+        kvm_swap_active_memslots(kvm)       # kvm_activate_memslot(invalid -> old)
+        _check_max_gfn(kvm, new_base_gfn, slot.npages)
     slot.base_gfn = new_base_gfn
     kvm_swap_active_memslots(kvm)
 

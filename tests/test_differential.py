@@ -246,6 +246,9 @@ gfns = st.builds(lambda a, d: max(0, a + d), st.sampled_from(ANCHORS), st.sample
 
 vcpu_ids = st.integers(0, 1)
 
+#: error codes an exit handler delivers (PFERR_*: P 1, W 2, U 4, RSVD 8, FETCH 16)
+ERROR_CODES = [0, 2, 4, 16, 1, 1 | 2, 1 | 4, 1 | 16, 8, 1 | 2 | 4 | 8, 4 | 8]
+
 
 INT_DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]
 
@@ -253,12 +256,13 @@ INT_DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uin
 class VmSide:
     """One implementation's Vm and two vCPUs."""
 
-    def __init__(self, mod, kind, nonpresent, root_level, max_level, nx, poisoned, pages):
+    def __init__(self, mod, kind, nonpresent, root_level, max_level, nx, poisoned, pages,
+                 host_maxphyaddr):
         self.mod = mod
         self.layout = make_layout(mod, kind, nonpresent)
         self.vm = mod.Vm(self.layout, root_level=root_level, max_level=max_level,
                          max_pt_pages=pages, nx_huge_pages=nx,
-                         poison=POISON if poisoned else None)
+                         poison=POISON if poisoned else None, host_maxphyaddr=host_maxphyaddr)
         self.vcpus = [self.vm.vcpu(), self.vm.vcpu()]
 
 
@@ -314,10 +318,13 @@ class VmDifferential(RuleBasedStateMachine):
         poisoned=st.booleans(),
         pages=st.integers(16, 64),
         first_slot=st.sampled_from([True, True, True, False]),
+        host_maxphyaddr=st.sampled_from([46, 46, 52, 39]),
     )
-    def setup(self, kind, nonpresent, root_level, max_level, nx, poisoned, pages, first_slot):
+    def setup(self, kind, nonpresent, root_level, max_level, nx, poisoned, pages, first_slot,
+              host_maxphyaddr):
         self.root_level = root_level
-        self.sides = [VmSide(mod, kind, nonpresent, root_level, max_level, nx, poisoned, pages)
+        self.sides = [VmSide(mod, kind, nonpresent, root_level, max_level, nx, poisoned, pages,
+                             host_maxphyaddr)
                       for mod in (self.fast_mod, self.ref_mod)]
         if first_slot:
             # a 1G-aligned slot over [0, 2G), so that huge pages happen
@@ -347,6 +354,62 @@ class VmDifferential(RuleBasedStateMachine):
         gfn = base + min(max(offset, 0), npages - 1)
         self.touch(gfn)
         self.both("fault", lambda s: s.vcpus[v].fault(gfn, write=write, exec=exec_))
+
+    @rule(v=vcpu_ids, gfn=gfns, ec=st.sampled_from(ERROR_CODES))
+    def fault_error_code(self, v, gfn, ec):
+        """An exit as a VMX/SVM handler delivers it (mmu.c kvm_mmu_page_fault)."""
+        self.touch(gfn)
+        self.both("fault", lambda s: s.vcpus[v].fault(gfn, error_code=ec))
+
+    @rule(v=vcpu_ids, gfn=gfns, kind=st.integers(0, 2))
+    def access(self, v, gfn, kind):
+        self.touch(gfn)
+        self.both("access", lambda s: s.vcpus[v].access(gfn, write=kind == 1, exec=kind == 2))
+
+    @precondition(lambda self: self.sides is not None and self.sides[1].vm.memslots)
+    @rule(v=vcpu_ids, data=st.data(), kind=st.integers(0, 2))
+    def access_in_slot(self, v, data, kind):
+        _sid, base, npages, _pfn, _ro = data.draw(st.sampled_from(self.sides[1].vm.memslots))
+        gfn = base + min(data.draw(st.sampled_from([0, 1, 512, npages // 2])), npages - 1)
+        self.touch(gfn)
+        self.both("access", lambda s: s.vcpus[v].access(gfn, write=kind == 1, exec=kind == 2))
+
+    @rule(v=vcpu_ids, batch=st.lists(st.tuples(gfns, st.integers(0, 2)), max_size=8),
+          with_access=st.booleans(), with_out=st.booleans())
+    def access_batch(self, v, batch, with_access, with_out):
+        for g, _ in batch:
+            self.touch(g)
+        outs = []
+
+        def call(s):
+            g = np.array([x for x, _ in batch], dtype=np.uint64)
+            acc = np.array([a for _, a in batch], dtype=np.uint8) if with_access else None
+            out = np.full(len(batch), -1, dtype=np.int8) if with_out else None
+            outs.append(out)
+            return s.vcpus[v].access_batch(g, acc, out)
+
+        self.both("access_batch", call)
+        if with_out:
+            assert outs[0].tolist() == outs[1].tolist()
+
+    @rule(v=vcpu_ids, batch=st.lists(st.tuples(gfns, st.sampled_from(ERROR_CODES)), max_size=6))
+    def fault_batch_error_codes(self, v, batch):
+        """RSVD faults on a gfn without an MMIO SPTE would retry for ever: left out."""
+        batch = [(g, e) for g, e in batch if not e & 8]
+        for g, _ in batch:
+            self.touch(g)
+        self.both("fault_batch", lambda s: s.vcpus[v].fault_batch(
+            np.array([g for g, _ in batch], dtype=np.uint64),
+            error_codes=np.array([e for _, e in batch], dtype=np.uint32)))
+
+    @rule()
+    def zap_all_fast(self):
+        self.both("zap_all_fast", lambda s: s.vm.zap_all_fast())
+
+    @rule(data=st.data(), to=st.sampled_from(ANCHORS[:8] + [PAGES_2M + 1, 7 * PAGES_1G]))
+    def move_memslot(self, data, to):
+        sid = data.draw(st.sampled_from(self.slot_ids)) if self.slot_ids else 0
+        self.both("move_memslot", lambda s: s.vm.move_memslot(sid, to))
 
     @rule(v=vcpu_ids, batch=st.lists(st.tuples(gfns, st.integers(0, 3)), max_size=8),
           dtype=st.sampled_from(INT_DTYPES), with_access=st.booleans(), with_out=st.booleans(),
@@ -434,6 +497,9 @@ class VmDifferential(RuleBasedStateMachine):
         assert fv.memslots == rv.memslots
         assert fv.mmio_generation == rv.mmio_generation
         assert fv.root == rv.root
+        assert fv.roots == rv.roots
+        assert [c.root for c in fast.vcpus] == [c.root for c in ref.vcpus]
+        assert [c.stats for c in fast.vcpus] == [c.stats for c in ref.vcpus]
         # The whole tree as the iterator visits it (tdp_iter.c's pre-order), then each walk.
         assert fv.tdp_iter(0, fv.gfn_limit) == rv.tdp_iter(0, rv.gfn_limit)
         for g in sorted(self.touched):

@@ -120,7 +120,7 @@ def cmd_simulate(args):
         layout=args.layout, root_level=args.root_level,
         max_level=MAX_LEVELS[args.max_level] if args.max_level else None, vcpus=args.vcpus,
         zap_every=args.zap_every, zap_all_every=args.zap_all_every, seed=args.seed,
-        chunk=args.chunk)
+        chunk=args.chunk, mode=args.mode)
     if args.trace:
         _check_input(args.trace)
         source = _workloads.trace_source(args.trace, args.root_level, faults=args.faults,
@@ -228,6 +228,10 @@ def build_parser():
     s.add_argument("--guest-size", type=parse_size, metavar="SIZE",
                    help="guest RAM, e.g. 4G (default: 4G, 64G for huge, a trace's highest "
                         "page rounded up to 2M)")
+    s.add_argument("--mode", choices=list(_engine.MODES), default="access",
+                   help="access (default): each record is an access of the CPU, which hits "
+                        "or exits to KVM (Vcpu.access_batch); fault: each record is a "
+                        "not-present fault (Vcpu.fault_batch)")
     s.add_argument("--layout", choices=list(LAYOUTS), default="ept",
                    help="SPTE layout (default ept; see below)")
     s.add_argument("--root-level", type=int, choices=(4, 5), default=4,

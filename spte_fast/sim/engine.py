@@ -1,16 +1,20 @@
-"""Run a configured simulation: a source of accesses -> fault batches -> stats.
+"""Run a configured simulation: a source of accesses -> the vCPU's hardware view -> stats.
 
 ``run(SimConfig(...), source)`` builds a new ``Vm`` sized for the source, adds its memslots,
-faults the source's chunks through ``Vcpu.fault_batch`` (split between ``vcpus`` threads,
-each with its own ``Vcpu``), interleaves the periodic zaps between fault segments, audits
-the model and returns a ``SimResult``.  Sources come from ``spte_fast.sim.workloads``
-(``workload(...)``, ``trace_source(...)``).  Python runs per segment, never per fault.
+runs the source's chunks through ``Vcpu.access_batch`` (split between ``vcpus`` threads,
+each with its own ``Vcpu``): each record is an access the CPU makes, which either hits (the
+page walk finds a permitting leaf and sets A/D) or exits to KVM (an EPT violation or
+misconfiguration, handled by ``kvm_mmu_page_fault``).  ``mode="fault"`` delivers every
+record as a not-present fault instead (``Vcpu.fault_batch``, the model before the hardware
+view).  The periodic zaps run between segments; then the model is audited and a
+``SimResult`` returned.  Sources come from ``spte_fast.sim.workloads`` (``workload(...)``,
+``trace_source(...)``).  Python runs per segment, never per access.
 
 Example::
 
     from spte_fast.sim import SimConfig, run, workload
     res = run(SimConfig(zap_every=10_000), workload("seq", 100_000, 16 << 20))
-    res.results["fixed"], res.stats["pages_4k"], res.samples[-1].faults
+    res.results["hits"], res.results["fixed"], res.stats["pages_4k"]
     res.to_dict()            # the document ``spte-fast simulate --json`` prints
 """
 import concurrent.futures
@@ -42,6 +46,10 @@ LAYOUTS = {
                lambda: sf.SpteLayout.ept(ad=True, nonpresent_value=0)),
 }
 MAX_LEVELS = {"4k": sf.PG_LEVEL_4K, "2m": sf.PG_LEVEL_2M, "1g": sf.PG_LEVEL_1G}
+MODES = {"access": "each record is an access of the CPU: a hit, or an exit to KVM",
+         "fault": "each record is delivered to KVM as a not-present fault"}
+#: the hardware view's counters of vm.stats a result reports
+HW_STATS = ("hw_walks", "hw_ad_sets", "exits_ept_violation", "exits_misconfig")
 LEVEL_NAMES = {v: k for k, v in MAX_LEVELS.items()}
 
 
@@ -55,7 +63,8 @@ class SimConfig:
     zap_every: int = None            # zap a random 2M-aligned range every N faults
     zap_all_every: int = None        # zap_all every N faults
     seed: int = 0                    # the zaps' random ranges (a workload has its own seed)
-    chunk: int = DEFAULT_CHUNK       # faults per source chunk (one sample each)
+    chunk: int = DEFAULT_CHUNK       # records per source chunk (one sample each)
+    mode: str = "access"             # a key of MODES
 
     def __post_init__(self):
         def count(name, value, low=1, high=None, optional=False):
@@ -65,6 +74,8 @@ class SimConfig:
                     or (high is not None and value > high)):
                 raise InputError(f"{name} must be an int in [{low}, {high or 'inf'}], "
                                  f"not {value!r}")
+        if self.mode not in MODES:
+            raise InputError(f"unknown mode {self.mode!r} (one of {', '.join(MODES)})")
         if self.layout not in LAYOUTS:
             raise InputError(f"unknown layout {self.layout!r} (one of {', '.join(LAYOUTS)})")
         if self.root_level not in (4, 5):
@@ -87,14 +98,17 @@ class SimConfig:
 @dataclass
 class Sample:
     """The state after one source chunk."""
-    faults: int                      # faults done so far
+    faults: int                      # faults (exits handled by KVM) so far
     seconds: float                   # since the run started
-    faults_per_s: float              # of this chunk, in the fault path alone
+    faults_per_s: float              # of this chunk, in the batch calls alone
     pt_pages: tuple                  # tables per level, L1 first (pt_pages_l1, ...)
+    accesses: int = 0                # records done so far
+    accesses_per_s: float = 0.0      # of this chunk, in the batch calls alone
 
     def to_dict(self):
-        return {"faults": self.faults, "seconds": self.seconds,
-                "faults_per_s": self.faults_per_s, "pt_pages": list(self.pt_pages)}
+        return {"accesses": self.accesses, "faults": self.faults, "seconds": self.seconds,
+                "accesses_per_s": self.accesses_per_s, "faults_per_s": self.faults_per_s,
+                "pt_pages": list(self.pt_pages)}
 
 
 @dataclass
@@ -104,10 +118,11 @@ class SimResult:
     source: dict                     # what ran: source/workload, trace details, memslots
     nonpresent_value: int            # of the layout
     max_pt_pages: int                # the page pool the VM got
-    faults: int                      # faults done
-    results: dict                    # fixed, spurious, emulate, retry (summed over vCPUs)
-    elapsed_s: float                 # wall time of the fault loop, zaps included
-    fault_s: float                   # in fault_batch
+    faults: int                      # faults: exits KVM handled (mode fault: every record)
+    results: dict                    # hits (mode access), fixed, spurious, emulate, retry,
+                                     # fast: summed over vCPUs
+    elapsed_s: float                 # wall time of the loop, zaps included
+    fault_s: float                   # in access_batch / fault_batch
     zap_s: float                     # in zaps
     faults_per_s: float              # faults / fault_s
     overall_faults_per_s: float      # faults / elapsed_s
@@ -115,6 +130,14 @@ class SimResult:
     stats: dict                      # vm.stats at the end
     audit: str                       # "passed" (a failed audit raises AuditFailed)
     samples: list                    # [Sample], one per source chunk
+    accesses: int = 0                # records run
+    accesses_per_s: float = 0.0      # accesses / fault_s
+    overall_accesses_per_s: float = 0.0
+
+    @property
+    def hardware(self):
+        """The hardware view's counters: walks, A/D sets, exits by reason."""
+        return {k: self.stats.get(k, 0) for k in HW_STATS}
 
     def to_dict(self):
         """A JSON-ready dict: configuration, counts, rates, zaps, stats, audit, samples."""
@@ -126,8 +149,13 @@ class SimResult:
                 "root_level": c.root_level, "max_level": LEVEL_NAMES[c.max_level],
                 "vcpus": c.vcpus, "zap_every": c.zap_every, "zap_all_every": c.zap_all_every,
                 "seed": c.seed, "chunk": c.chunk, "max_pt_pages": self.max_pt_pages,
+                "mode": c.mode,
             },
+            "accesses": self.accesses,
             "faults": self.faults,
+            "hardware": self.hardware,
+            "accesses_per_s": self.accesses_per_s,
+            "overall_accesses_per_s": self.overall_accesses_per_s,
             "results": dict(self.results),
             "elapsed_s": self.elapsed_s,
             "fault_s": self.fault_s,
@@ -160,13 +188,23 @@ def check(config, source):
                          f"({format_bytes(config.gfn_limit << 12)})")
 
 
-def _fault_parallel(executor, vcpus, gfns, access):
-    """Split one segment between the vCPUs (contiguous slices), fault them concurrently."""
+def hw_access_codes(access):
+    """A source's access bits (bit 0 write, bit 1 instruction fetch) as access_batch's
+    kinds (0 read, 1 write, 2 fetch; a fetch is never a write)."""
+    if access is None:
+        return None
+    return np.where(access & 2, np.uint8(2), access & np.uint8(1)).astype(np.uint8)
+
+
+def _run_parallel(executor, vcpus, mode, gfns, access):
+    """Split one segment between the vCPUs (contiguous slices), run them concurrently."""
+    def batch(v):
+        return v.access_batch if mode == "access" else v.fault_batch
     if executor is None:
-        return [vcpus[0].fault_batch(gfns, access)]
+        return [batch(vcpus[0])(gfns, access)]
     n, k = gfns.size, len(vcpus)
     edges = [n * i // k for i in range(k + 1)]
-    futures = [executor.submit(v.fault_batch, gfns[a:b], None if access is None else access[a:b])
+    futures = [executor.submit(batch(v), gfns[a:b], None if access is None else access[a:b])
                for v, a, b in zip(vcpus, edges, edges[1:]) if b > a]
     return [f.result() for f in futures]
 
@@ -208,20 +246,24 @@ def _run(config, source, progress):
     zap_rng = np.random.default_rng(np.random.SeedSequence(c.seed).spawn(2)[1])
     periods = [p for p in (c.zap_every, c.zap_all_every) if p]
     zap_regions = max(1, -(-source.guest_pages // PAGES_2M))
-    results = {"fixed": 0, "spurious": 0, "emulate": 0, "retry": 0}
+    results = ({"hits": 0} if c.mode == "access" else {})
+    results.update({"fixed": 0, "spurious": 0, "emulate": 0, "retry": 0, "fast": 0})
     zaps = {"gfn_range": 0, "gfn_range_flushed": 0, "all": 0, "all_flushed": 0}
     samples, done, fault_s, zap_s = [], 0, 0.0, 0.0
     t_start = time.perf_counter()
     with (concurrent.futures.ThreadPoolExecutor(c.vcpus, thread_name_prefix="vcpu")
           if c.vcpus > 1 else contextlib.nullcontext()) as executor:
         for gfns, access in source.chunks(c.chunk):
+            if c.mode == "access":
+                access = hw_access_codes(access)
             chunk_fault_s, pos = 0.0, 0
+            exits_before = _exits(results)
             while pos < gfns.size:
                 # Segments end where a zap is due.
                 end = min([gfns.size] + [(done + pos) // p * p + p - done for p in periods])
                 t0 = time.perf_counter()
-                for r in _fault_parallel(executor, cpus, gfns[pos:end],
-                                         None if access is None else access[pos:end]):
+                for r in _run_parallel(executor, cpus, c.mode, gfns[pos:end],
+                                       None if access is None else access[pos:end]):
                     for k in results:
                         results[k] += r[k]
                 chunk_fault_s += time.perf_counter() - t0
@@ -240,18 +282,29 @@ def _run(config, source, progress):
             done += gfns.size
             fault_s += chunk_fault_s
             st = vm.stats
+            chunk_faults = _exits(results) - exits_before
             samples.append(Sample(
-                faults=done, seconds=time.perf_counter() - t_start,
-                faults_per_s=gfns.size / chunk_fault_s if chunk_fault_s else 0.0,
-                pt_pages=tuple(st[f"pt_pages_l{lvl}"] for lvl in range(1, c.root_level + 1))))
+                faults=_exits(results), seconds=time.perf_counter() - t_start,
+                faults_per_s=chunk_faults / chunk_fault_s if chunk_fault_s else 0.0,
+                pt_pages=tuple(st[f"pt_pages_l{lvl}"] for lvl in range(1, c.root_level + 1)),
+                accesses=done,
+                accesses_per_s=gfns.size / chunk_fault_s if chunk_fault_s else 0.0))
     elapsed = time.perf_counter() - t_start
     try:
         vm.audit()
     except sf.AuditError as e:
         raise AuditFailed(f"audit failed ({e.invariant}): {e}", e.invariant) from e
+    faults = _exits(results)
     return SimResult(
         config=c, source=describe(source), nonpresent_value=vm.layout.nonpresent_value,
-        max_pt_pages=pt_pages, faults=done, results=results, elapsed_s=elapsed,
-        fault_s=fault_s, zap_s=zap_s, faults_per_s=done / fault_s if fault_s else 0.0,
-        overall_faults_per_s=done / elapsed if elapsed else 0.0, zaps=zaps, stats=vm.stats,
-        audit="passed", samples=samples)
+        max_pt_pages=pt_pages, faults=faults, results=results, elapsed_s=elapsed,
+        fault_s=fault_s, zap_s=zap_s, faults_per_s=faults / fault_s if fault_s else 0.0,
+        overall_faults_per_s=faults / elapsed if elapsed else 0.0, zaps=zaps, stats=vm.stats,
+        audit="passed", samples=samples, accesses=done,
+        accesses_per_s=done / fault_s if fault_s else 0.0,
+        overall_accesses_per_s=done / elapsed if elapsed else 0.0)
+
+
+def _exits(results):
+    """The faults KVM handled: every result of kvm_mmu_page_fault (hits are not faults)."""
+    return sum(v for k, v in results.items() if k not in ("hits", "fast"))

@@ -22,12 +22,27 @@ def summary(result, title=TITLE):
     res = result.to_dict()
     c, st, r, z = res["config"], res["stats"], res["results"], res["zaps"]
     what = f"trace {c['trace']}" if c["source"] == "trace" else f"{c['workload']} workload"
-    rows = [
-        ("throughput", f"{res['faults_per_s'] / 1e6:.2f} M faults/s in the fault path "
-                       f"({res['fault_s']:.3f} s); {res['overall_faults_per_s'] / 1e6:.2f} M/s "
-                       f"overall ({res['elapsed_s']:.3f} s wall)"),
-        ("results", f"fixed {r['fixed']:,}   spurious {r['spurious']:,}   "
-                    f"emulate {r['emulate']:,}   retries {r['retry']:,}"),
+    hw = res["hardware"]
+    if c["mode"] == "access":
+        rows = [
+            ("throughput", f"{res['accesses_per_s'] / 1e6:.2f} M accesses/s and "
+                           f"{res['faults_per_s'] / 1e6:.2f} M faults/s in the batch calls "
+                           f"({res['fault_s']:.3f} s); {res['overall_accesses_per_s'] / 1e6:.2f}"
+                           f" M accesses/s overall ({res['elapsed_s']:.3f} s wall)"),
+            ("accesses", f"{res['accesses']:,}   hardware hits {r['hits']:,}   page walks "
+                         f"{hw['hw_walks']:,}   A/D bits set by the CPU {hw['hw_ad_sets']:,}"),
+            ("exits", f"EPT violation / #NPF {hw['exits_ept_violation']:,}   "
+                      f"misconfiguration / RSVD {hw['exits_misconfig']:,}"),
+        ]
+    else:
+        rows = [
+            ("throughput", f"{res['faults_per_s'] / 1e6:.2f} M faults/s in the fault path "
+                           f"({res['fault_s']:.3f} s); {res['overall_faults_per_s'] / 1e6:.2f} "
+                           f"M/s overall ({res['elapsed_s']:.3f} s wall)"),
+        ]
+    rows += [
+        ("faults", f"fixed {r['fixed']:,}   fast {r['fast']:,}   spurious {r['spurious']:,}   "
+                   f"emulate {r['emulate']:,}   retries {r['retry']:,}"),
         ("leaves", f"4K {st['pages_4k']:,}   2M {st['pages_2m']:,}   1G {st['pages_1g']:,}   "
                    f"MMIO SPTEs created {st['mmio_sptes_created']:,}"),
     ]
@@ -47,7 +62,9 @@ def summary(result, title=TITLE):
                  f"zap_all {z['all']:,} ({z['all_flushed']:,} flushed)"),
         ("audit", res["audit"]),
     ]
-    head = (f"{title}: {what}, {res['faults']:,} faults, "
+    count = (f"{res['accesses']:,} accesses" if c["mode"] == "access"
+             else f"{res['faults']:,} faults")
+    head = (f"{title}: {what}, {count}, "
             f"{format_bytes(c['guest_bytes'])} guest in {len(c['memslots'])} memslot(s)\n"
             f"layout {c['layout']} (non-present {c['nonpresent_value']}), {c['root_level']}-level "
             f"root, max level {c['max_level'].upper()}, {c['vcpus']} vCPU(s), seed {c['seed']}\n")
@@ -72,9 +89,13 @@ def plot(result, path):
     top.set_yscale("symlog")
     top.set_ylabel("page-table pages")
     top.legend(loc="lower right", ncol=5, fontsize="small")
-    bottom.plot(x, [p.faults_per_s / 1e6 for p in s], marker=".")
-    bottom.set_ylabel("M faults/s (per chunk)")
-    bottom.set_xlabel("faults")
+    x = [p.accesses for p in s]
+    if c.mode == "access":
+        bottom.plot(x, [p.accesses_per_s / 1e6 for p in s], marker=".", label="accesses")
+    bottom.plot(x, [p.faults_per_s / 1e6 for p in s], marker=".", label="faults")
+    bottom.set_ylabel("M/s (per chunk)")
+    bottom.set_xlabel("records")
+    bottom.legend(loc="lower right", fontsize="small")
     bottom.set_ylim(bottom=0)
     level = {1: "4K", 2: "2M", 3: "1G"}[c.max_level]
     fig.suptitle(f"spte-fast: {result.source['workload']} ({c.layout}, {c.root_level}-level, "

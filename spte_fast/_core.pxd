@@ -15,6 +15,8 @@ from cpython.mem cimport PyMem_RawCalloc, PyMem_RawFree, PyMem_RawMalloc
 from libc.stdint cimport int8_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
+from posix.mman cimport (MADV_NOHUGEPAGE, MAP_ANONYMOUS, MAP_FAILED, MAP_NORESERVE,
+                         MAP_PRIVATE, PROT_READ, PROT_WRITE, madvise, mmap, munmap)
 
 cimport numpy as cnp
 
@@ -29,6 +31,7 @@ cdef extern from "spte_atomic.h":
     u64 spte_fetch_or_seq_cst(u64 *p, u64 m) noexcept nogil
     u64 spte_fetch_and_seq_cst(u64 *p, u64 m) noexcept nogil
     void u8_or_relaxed(uint8_t *p, uint8_t m) noexcept nogil
+    void u64_or_relaxed(u64 *p, u64 m) noexcept nogil
     void i64_add_relaxed(int64_t *p, int64_t v) noexcept nogil
     int64_t i64_load_relaxed(const int64_t *p) noexcept nogil
     bint i64_dec_if_positive_relaxed(int64_t *p) noexcept nogil
@@ -91,6 +94,7 @@ cdef enum:
     KVM_ADDRESS_SPACE_NUM = 2        # kvm_arch_nr_memslot_as_ids: SMM (generations step by 2)
     HOST_ACCESSED = 1                # host page flags (struct page's accessed / dirty)
     HOST_DIRTY = 2
+    HOST_FLAGS_CHUNK_SHIFT = 12      # pages per bit of a slot's host_flags_touched
 
 # Warning reasons, in the order of spte_fast.errors.WARN_REASONS (mmu first, then the cache).
 cdef enum:
@@ -192,6 +196,8 @@ ctypedef struct kvm_memory_slot_t:
     uint32_t flags                  # KVM_MEM_*
     int id
     uint8_t* host_flags             # per page: HOST_ACCESSED | HOST_DIRTY (owned by the slot)
+    u64* host_flags_touched         # one bit per HOST_FLAGS_CHUNK pages whose flags were set:
+                                    # a delete reads only those (owned by the slot)
 
 
 # ---------------------------------------------------------------------------

@@ -43,6 +43,28 @@ cdef object _host_flags_array(uint8_t* flags, u64 npages):
     return cnp.PyArray_SimpleNewFromData(1, dims, cnp.NPY_UINT8, flags)
 
 
+cdef inline u64 _touched_words(u64 npages) noexcept nogil:
+    return (((npages - 1) >> HOST_FLAGS_CHUNK_SHIFT) >> 6) + 1
+
+
+cdef object _touched_array(kvm_memory_slot_t* s):
+    """The slot's host_flags_touched bitmap as a numpy uint64 view."""
+    cdef cnp.npy_intp dims[1]
+    dims[0] = <cnp.npy_intp>_touched_words(s.npages)
+    return cnp.PyArray_SimpleNewFromData(1, dims, cnp.NPY_UINT64, s.host_flags_touched)
+
+
+cdef object _set_host_flags_of_slot(kvm_memory_slot_t* s):
+    """(page offsets, flags) of the slot's pages whose host flags are set, reading only the
+    chunks marked touched: the cost follows what was touched, not the slot's size."""
+    flags = _host_flags_array(s.host_flags, s.npages)
+    bits = np.unpackbits(_touched_array(s).view(np.uint8), bitorder="little")
+    offsets = [np.flatnonzero(flags[c << HOST_FLAGS_CHUNK_SHIFT:(c + 1) << HOST_FLAGS_CHUNK_SHIFT])
+               + (c << HOST_FLAGS_CHUNK_SHIFT) for c in np.flatnonzero(bits).tolist()]
+    marked = np.concatenate(offsets) if offsets else np.empty(0, dtype=np.intp)
+    return marked, flags[marked]
+
+
 ctypedef struct vm_counters_t:
     mmu_stats_t st                      # the VM's own context plus every vCPU's
     cache_init_stats_t init             # every vCPU cache
@@ -171,7 +193,8 @@ cdef class Vm:
     def __dealloc__(self):
         cdef int i
         for i in range(self.kvm.nslots):
-            PyMem_RawFree(self.kvm.slots[i].host_flags)
+            host_flags_free(self.kvm.slots[i].host_flags, self.kvm.slots[i].npages)
+            PyMem_RawFree(self.kvm.slots[i].host_flags_touched)
         PyMem_RawFree(self.kvm.slots)
         free(self.kvm.rcu_pending)
         free(self.kvm.rcu_pending_seq)
@@ -339,6 +362,7 @@ cdef class Vm:
         cdef kvm_memory_slot_t* slots
         cdef int i, at, nslots = self.kvm.nslots
         cdef uint8_t* flags
+        cdef u64* touched
         cdef u64 host_pfns = (<u64>1) << (self.kvm.host_phys_bits - 12)
         self._check_slot_range(base, n, -1)
         if p >= host_pfns or n > host_pfns - p:
@@ -349,10 +373,12 @@ cdef class Vm:
             if p < s.pfn + s.npages and s.pfn < p + n:
                 raise ValueError(f"pfns [{p:#x}, {p + n:#x}) overlap those of slot {s.id}")
         self._check_max_gfn(base, n)
-        flags = <uint8_t*>PyMem_RawCalloc(n, 1)     # calloc: untouched pages cost nothing
+        flags = host_flags_alloc(n)                 # untouched pages cost nothing
+        touched = <u64*>PyMem_RawCalloc(_touched_words(n), sizeof(u64))
         slots = <kvm_memory_slot_t*>PyMem_RawMalloc((nslots + 1) * sizeof(kvm_memory_slot_t))
-        if flags == NULL or slots == NULL:
-            PyMem_RawFree(flags)
+        if flags == NULL or slots == NULL or touched == NULL:
+            host_flags_free(flags, n)
+            PyMem_RawFree(touched)
             PyMem_RawFree(slots)
             raise MemoryError(f"host page flags of a {n}-page memslot")
         # Accessed/dirty are flags of host pages (struct page in KVM), not of memslots: a
@@ -361,8 +387,13 @@ cdef class Vm:
         rp = self._retired_pfns
         lo, hi = np.searchsorted(rp, np.array([p, p + n], dtype=np.uint64))
         if lo < hi:
-            _host_flags_array(flags, n)[(rp[lo:hi] - np.uint64(p)).astype(np.intp)] = \
-                self._retired_bits[lo:hi]
+            offs = (rp[lo:hi] - np.uint64(p)).astype(np.intp)
+            _host_flags_array(flags, n)[offs] = self._retired_bits[lo:hi]
+            chunks = np.unique(offs >> HOST_FLAGS_CHUNK_SHIFT)
+            words = np.zeros(_touched_words(n), dtype=np.uint64)
+            np.bitwise_or.at(words, chunks >> 6,
+                             np.left_shift(np.uint64(1), (chunks & 63).astype(np.uint64)))
+            memcpy(touched, cnp.PyArray_DATA(<cnp.ndarray>words), _touched_words(n) * sizeof(u64))
             self._retired_pfns = np.concatenate((rp[:lo], rp[hi:]))
             self._retired_bits = np.concatenate((self._retired_bits[:lo], self._retired_bits[hi:]))
         at = 0
@@ -377,6 +408,7 @@ cdef class Vm:
         s.flags = KVM_MEM_READONLY if readonly else 0
         s.id = self._next_slot_id
         s.host_flags = flags
+        s.host_flags_touched = touched
         self._next_slot_id += 1
         self._swap_memslots(slots, nslots + 1, -1, -1)     # kvm_create_memslot
         return self._next_slot_id - 1
@@ -424,16 +456,16 @@ cdef class Vm:
         memcpy(slots + at, self.kvm.slots + at + 1, (nslots - at - 1) * sizeof(kvm_memory_slot_t))
         self._swap_memslots(slots, nslots - 1, -1, -1)     # kvm_delete_memslot
         # Keep the host page flags that are set (no live or retired entry covers these pfns).
-        flags = _host_flags_array(gone.host_flags, gone.npages)
-        marked = np.flatnonzero(flags)
+        marked, bits = _set_host_flags_of_slot(&gone)
         at_r = np.searchsorted(self._retired_pfns, np.uint64(gone.pfn))
         self._retired_pfns = np.concatenate((self._retired_pfns[:at_r],
                                              marked.astype(np.uint64) + np.uint64(gone.pfn),
                                              self._retired_pfns[at_r:]))
-        self._retired_bits = np.concatenate((self._retired_bits[:at_r], flags[marked],
+        self._retired_bits = np.concatenate((self._retired_bits[:at_r], bits,
                                              self._retired_bits[at_r:]))
-        del flags
-        PyMem_RawFree(gone.host_flags)
+        del bits
+        host_flags_free(gone.host_flags, gone.npages)
+        PyMem_RawFree(gone.host_flags_touched)
         self._raise_fatal()
         return 0
 

@@ -6,6 +6,23 @@
 # mmu_lock for write.  Accessed/dirty are flags of host pages (struct page), which the
 # slot backing a pfn keeps one byte each of; they only ever get set here.
 
+cdef uint8_t* host_flags_alloc(u64 npages) noexcept nogil:
+    """A slot's host page flags: address space only (MAP_NORESERVE, no huge pages), so a
+    page of flags takes memory when a flag in it is first set, and a 2**35-page slot can
+    exist at all.  NULL if the host refuses the mapping."""
+    cdef void* p = mmap(NULL, <size_t>npages, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+    if p == MAP_FAILED:
+        return NULL
+    madvise(p, <size_t>npages, MADV_NOHUGEPAGE)    # one touched byte = one 4 KiB page
+    return <uint8_t*>p
+
+
+cdef void host_flags_free(uint8_t* flags, u64 npages) noexcept nogil:
+    if flags != NULL:
+        munmap(flags, <size_t>npages)
+
+
 cdef inline bint memslot_has_gfn(const kvm_memory_slot_t* s, gfn_t gfn) noexcept nogil:
     return gfn >= s.base_gfn and gfn - s.base_gfn < s.npages
 
@@ -48,10 +65,13 @@ cdef kvm_memory_slot_t* _memslot_for_pfn(kvm_t* kvm, pfn_t pfn) noexcept nogil:
 cdef inline void _set_host_page_flag(kvm_t* kvm, pfn_t pfn, uint8_t flag) noexcept nogil:
     cdef kvm_memory_slot_t* s = _memslot_for_pfn(kvm, pfn)
     cdef uint8_t* f
+    cdef u64 chunk
     if s != NULL:
         f = &s.host_flags[pfn - s.pfn]
         if not (f[0] & flag):          # flags only ever get set: skip the locked op
             u8_or_relaxed(f, flag)
+            chunk = (pfn - s.pfn) >> HOST_FLAGS_CHUNK_SHIFT
+            u64_or_relaxed(&s.host_flags_touched[chunk >> 6], (<u64>1) << (chunk & 63))
 
 
 cdef inline void kvm_set_pfn_dirty(kvm_t* kvm, pfn_t pfn) noexcept nogil:

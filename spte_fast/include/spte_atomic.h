@@ -21,6 +21,7 @@ static inline uint64_t spte_fetch_and_seq_cst(uint64_t *p, uint64_t m) { return 
 
 /* Counters and flags shared between vCPU threads: no ordering needed, only atomicity. */
 static inline void u8_or_relaxed(uint8_t *p, uint8_t m) { __atomic_fetch_or(p, m, __ATOMIC_RELAXED); }
+static inline void u64_or_relaxed(uint64_t *p, uint64_t m) { __atomic_fetch_or(p, m, __ATOMIC_RELAXED); }
 static inline void i64_add_relaxed(int64_t *p, int64_t v) { __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 static inline int64_t i64_load_relaxed(const int64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
 static inline int i64_dec_if_positive_relaxed(int64_t *p) {   /* 1 if it was positive */

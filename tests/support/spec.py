@@ -63,6 +63,14 @@ API_CONSTANTS = {
     "MMIO_SPTE_GEN_HIGH_START": 52,
     "MMIO_SPTE_GEN_HIGH_END": 62,
     "NPT_MMIO_VALUE": (1 << 51) | 1,
+    # issue 10 contract "Constants": KVM's page-fault error code bits
+    # (arch/x86/include/asm/kvm_host.h PFERR_*_BIT) and the per-access code of a hit
+    "PFERR_PRESENT_MASK": 1 << 0,
+    "PFERR_WRITE_MASK": 1 << 1,
+    "PFERR_USER_MASK": 1 << 2,
+    "PFERR_RSVD_MASK": 1 << 3,
+    "PFERR_FETCH_MASK": 1 << 4,
+    "ACCESS_HIT": 0,
 }
 
 

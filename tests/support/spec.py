@@ -107,3 +107,21 @@ def is_present(spte):
 def is_leaf(spte, level):
     """is_last_spte on a present SPTE (spec §2.1: level 1 or bit 7)."""
     return is_present(spte) and (level == 1 or bool(spte & BIT_PS))
+
+
+def ad_fault_counts(gfns):
+    """(fixed, spurious) of delivering every gfn of a sequence as a not-present fault
+    (``fault``/``fault_batch``) to a VM whose layout has A/D bits, all gfns in writable RAM,
+    nothing zapped: the first fault of a page installs a writable, dirty leaf (make_spte
+    sets D with ACC_WRITE); the second is no fast-path candidate (6.10 mmu.c
+    page_fault_can_be_fast: !PRESENT only without A/D) and make_spte with the writable old
+    SPTE skips D (spte.c: ``if (is_writable_pte(old_spte)) goto out``): FIXED again; from
+    the third on the same SPTE is built: RET_PF_SPURIOUS."""
+    import numpy as np
+
+    gfns = np.asarray(gfns)
+    if gfns.size == 0:
+        return 0, 0
+    counts = np.unique(gfns, return_counts=True)[1]
+    fixed = int(counts.size + (counts >= 2).sum())
+    return fixed, int(gfns.size) - fixed

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from support.layouts import load_root, make_vm, vm_4k
+from support.layouts import leaf_spte, load_root, make_vm, vm_4k
 from support.snapshots import assert_same_snapshot, snapshot
 from support.spec import MMIO_GEN_MASK, NP63, PF_EMULATE, PF_FIXED, PFN0, gfn_width
 
@@ -272,4 +272,114 @@ def test_mmio_generation_wrap_zaps_every_spte(impl):
     # the vCPU's next entry loads a new root: nothing of the old mappings is left
     load_root(impl, v)
     assert vm.walk(5)[-1][1] == NP63 and vm.walk(mmio_gfn)[-1][1] == NP63
+    vm.audit()
+
+
+# ==========================================================================================
+# KVM_MR_MOVE
+# ==========================================================================================
+
+
+def test_move_memslot_swaps_twice_around_zap_all_fast(impl):
+    """6.10 kvm_set_memslot for KVM_MR_MOVE: the new range is checked as for a create
+    (address width, kvm_mmu_max_gfn, overlap with the *other* slots), then swap
+    (kvm_invalidate_memslot), kvm_arch_flush_shadow_memslot (x86: kvm_mmu_zap_all_fast),
+    swap (kvm_move_memslot): +4, every root invalidated and zapped, no TLB flush counted.
+    Id, size, pfn and read-only flag stay; host page flags stay (the zap pushed D).  The
+    same base is no change at all (kvm_set_memory_region: base and flags unchanged ->
+    return 0 before any swap).  A move refused by __kvm_set_memory_region (unknown id,
+    overlap, our address width) changes nothing."""
+    vm, layout = make_vm(impl, max_level=1)
+    a = vm.add_memslot(0, 16, PFN0)
+    b = vm.add_memslot(100, 16, 2 * PFN0, readonly=True)
+    v = vm.vcpu()
+    assert v.fault(3, write=True) == PF_FIXED
+    root = v.root
+    before = snapshot(vm, [v])
+    for args in [(a, 95), (a, 110), (a, gfn_width(4) - 15), (7, 0), (-1, 0)]:
+        with pytest.raises(ValueError):
+            vm.move_memslot(*args)
+        assert_same_snapshot(dict(before), snapshot(vm, [v]))
+    with pytest.raises(TypeError):
+        vm.move_memslot(a, 1.0)
+    gen, s0 = vm.mmio_generation, vm.stats
+    assert vm.move_memslot(a, a * 0) is None  # the same base: nothing happens
+    assert vm.mmio_generation == gen and vm.roots == [(root, 2, False)]
+    assert vm.move_memslot(a, 1000) is None
+    s1 = vm.stats
+    assert vm.mmio_generation == gen + 4
+    assert vm.memslots == [(b, 100, 16, 2 * PFN0, True), (a, 1000, 16, PFN0, False)]
+    assert vm.root is None and vm.roots == [(root, 1, True)]
+    assert (vm.pool.pages[root] == layout.nonpresent_value).all()
+    assert s1["pages_4k"] == 0 and s1["tables_freed"] == s0["tables_freed"] + 3
+    assert (s1["tlb_flushes"], s1["tlb_flushes_ranged"]) == \
+        (s0["tlb_flushes"], s0["tlb_flushes_ranged"])
+    assert vm.host_page_dirty(PFN0 + 3) is True  # the zap pushed the leaf's D
+    vm.audit()
+    # the old gfns are no slot's any more; the new ones map the same host pages
+    assert v.fault(3) == PF_EMULATE
+    assert v.root != root and vm.pool.page_state(root) == "free"
+    assert v.fault(1003) == PF_FIXED
+    assert vm.lookup(1003)[0] == leaf_spte(layout, PFN0 + 3)
+    vm.audit()
+
+
+def test_zap_all_fast_invalidates_every_root_and_zaps_them(impl):
+    """6.10 kvm_mmu_zap_all_fast: kvm_tdp_mmu_invalidate_all_roots marks the valid root
+    invalid and puts the MMU's reference; kvm_tdp_mmu_zap_invalidated_roots zaps it
+    (shared); no TLB flush is counted.  Each vCPU keeps its invalid root until its next
+    entry, which puts it (the last put frees it: kvm_tdp_mmu_put_root) and loads a new
+    valid root that all vCPUs then share."""
+    vm, layout, v1 = vm_4k(impl)
+    v2 = vm.vcpu()
+    assert v1.fault(5, write=True) == PF_FIXED
+    load_root(impl, v2)
+    old = v1.root
+    assert v2.root == old and vm.roots == [(old, 3, False)]
+    s0 = vm.stats
+    assert vm.zap_all_fast() is None
+    s1 = vm.stats
+    assert vm.root is None and vm.roots == [(old, 2, True)]
+    assert (vm.pool.pages[old] == layout.nonpresent_value).all()
+    assert s1["pages_4k"] == 0 and s1["pt_pages"] == 1
+    assert s1["tables_freed"] == s0["tables_freed"] + 3
+    assert (s1["tlb_flushes"], s1["tlb_flushes_ranged"]) == \
+        (s0["tlb_flushes"], s0["tlb_flushes_ranged"])
+    assert vm.walk(5) == [] and vm.lookup(5) is None
+    vm.audit()
+    assert v1.fault(5) == PF_FIXED  # v1 puts its reference and loads a fresh root
+    new = v1.root
+    assert new != old
+    assert vm.roots == [(new, 2, False), (old, 1, True)]  # newest first
+    vm.audit()
+    load_root(impl, v2)  # v2's put is the last: the old root is freed
+    assert vm.roots == [(new, 3, False)] and vm.pool.page_state(old) == "free"
+    assert vm.stats["tables_freed"] == s1["tables_freed"] + 1
+    assert vm.zap_all_fast() is None and vm.zap_all_fast() is None  # nothing valid: no-op
+    vm.audit()
+
+
+def test_move_memslot_past_max_gfn_is_refused_after_the_invalidation(impl):
+    """6.10 kvm_set_memslot invalidates a moved slot (kvm_invalidate_memslot: a swap, then
+    kvm_arch_flush_shadow_memslot = kvm_mmu_zap_all_fast) *before*
+    kvm_prepare_memory_region, where kvm_arch_prepare_memory_region refuses a new range
+    past kvm_mmu_max_gfn() with -EINVAL; the failure is reverted by another swap
+    (kvm_activate_memslot(kvm, invalid_slot, old): "For DELETE/MOVE, revert the above
+    INVALID change").  So the refused move leaves the slot where it was, but the generation
+    has moved by 4 and every root was invalidated and zapped.  (The issue 10 contract's
+    "bad arguments raise before anything changes" does not hold here in 6.10.)"""
+    vm, layout = make_vm(impl, max_level=1)
+    a = vm.add_memslot(0, 16, PFN0)
+    v = vm.vcpu()
+    assert v.fault(3, write=True) == PF_FIXED
+    root, gen, slots = v.root, vm.mmio_generation, vm.memslots
+    with pytest.raises(ValueError):
+        vm.move_memslot(a, vm.max_gfn - 14)  # last gfn max_gfn + 1
+    assert vm.memslots == slots
+    assert vm.mmio_generation == gen + 4
+    assert vm.root is None and vm.roots == [(root, 1, True)]
+    assert vm.stats["pages_4k"] == 0
+    vm.audit()
+    assert vm.move_memslot(a, vm.max_gfn - 15) is None  # the last gfn is fine
+    assert vm.memslots == [(a, vm.max_gfn - 15, 16, PFN0, False)]
     vm.audit()

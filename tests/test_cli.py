@@ -47,7 +47,12 @@ def test_default_run_is_ten_million_random_faults():
     st = doc["stats"]
     assert (st["pt_pages_l1"], st["pt_pages_l2"], st["pt_pages_l3"], st["pt_pages_l4"]) == \
         (2048, 4, 1, 1)
-    assert st["pages_4k"] == doc["results"]["fixed"] > 1_000_000
+    # FIXED: each page's first touch, and (EPT A/D: the not-present re-fault takes the slow
+    # path and make_spte drops D) its first re-touch -- 10 M faults over 1 Mi pages
+    # re-touch nearly every page (the chance of exactly one touch is ~1e-3)
+    touched, fixed = st["pages_4k"], doc["results"]["fixed"]
+    assert touched > 1_000_000
+    assert touched + 0.99 * touched < fixed <= 2 * touched
 
 
 @pytest.mark.parametrize("workload", ["seq", "random", "zipf", "hotcold", "huge", "mixed"])
@@ -72,8 +77,11 @@ def test_every_workload(workload):
 
 def test_seq_touches_each_page_once_then_retouches():
     doc = simulate("--workload", "seq", "--guest-size", "16M", "--faults", 10_000)
-    assert doc["results"]["fixed"] == 4096                # 16 MiB = 4096 pages
-    assert doc["results"]["spurious"] == 10_000 - 4096
+    # 16 MiB = 4096 pages: 4096 first touches, then 4096 first re-touches that drop D (EPT
+    # A/D: the slow path, make_spte with a writable old SPTE), then spurious re-touches
+    assert doc["results"]["fixed"] == 2 * 4096
+    assert doc["results"]["spurious"] == 10_000 - 2 * 4096
+    assert doc["stats"]["pages_4k"] == 4096
 
 
 def test_skewed_workloads_touch_fewer_pages_than_uniform():
@@ -124,7 +132,9 @@ def test_zaps_are_interleaved():
     z, st = doc["zaps"], doc["stats"]
     assert z["gfn_range"] == 100_000 // 7_000
     assert z["all"] == 100_000 // 30_000
-    assert st["tlb_flushes"] == z["all_flushed"] > 0
+    # zap_all is kvm_tdp_mmu_zap_all, which flushes nothing (6.10: "A TLB flush is
+    # unnecessary"); the simulator's all_flushed counts the zap_all calls that zapped
+    assert st["tlb_flushes"] == 0 and z["all_flushed"] > 0
     assert st["tlb_flushes_ranged"] == z["gfn_range_flushed"]
     assert st["tables_freed"] > 0            # zap_all frees every table but the root
     # After the last zap_all at 90 000, only the last 10 000 faults' pages are mapped.

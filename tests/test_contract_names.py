@@ -19,6 +19,7 @@ PINNED_INVARIANTS = [
     "mmio-gfn", "ept-suppress-ve", "nonleaf-encoding", "nonleaf-target", "linked-once",
     "table-metadata", "leaf-level", "writable-state", "leaf-in-slot", "leaf-pfn",
     "readonly-slot", "page-stats", "pt-pages", "table-accounting", "nx-huge-pages",
+    "roots",  # issue 10: roots on kvm->arch.tdp_mmu_roots with reference counts
     "pool-accounting",
 ]
 PINNED_WARN_REASONS = [

@@ -119,8 +119,13 @@ def test_cdef_class_layouts_reach_the_kvm_mmu_pages(embed):
     vm = sf.Vm(sf.SpteLayout.ept(), root_level=4, max_level=sf.PG_LEVEL_4K, max_pt_pages=64)
     vm.add_memslot(0, 1 << 20, 0x100000)
     gfn = (3 << 27) | (5 << 18) | (7 << 9) | 9         # distinct index at every level
+    assert embed.table_levels(vm, gfn) == []           # no root before a vCPU entry
+    v = vm.vcpu()
+    # the first entry loads the root (kvm_mmu_load); a reserved-bit fault on an empty walk
+    # is handle_mmio_page_fault's RETRY and installs nothing
+    assert v.fault(gfn, error_code=sf.PFERR_RSVD_MASK) == sf.PF.RETRY
     assert embed.table_levels(vm, gfn) == [(4, 0)]     # only the root before a fault
-    vm.vcpu().fault(gfn)
+    v.fault(gfn)
     # tdp_mmu_init_child_sp: level one below the parent entry, gfn = the entry's gfn.
     assert embed.table_levels(vm, gfn) == [(4, 0), (3, 3 << 27), (2, (3 << 27) | (5 << 18)),
                                            (1, (3 << 27) | (5 << 18) | (7 << 9))]

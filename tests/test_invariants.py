@@ -30,6 +30,7 @@ from support.layouts import (
     NONPRESENT_VALUES,
     expected_nonleaf,
     leaf_spte,
+    load_root,
     make_vm,
 )
 from support.snapshots import stat_delta
@@ -164,9 +165,13 @@ def config(request):
 @pytest.mark.parametrize("root_level", [4, 5])
 @pytest.mark.parametrize("goal", [1, 2, 3])
 def test_inv8_fault_consumes_root_minus_goal_tables_on_a_fresh_path(impl, root_level, goal):
+    """The root is not one of the fault's tables: it comes from the vCPU cache in
+    kvm_mmu_load before the fault (6.10 mmu.c kvm_mmu_load -> kvm_tdp_mmu_alloc_root), so
+    it is loaded first and the fault's own consumption is measured from there."""
     vm, layout = make_vm(impl, root_level=root_level, max_level=goal)
     vm.add_memslot(0, 4 * PAGES_1G, PFN0)
     vcpu = vm.vcpu()
+    load_root(impl, vcpu)
     vcpu.cache.topup(5)
     n0 = vcpu.cache.nobjs
     s0 = vm.stats
@@ -187,6 +192,7 @@ def test_inv8_random_faults_never_consume_more_than_root_minus_goal(impl, seed, 
     rng = np.random.default_rng(seed)
     vm, layout = build_vm(impl, kind, nonpresent)
     vcpu = vm.vcpu()
+    load_root(impl, vcpu)  # the root is kvm_mmu_load's, not a fault's (6.10 mmu.c)
     for _ in range(60):
         gfn = random_gfn(rng)
         vcpu.cache.topup(5)
@@ -204,6 +210,7 @@ def test_inv8_lost_link_returns_table_to_pool_not_cache(impl, failures):
     vm, layout = make_vm(impl, max_level=1)
     vm.add_memslot(0, 4 * PAGES_1G, PFN0)
     vcpu = vm.vcpu()
+    load_root(impl, vcpu)  # kvm_mmu_load on the first entry; the CASes are the fault's
     vcpu.cache.topup(5)
     s0 = vm.stats
     before = tables_content(vm)
@@ -370,11 +377,20 @@ def test_every_zap_path_writes_the_nonpresent_value(impl, kind, nonpresent):
     _assert_clean_tables(vm, layout)
     vm.audit()
 
-    # delete_memslot
+    # delete_memslot: 6.10 kvm_arch_flush_shadow_memslot is kvm_mmu_zap_all_fast: every root
+    # is invalidated and zapped (tdp_mmu_zap_root); the vCPU keeps its (now invalid) root
+    # until its next entry, and the VM has no valid root meanwhile
     _populate_for_zaps(vm, vcpu)
+    old = vcpu.root
     vm.delete_memslot(0)
-    assert vm.walk(0)[-1] == (1, nonpresent) and vm.walk(513)[-1] == (1, nonpresent)
+    assert vm.root is None and vm.walk(0) == [] and vm.walk(513) == []
+    assert vm.roots == [(old, 1, True)]
+    assert (vm.pool.pages[old] == np.uint64(nonpresent)).all()
     _assert_clean_tables(vm, layout)
+    vm.audit()
+    new = load_root(impl, vcpu)  # kvm_mmu_reload: put the invalid root, load a fresh one
+    assert vm.roots == [(new, 2, False)]
+    assert vm.walk(0) == [(4, nonpresent)] and vm.walk(513) == [(4, nonpresent)]
     vm.audit()
 
     # zap_all: the root holds the non-present value only
@@ -396,22 +412,32 @@ def test_inv10_every_zap_leaves_the_nonpresent_value(impl, config, seed):
         pages = vm.pool.pages
         tables = linked_tables(vm)
         counts[what] = counts.get(what, 0) + 1
-        if what in ("range", "delete"):
+        if what == "range":
             start, end = args
             hit = {k: x for k, x in before.items()
                    if x[0] < end and start < x[0] + pages_per(x[1])}
-            if what == "range":
-                assert ret is bool(hit)
+            assert ret is bool(hit)
             for (t, i), (g, lvl, _v) in hit.items():
                 assert int(pages[t][i]) == nonpresent, (g, lvl)
+        elif what == "delete":
+            # kvm_mmu_zap_all_fast (6.10 kvm_arch_flush_shadow_memslot): no valid root is
+            # left, every root still on the list (held by a vCPU) is invalid and holds only
+            # the non-present value, and no other table is linked
+            assert vm.root is None
+            assert vm.roots and all(inv for _p, _r, inv in vm.roots)
+            for p, _r, _inv in vm.roots:
+                assert (pages[p] == np.uint64(nonpresent)).all()
+            assert set(tables) == {p for p, _r, _inv in vm.roots}
         elif what in ("atomic", "sp") and ret:
             gfn, level = args
             level = level if what == "atomic" else level + 1
             walk = dict(vm.walk(gfn))
             assert walk[level] == nonpresent
         elif what == "all":
-            assert (pages[vm.root] == np.uint64(nonpresent)).all()
-            assert len(tables) == 1
+            # kvm_tdp_mmu_zap_all: every root on the list, valid or invalid, is zapped
+            for p, _r, _inv in vm.roots:
+                assert (pages[p] == np.uint64(nonpresent)).all()
+            assert set(tables) == {p for p, _r, _inv in vm.roots}
         check_allowed_values(vm, layout, tables)
 
     random_ops(impl, vm, vcpus, rng, 200, check_zap=check_zap)
@@ -452,9 +478,14 @@ def test_inv13_nonleaf_encoding(impl, config, seed):
 
 @pytest.mark.parametrize("kind", LAYOUT_KINDS)
 def test_inv14_installed_mmio_sptes_round_trip(impl, kind):
+    """The gfns reach up to vm.max_gfn (host_maxphyaddr 46 by default: 6.10
+    kvm_mmu_max_gfn); a gfn past it emulates without an SPTE (kvm_handle_noslot_fault).
+    Each add_memslot is one memslot swap, +2 to the generation (kvm_main.c
+    kvm_swap_active_memslots with kvm_arch_nr_memslot_as_ids == 2)."""
     vm, layout = make_vm(impl, kind)
     vcpu = vm.vcpu()
-    gfns = [5, 512, (1 << 27) + 9, (1 << 35) + 3, (1 << 36) - 1]
+    assert vm.max_gfn == (1 << 34) - 1
+    gfns = [5, 512, (1 << 27) + 9, (1 << 33) + 3, (1 << 34) - 1]
     for k in range(3):
         vm.add_memslot(1000 + 10 * k, 1, 77 + k)  # bump the generation
         for g in gfns:
@@ -462,8 +493,11 @@ def test_inv14_installed_mmio_sptes_round_trip(impl, kind):
             level, v = vm.walk(g)[-1]
             assert level == 1 and layout.is_mmio_spte(v)
             assert layout.get_mmio_spte_gfn(v) == g
-            assert layout.get_mmio_spte_generation(v) == vm.mmio_generation == k + 1
+            assert layout.get_mmio_spte_generation(v) == vm.mmio_generation == 2 * (k + 1)
             assert layout.get_mmio_spte_access(v) == ACC_ALL & layout.mmio_access_mask
+        assert vcpu.fault(vm.max_gfn + 1) == PF_EMULATE
+        assert vm.lookup(vm.max_gfn + 1) is None
+        assert not [v for _l, v in vm.walk(vm.max_gfn + 1) if layout.is_mmio_spte(v)]
     assert vm.stats["mmio_sptes_created"] == 3 * len(gfns)
     vm.audit()
 
@@ -543,6 +577,7 @@ def test_inv18_cas_failure_leaves_memory_untouched(impl, where):
     vm, layout = make_vm(impl, nx_huge_pages=where != "huge-over-table")
     vm.add_memslot(0, PAGES_1G, PFN0)
     vcpu = vm.vcpu()
+    load_root(impl, vcpu)  # kvm_mmu_load's root is not the fault's: "link" needs one first
     gfn = 5 * PAGES_2M + 1
     kwargs = {}
     if where == "leaf":
@@ -805,6 +840,10 @@ def test_inv24_zap_all_zaps_bottom_up(impl, kind, nonpresent, root_level):
 
 
 def test_inv24_zap_all_reports_once_and_frees_in_one_call(impl, config):
+    """zap_all is 6.10 kvm_mmu_zap_all -> kvm_tdp_mmu_zap_all: tdp_mmu_zap_root on every
+    root, and no TLB flush ("A TLB flush is unnecessary, KVM zaps everything if and only the
+    VM is being destroyed or the userspace VMM has exited"): neither a full nor a ranged one
+    is counted.  The tables go back in that one call; the root stays."""
     kind, nonpresent = config
     vm, layout = build_vm(impl, kind, nonpresent)
     vcpu = vm.vcpu()
@@ -813,8 +852,9 @@ def test_inv24_zap_all_reports_once_and_frees_in_one_call(impl, config):
     s0 = vm.stats
     assert vm.zap_all() is True
     d = stat_delta(s0, vm.stats)
-    assert d["tlb_flushes"] == 1 and "tlb_flushes_ranged" not in d
+    assert "tlb_flushes" not in d and "tlb_flushes_ranged" not in d
     assert d["tables_freed"] == s0["pt_pages"] - 1
+    assert vm.stats["pt_pages"] == 1 and vm.roots == [(vcpu.root, 2, False)]
     assert vm.stats["pages_4k"] == vm.stats["pages_2m"] == vm.stats["pages_1g"] == 0
     vm.audit()
 

@@ -6,8 +6,10 @@ second module that cimports it.
 1. Only the write primitives store into page-table memory: the store helpers of
    include/spte_atomic.h and the memset64 fill are called only from
    ``__kvm_tdp_mmu_write_spte``, ``kvm_tdp_mmu_write_spte_atomic``, ``tdp_try_cmpxchg64``,
-   ``fill_pages_kernel`` (pages no table links yet), the public kernels on user arrays, and
-   the bench hooks on their own arrays.
+   ``fill_pages_kernel`` (pages no table links yet), the public kernels on user arrays, the
+   bench hooks on their own arrays, and ``hw_set_ad_bits`` (core/hw.pxi): the CPU's own
+   locked OR of A/D into a leaf during the hardware walk (issue 10 contract, access()
+   step 2: no handle_changed_spte -- it is the hardware, not KVM, that writes).
 2. Engine code never stores through a subscript except into metadata arrays and outputs.
 3. Every setter ends in handle_changed_spte.
 4. No literal 0 stands for an empty entry: zap paths write the layout's value.
@@ -32,7 +34,7 @@ ALLOWED = {
     "spte_store_relaxed": {"__kvm_tdp_mmu_write_spte", "_rmw_loop"},
     "spte_xchg_seq_cst": {"kvm_tdp_mmu_write_spte_atomic", "_atomic_rmw"},
     "spte_try_cmpxchg_seq_cst": {"tdp_try_cmpxchg64", "cmpxchg", "_rmw_loop", "_insert"},
-    "spte_fetch_or_seq_cst": {"_atomic_rmw"},
+    "spte_fetch_or_seq_cst": {"_atomic_rmw", "hw_set_ad_bits"},
     "spte_fetch_and_seq_cst": {"_atomic_rmw"},
     "spte_memset64": {"fill_pages_kernel", "reset", "_insert"},
     "fill_pages_kernel": {"mmu_memory_cache_init_page", "fill_pages", "fill_repeat"},
@@ -46,6 +48,11 @@ METADATA = {
     "st.warn", "vcpu.stat.faults", "vcpu.stat.pages", "counts", "out", "o", "flags", "seen",
     "leaves", "tables", "acc.faults", "acc.pt_pages", "acc.pages", "acc.warn", "wrprot",
     "link", "size", "dims", "d", "done", "it.pt_path", "c.cache_warn",
+    "kvm.hw_need", "kvm.hw_forbid",  # the hardware walk's per-access permission masks
+    "leaf_present",  # hw_tdp_walk's output flag
+    "kvm.roots",  # kvm->arch.tdp_mmu_roots: pool indices of the roots
+    "slots",  # a new memslot array being built (kvm_main.pxi move)
+    "levels",  # tdp_mmu_zap_root's local list of zap levels
 }
 
 _HEAD = re.compile(r"^\s*(?:cdef|cpdef|def)\s+(?:inline\s+)?(?:[\w\*\.\[\], ]+\s+)?"

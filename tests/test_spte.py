@@ -826,11 +826,15 @@ def test_inv14_mmio_round_trip(impl, name, gfn, generation, access):
         assert spte & layout.mmio_value == layout.mmio_value
 
 
-def test_mmio_gfn_wider_than_pfn_field_is_masked(impl):
-    """API.md: gfn in [0, 2**52), placed as (gfn << 12) & SPTE_BASE_ADDR_MASK."""
+def test_mmio_gfn_wider_than_pfn_field_is_ored_unmasked(impl):
+    """6.10 spte.c make_mmio_spte ORs the whole gpa (``u64 gpa = gfn << PAGE_SHIFT; spte |=
+    gpa | shadow_nonpresent_or_rsvd_mask``), not gpa & SPTE_BASE_ADDR_MASK: a gfn past the
+    pfn field reaches bits 52..63 (the 64-bit shift drops what goes past bit 63).  The issue
+    10 divergence table, row 6: ``ept().make_mmio_spte(1 << 40) == 0x10000000000006``."""
     layout = impl.SpteLayout.ept()
-    assert layout.make_mmio_spte((1 << 52) - 1) == 6 | BASE
-    assert layout.make_mmio_spte(1 << 40) == 6
+    assert layout.make_mmio_spte(1 << 40) == 0x10000000000006
+    assert layout.make_mmio_spte((1 << 52) - 1) == ((((1 << 52) - 1) << 12) & ((1 << 64) - 1)) | 6
+    assert layout.make_mmio_spte((1 << 40) - 1) == 6 | BASE  # the pfn field's top gfn
 
 
 @pytest.mark.parametrize("getter", ["get_mmio_spte_gfn", "get_mmio_spte_generation", "get_mmio_spte_access"])

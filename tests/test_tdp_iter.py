@@ -11,6 +11,8 @@ loop runs while ``iter.valid && iter.gfn < end``.  Both implementations run ever
 import numpy as np
 import pytest
 
+from support.layouts import load_root
+
 PFN0 = 0x100000
 
 
@@ -30,8 +32,12 @@ def levels_gfns(entries):
 
 
 def test_an_empty_vm_visits_root_entries_only(impl):
+    """Before any vCPU entry there is no root (6.10 loads it in kvm_mmu_load): nothing to
+    visit.  Once a vCPU has loaded one, an empty root is visited entry by entry."""
     vm = make_vm(impl, npages=1 << 20)
     np_value = vm.layout.nonpresent_value
+    assert vm.tdp_iter(0, 1) == [] and vm.tdp_iter(0, vm.gfn_limit) == []
+    load_root(impl, vm.vcpu())
     assert vm.tdp_iter(0, 1) == [(4, 0, np_value)]
     # Non-present root entries are visited and never stepped into: one per L4_SPAN.
     assert vm.tdp_iter(0, 2 * L4_SPAN) == [(4, 0, np_value), (4, L4_SPAN, np_value)]

@@ -23,7 +23,15 @@ import numpy as np
 import pytest
 
 from support.child import child_argv, child_env
-from support.layouts import LAYOUT_KINDS, NONPRESENT_VALUES, expected_nonleaf, leaf_spte, make_vm, vm_4k
+from support.layouts import (
+    LAYOUT_KINDS,
+    NONPRESENT_VALUES,
+    expected_nonleaf,
+    leaf_spte,
+    load_root,
+    make_vm,
+    vm_4k,
+)
 from support.snapshots import assert_same_snapshot, snapshot, stat_delta
 from support.spec import (
     ACC_ALL,
@@ -48,27 +56,52 @@ G1 = PAGES_1G  # gfn of the second 1G region
 
 
 # ==========================================================================================
-# 1. Vm / Vcpu construction and the root (kvm_tdp_mmu_alloc_root)
+# 1. Vm / Vcpu construction and the root (kvm_mmu_load -> kvm_tdp_mmu_alloc_root)
 # ==========================================================================================
 
 
 @pytest.mark.parametrize("root_level", [4, 5])
 @pytest.mark.parametrize("nonpresent", NONPRESENT_VALUES)
 def test_vm_construction_attributes_root_and_stats(impl, root_level, nonpresent):
+    """No root exists at construction: 6.10 allocates it on the vCPU's first entry
+    (kvm_mmu_reload -> kvm_mmu_load: mmu_topup_memory_caches, then mmu_alloc_direct_roots ->
+    kvm_tdp_mmu_alloc_root, which takes the page from the vCPU's cache with
+    tdp_mmu_alloc_sp, refcount 2 -- the vCPU's and the MMU's -- and adds it to
+    kvm->arch.tdp_mmu_roots).  With an 8-page pool the top-up takes all 8 (it only fails
+    below min 5, __kvm_mmu_topup_memory_cache) and the root the top one (LIFO)."""
     layout = impl.SpteLayout.ept(nonpresent_value=nonpresent)
     vm = impl.Vm(layout, root_level=root_level, max_level=2, max_pt_pages=8)
     assert vm.layout == layout
     assert vm.root_level == root_level and vm.max_level == 2
     assert vm.nx_huge_pages is False
+    assert vm.host_maxphyaddr == 46 and vm.max_gfn == (1 << 34) - 1
     assert vm.pool.capacity == 8
     assert vm.mmio_generation == 0
     assert vm.memslots == []
-    root = vm.root
+    assert vm.root is None and vm.roots == []
+    assert [vm.pool.page_state(i) for i in range(8)] == ["free"] * 8
+    s = vm.stats
+    for key in ("faults_fixed", "faults_spurious", "faults_retry", "faults_emulate",
+                "faults_fast", "pages_4k", "pages_2m", "pages_1g", "pt_pages", "pt_pages_l1",
+                "pt_pages_l2", "pt_pages_l3", "pt_pages_l4", "pt_pages_l5", "tables_allocated",
+                "tables_freed", "cache_fills", "cache_zero_inits", "init_bytes_written",
+                "tlb_flushes", "tlb_flushes_ranged", "cas_failures", "nx_lpage_splits",
+                "mmio_sptes_created", "hw_walks", "hw_ad_sets", "exits_ept_violation",
+                "exits_misconfig"):
+        assert s[key] == 0, key
+    assert vm.walk(0) == [] and vm.lookup(0) is None
+    vm.audit()
+    # the first vCPU entry loads the root from that vCPU's cache
+    v = vm.vcpu()
+    assert v.root is None
+    root = load_root(impl, v)
+    assert vm.root == root and vm.roots == [(root, 2, False)]
     assert 0 <= root < 8
     assert vm.pool.page_state(root) == "table"
     assert (vm.pool.pages[root] == np.uint64(nonpresent)).all()
-    others = [vm.pool.page_state(i) for i in range(8) if i != root]
-    assert others == ["free"] * 7
+    assert v.cache.nobjs == 7 and root not in v.cache.objects
+    assert sorted(v.cache.objects + (root,)) == list(range(8))
+    assert vm.pool.nr_free == 0
     s = vm.stats
     assert s["pt_pages"] == 1 and s[f"pt_pages_l{root_level}"] == 1
     assert all(s[f"pt_pages_l{lvl}"] == 0 for lvl in range(1, 6) if lvl != root_level)
@@ -92,31 +125,44 @@ def test_vm_defaults(impl):
 
 
 def test_vm_root_filled_with_nonpresent_value_over_poison(impl):
-    """The root is filled with the non-present value even on a poisoned pool (one memset64
-    fill, 4096 bytes, for the 1 << 63 value); the other pages keep the poison."""
+    """The root comes from the vCPU cache, whose top-up fills every page it takes with the
+    non-present value (6.10 mmu_memory_cache_alloc_obj: memset64 of init_value; one 4096-byte
+    fill per page, 40 pages for capacity 40); pages the cache never took keep the poison.
+    Nothing is filled before the first vCPU entry."""
     layout = impl.SpteLayout.ept()
-    vm = impl.Vm(layout, max_pt_pages=4, poison=POISON)
-    assert (vm.pool.pages[vm.root] == np.uint64(NP63)).all()
-    for i in range(4):
-        if i != vm.root:
+    vm = impl.Vm(layout, max_pt_pages=48, poison=POISON)
+    assert (vm.pool.pages == np.uint64(POISON)).all()
+    assert vm.stats["cache_fills"] == 0 and vm.stats["init_bytes_written"] == 0
+    v = vm.vcpu()
+    root = load_root(impl, v)
+    assert (vm.pool.pages[root] == np.uint64(NP63)).all()
+    for i in range(48):
+        state = vm.pool.page_state(i)
+        if state == "free":
             assert (vm.pool.pages[i] == np.uint64(POISON)).all()
-    assert vm.stats["cache_fills"] == 1
-    assert vm.stats["init_bytes_written"] == 4096
+        else:
+            assert (vm.pool.pages[i] == np.uint64(NP63)).all()
+    assert vm.pool.nr_free == 8 and v.cache.nobjs == 39
+    assert vm.stats["cache_fills"] == 40
+    assert vm.stats["init_bytes_written"] == 40 * 4096
     vm.audit()
 
 
 @pytest.mark.parametrize("poisoned", [False, True])
 def test_vm_root_initialisation_with_nonpresent_zero(impl, poisoned):
     """nonpresent_value 0 is the GFP_ZERO path (DESIGN.md): a never-used page of a
-    zero-initialised pool is used as is and costs nothing; a poisoned page is zeroed."""
+    zero-initialised pool is used as is and costs nothing; a poisoned page is zeroed.  The
+    root is one of the 40 pages the vCPU's first top-up takes (kvm_mmu_load)."""
     layout = impl.SpteLayout.ept(nonpresent_value=0)
-    vm = impl.Vm(layout, max_pt_pages=4, poison=POISON if poisoned else None)
-    assert (vm.pool.pages[vm.root] == np.uint64(0)).all()
+    vm = impl.Vm(layout, max_pt_pages=48, poison=POISON if poisoned else None)
+    assert vm.stats["cache_zero_inits"] == 0 and vm.pool.stats["zero_untouched"] == 0
+    root = load_root(impl, vm.vcpu())
+    assert (vm.pool.pages[root] == np.uint64(0)).all()
     s, p = vm.stats, vm.pool.stats
     assert s["cache_fills"] == 0 and p["fills"] == 0
-    assert s["cache_zero_inits"] == p["zero_inits"] == int(poisoned)
-    assert p["zero_untouched"] == int(not poisoned)
-    assert s["init_bytes_written"] == p["init_bytes_written"] == 4096 * int(poisoned)
+    assert s["cache_zero_inits"] == p["zero_inits"] == 40 * int(poisoned)
+    assert p["zero_untouched"] == 40 * int(not poisoned)
+    assert s["init_bytes_written"] == p["init_bytes_written"] == 40 * 4096 * int(poisoned)
     vm.audit()
 
 
@@ -131,12 +177,16 @@ def test_direct_vcpu_construction_registers_like_vm_vcpu(impl):
         v = make(vm)
         assert len(vm.vcpus) == 1 and vm.vcpus[0] is v
         assert v.fault(5, write=True) == PF_FIXED
+        # a not-present re-fault with A/D on takes the slow path and drops D (6.10
+        # page_fault_can_be_fast, make_spte); the next one is spurious
+        assert v.fault(5, write=True) == PF_FIXED
         assert v.fault(5, write=True) == impl.PF.SPURIOUS
         vm.audit()
         vms.append(vm)
         vcpus.append(v)
     direct, usual = vms
-    assert direct.stats["faults_fixed"] == 1 and direct.stats["pages_2m"] == 1
+    assert direct.stats["faults_fixed"] == 2 and direct.stats["pages_2m"] == 1
+    assert direct.stats["faults_spurious"] == 1
     assert direct.stats == usual.stats
     assert direct.walk(5) == usual.walk(5)
     assert vcpus[0].stats == vcpus[1].stats
@@ -152,7 +202,13 @@ def test_direct_vcpu_construction_registers_like_vm_vcpu(impl):
 @pytest.mark.parametrize("write", [False, True])
 def test_fault_known_answer_ept_ad(impl, nonpresent, high, write):
     """DESIGN.md: with A/D on a writable 4K leaf is 0x8600_0000_0000_0b77 | pfn << 12
-    (0x0600... with nonpresent_value=0); a read fault installs the same writable leaf."""
+    (0x0600... with nonpresent_value=0); a read fault installs the same writable leaf.
+    The next not-present fault of any kind takes the slow path (6.10 mmu.c
+    page_fault_can_be_fast: a !PRESENT fault is fast only without A/D bits) and make_spte
+    with the writable old SPTE skips the dirty bit (spte.c make_spte: ``if
+    (is_writable_pte(old_spte)) goto out``): FIXED, ...0977, and handle_changed_spte
+    pushes the old D to the host page (kvm_set_pfn_dirty).  Further faults build the same
+    SPTE: RET_PF_SPURIOUS from tdp_mmu_map_handle_target_level, nothing changes."""
     vm, layout, vcpu = vm_4k(impl, nonpresent=nonpresent)
     gfn = 77
     pfn = PFN0 + gfn
@@ -163,6 +219,15 @@ def test_fault_known_answer_ept_ad(impl, nonpresent, high, write):
     assert vm.walk(gfn)[-1] == (1, want)
     s = vm.stats
     assert s["faults_fixed"] == 1 and s["pages_4k"] == 1
+    assert vm.host_page_dirty(pfn) is False
+    # the first re-fault drops D
+    assert vcpu.fault(gfn) == PF_FIXED
+    clean = (high & ~0x200) | pfn << 12
+    assert clean == want & ~layout.dirty_mask
+    assert vm.lookup(gfn) == (clean, 1)
+    assert vm.host_page_dirty(pfn) is True and vm.host_page_accessed(pfn) is False
+    s = vm.stats
+    assert s["faults_fixed"] == 2 and s["faults_fast"] == 0 and s["pages_4k"] == 1
     # later faults of any kind are spurious, and change nothing
     before = snapshot(vm, [vcpu])
     assert vcpu.fault(gfn) == PF_SPURIOUS
@@ -179,16 +244,19 @@ def test_fault_known_answer_ept_ad(impl, nonpresent, high, write):
 @pytest.mark.parametrize("kind", LAYOUT_KINDS)
 @pytest.mark.parametrize("nonpresent", NONPRESENT_VALUES)
 def test_fault_installs_make_spte_leaf_and_nonleaf_path(impl, kind, nonpresent):
-    """A 4K fault builds root -> L3 -> L2 -> L1 from the vCPU cache top (LIFO) and installs
-    make_spte(pfn, 1, ACC_ALL); the non-leaf entries are make_nonleaf_spte of the tables."""
+    """The first fault's entry loads the root from the vCPU cache top (kvm_mmu_load ->
+    kvm_tdp_mmu_alloc_root -> tdp_mmu_alloc_sp); the 4K fault then builds L3 -> L2 -> L1 from
+    the next pages (LIFO) and installs make_spte(pfn, 1, ACC_ALL); the non-leaf entries are
+    make_nonleaf_spte of the tables."""
     vm, layout, vcpu = vm_4k(impl, kind, nonpresent)
     vcpu.cache.topup(5)
     objs = vcpu.cache.objects
     assert len(objs) == 40
     gfn = 600
     assert vcpu.fault(gfn) == PF_FIXED
-    l3, l2, l1 = objs[-1], objs[-2], objs[-3]
-    assert vcpu.cache.objects == objs[:-3]
+    root, l3, l2, l1 = objs[-1], objs[-2], objs[-3], objs[-4]
+    assert vm.root == vcpu.root == root
+    assert vcpu.cache.objects == objs[:-4]
     assert vm.walk(gfn) == [
         (4, expected_nonleaf(layout, l3)),
         (3, expected_nonleaf(layout, l2)),
@@ -215,6 +283,7 @@ def test_read_only_slot(impl, kind):
     vm, layout = make_vm(impl, kind, max_level=1)
     vm.add_memslot(0, 64, PFN0, readonly=True)
     vcpu = vm.vcpu()
+    load_root(impl, vcpu)
     # a write fault on an unmapped gfn: EMULATE, nothing installed
     tables_before = tables_content(vm)
     assert vcpu.fault(3, write=True) == PF_EMULATE
@@ -248,7 +317,7 @@ def test_mmio_fault_installs_mmio_spte_with_generation(impl, kind, nonpresent):
     vm.add_memslot(10 * PAGES_1G, 512, PFN0 + 512)
     vcpu = vm.vcpu()
     gen = vm.mmio_generation
-    assert gen == 2
+    assert gen == 4  # two creates, one swap each, +2 per swap (kvm_swap_active_memslots)
     gfn = 3 * PAGES_1G + 5
     assert vcpu.fault(gfn) == PF_EMULATE
     mmio = layout.make_mmio_spte(gfn, ACC_ALL, gen)
@@ -276,13 +345,13 @@ def test_stale_mmio_spte_is_replaced_after_memslot_change(impl):
     vcpu = vm.vcpu()
     gfn = 2048 + 7
     assert vcpu.fault(gfn) == PF_EMULATE
-    assert vm.walk(gfn)[-1] == (1, layout.make_mmio_spte(gfn, ACC_ALL, 1))
-    # an unrelated slot: generation 2, the MMIO SPTE is stale and refaults
+    assert vm.walk(gfn)[-1] == (1, layout.make_mmio_spte(gfn, ACC_ALL, 2))
+    # an unrelated slot: generation 4 (+2 per swap), the MMIO SPTE is stale and refaults
     vm.add_memslot(4096, 16, PFN0 + 4096)
-    assert vm.mmio_generation == 2
+    assert vm.mmio_generation == 4
     vm.audit()  # stale MMIO SPTEs are allowed in linked tables
     assert vcpu.fault(gfn) == PF_EMULATE
-    assert vm.walk(gfn)[-1] == (1, layout.make_mmio_spte(gfn, ACC_ALL, 2))
+    assert vm.walk(gfn)[-1] == (1, layout.make_mmio_spte(gfn, ACC_ALL, 4))
     assert vm.stats["mmio_sptes_created"] == 2
     # now a slot covers the gfn: the fault installs a leaf over the MMIO SPTE
     vm.add_memslot(2048, 512, PFN0 + 2048)
@@ -340,10 +409,18 @@ def test_goal_level_follows_max_level_on_aligned_slot(impl, kind, max_level):
     want = leaf_spte(layout, PFN0 + (base - G1), max_level)
     assert vm.lookup(gfn) == (want, max_level)
     assert layout.spte_to_pfn(want) == PFN0 + base - G1
-    # every gfn of the mapping resolves to the same leaf
-    for g in (base, base + pages_per(max_level) - 1):
-        assert vm.lookup(g) == (want, max_level)
-        assert vcpu.fault(g, exec=True) == PF_SPURIOUS
+    # every gfn of the mapping resolves to the same leaf; the first exec re-fault rebuilds
+    # it with make_spte(old=want) -- without D where the layout has A/D, whose not-present
+    # faults never take the fast path (6.10 page_fault_can_be_fast) --, the second finds
+    # it built
+    rebuilt = leaf_spte(layout, PFN0 + (base - G1), max_level, old=want)
+    for k, g in enumerate((base, base + pages_per(max_level) - 1)):
+        assert vm.lookup(g) == (want if k == 0 else rebuilt, max_level)
+        first = PF_SPURIOUS if rebuilt == want else PF_FIXED
+        assert vcpu.fault(g, exec=True) == (first if k == 0 else PF_SPURIOUS)
+    assert vm.lookup(base) == (rebuilt, max_level)
+    # EPT without A/D: both re-faults resolved by fast_page_fault (is_access_allowed)
+    assert vm.stats["faults_fast"] == (2 if layout.accessed_mask == 0 else 0)
     s = vm.stats
     assert (s["pages_4k"], s["pages_2m"], s["pages_1g"]) == tuple(
         int(lvl == max_level) for lvl in (1, 2, 3))
@@ -451,6 +528,13 @@ def test_nx_huge_pages_2m_split_on_exec(impl, kind):
         assert int(row[i]) == want
         assert layout.spte_to_pfn(want) == PFN0 + base + i
         assert layout.is_executable_pte(want)
+    # an exec re-fault of a split child: make_spte(old=child) skips D where the layout has
+    # A/D (their not-present faults take the slow path, 6.10 page_fault_can_be_fast), so
+    # FIXED exactly when that changes the child; EPT without A/D: fast_page_fault, SPURIOUS
+    child = layout.make_huge_page_split_spte(huge, 1, 5, nx_huge_pages=True)
+    rebuilt = leaf_spte(layout, PFN0 + base + 5, 1, nx=True, old=child)
+    assert vcpu.fault(base + 5, exec=True) == (PF_SPURIOUS if rebuilt == child else PF_FIXED)
+    assert vm.lookup(base + 5) == (rebuilt, 1)
     assert vcpu.fault(base + 5, exec=True) == PF_SPURIOUS
     vm.audit()
 
@@ -573,23 +657,27 @@ def test_nx_exec_fault_on_mmio_gfn_same_state_in_both(fast, reference):
 
 def test_spte_changes_counts_handle_changed_spte_calls(impl):
     """One call per SPTE change (spec §3.7); subtree removal adds one call per frozen entry:
-    every entry in shared mode, only the present ones in exclusive mode (spec §3.8)."""
+    every entry in shared mode, only the present ones in exclusive mode (spec §3.8).  A
+    read re-fault with A/D on rebuilds the leaf without D (6.10 make_spte with a writable
+    old SPTE): one change; the next re-fault builds the same SPTE: spurious, no change."""
     vm, layout, vcpu = vm_4k(impl)
     vcpu.fault(3)
     assert vm.stats["spte_changes"] == 4  # three links and the leaf
     vcpu.fault(4)
     assert vm.stats["spte_changes"] == 5
-    vcpu.fault(3)  # spurious: no change
-    assert vm.stats["spte_changes"] == 5
-    assert vm.zap_gfn_range(3, 4)
+    assert vcpu.fault(3) == PF_FIXED  # D dropped: one change
     assert vm.stats["spte_changes"] == 6
+    assert vcpu.fault(3) == PF_SPURIOUS  # no change
+    assert vm.stats["spte_changes"] == 6
+    assert vm.zap_gfn_range(3, 4)
+    assert vm.stats["spte_changes"] == 7
     # exclusive subtree removal: the parent entry + the one present leaf (gfn 4)
     assert vm.zap_sp(4, 1)
-    assert vm.stats["spte_changes"] == 8
+    assert vm.stats["spte_changes"] == 9
     # shared subtree removal: the root entry + 512 entries of the L3 table (one present,
     # the L2 table's) + 512 of the L2 table
     assert vm.zap_spte_atomic(0, 4)
-    assert vm.stats["spte_changes"] == 8 + 1 + 512 + 512
+    assert vm.stats["spte_changes"] == 9 + 1 + 512 + 512
     vm.audit()
 
 
@@ -600,27 +688,35 @@ def test_without_nx_huge_pages_huge_leaves_are_executable(impl):
     assert vcpu.fault(5) == PF_FIXED
     spte, level = vm.lookup(5)
     assert level == 2 and layout.is_executable_pte(spte)
+    # the exec re-fault needs no split: the slow path (A/D on) only drops D (make_spte)
+    assert vcpu.fault(5, exec=True) == PF_FIXED
+    assert vm.lookup(5) == (leaf_spte(layout, PFN0, 2, old=spte), 2)
     assert vcpu.fault(5, exec=True) == PF_SPURIOUS
-    assert vm.stats["nx_lpage_splits"] == 0
+    assert vm.stats["nx_lpage_splits"] == 0 and vm.stats["pages_2m"] == 1
     vm.audit()
 
 
 @pytest.mark.parametrize("kind", LAYOUT_KINDS)
 def test_root_level_5(impl, kind):
-    vm, layout = make_vm(impl, kind, root_level=5)
-    high = (1 << 45) - PAGES_1G
+    """Slots end at kvm_mmu_max_gfn() (6.10 kvm_arch_prepare_memory_region), so the top
+    1G of a 51-bit host (NPT still caches MMIO below 52 bits, kvm_mmu_reset_all_pte_masks)
+    is the highest slot: root entry 7, far from root entry 0."""
+    vm, layout = make_vm(impl, kind, root_level=5, host_maxphyaddr=51)
+    high = (1 << 39) - PAGES_1G
+    assert high + PAGES_1G - 1 == vm.max_gfn
+    assert spte_index(high, 5) == 7
     vm.add_memslot(high, PAGES_1G, PFN0)
     vm.add_memslot(5, 1, 7)
     vcpu = vm.vcpu()
     assert vcpu.fault(high + 9, write=True) == PF_FIXED
     assert vcpu.fault(5) == PF_FIXED
-    assert vcpu.fault((1 << 45) - PAGES_1G - 1) == PF_EMULATE
+    assert vcpu.fault(high - 1) == PF_EMULATE
     walk = vm.walk(high + 9)
     assert [lvl for lvl, _ in walk] == [5, 4, 3]
     assert walk[-1] == (3, leaf_spte(layout, PFN0, 3))
     assert [lvl for lvl, _ in vm.walk(5)] == [5, 4, 3, 2, 1]
     s = vm.stats
-    # l4: root entries 0 and 511; l3: one per 512G region; the 1G leaf needs no l2
+    # l4: root entries 0 and 7; l3: one per 512G region; the 1G leaf needs no l2
     assert [s[f"pt_pages_l{i}"] for i in (1, 2, 3, 4, 5)] == [2, 2, 2, 2, 1]
     assert s["pages_1g"] == 1 and s["pages_4k"] == 1
     with pytest.raises(ValueError):
@@ -629,7 +725,8 @@ def test_root_level_5(impl, kind):
 
 
 def test_fault_out_of_memory_changes_nothing(impl):
-    """max_pt_pages 10: the root and 9 pages; the first top-up takes all 9 (>= 5)."""
+    """max_pt_pages 10: the first entry's top-up (kvm_mmu_load) takes all 10 (>= 5) and the
+    root one of them; the faults' top-ups are no-ops while 5 are left."""
     vm, layout, vcpu = vm_4k(impl, max_pt_pages=10)
     vm.add_memslot(8 * PAGES_2M, 8 * PAGES_2M, 3 * PFN0)
     assert vcpu.fault(0) == PF_FIXED  # 3 tables: 6 left
@@ -641,8 +738,16 @@ def test_fault_out_of_memory_changes_nothing(impl):
         vcpu.fault(10 * PAGES_2M)
     assert isinstance(info.value, MemoryError)
     assert_same_snapshot(before, snapshot(vm, [vcpu]))
-    # a fault the fast path answers needs no top-up
-    assert vcpu.fault(0) == PF_SPURIOUS
+    # a not-present re-fault with A/D on cannot be fast (6.10 page_fault_can_be_fast) and
+    # tops up first (kvm_tdp_mmu_page_fault -> mmu_topup_memory_caches): OutOfMemory too
+    before = snapshot(vm, [vcpu])
+    with pytest.raises(impl.OutOfMemory):
+        vcpu.fault(0)
+    assert_same_snapshot(before, snapshot(vm, [vcpu]))
+    # a present write fault on a writable leaf is answered by fast_page_fault, which needs
+    # no top-up: is_access_allowed -> RET_PF_SPURIOUS
+    assert vcpu.fault(0, error_code=impl.PFERR_PRESENT_MASK | impl.PFERR_WRITE_MASK) == PF_SPURIOUS
+    assert vm.stats["faults_fast"] == 1
     vm.audit()
 
 
@@ -656,7 +761,10 @@ def test_walk_and_lookup_shapes(impl):
     np_ = layout.nonpresent_value
     vm.add_memslot(PAGES_1G, PAGES_1G, PFN0)
     vcpu = vm.vcpu()
+    # no root before the first vCPU entry: an empty walk
+    assert vm.walk(PAGES_1G) == [] and vm.lookup(PAGES_1G) is None
     # empty: only the root entry
+    load_root(impl, vcpu)
     assert vm.walk(PAGES_1G) == [(4, np_)]
     assert vm.lookup(PAGES_1G) is None
     vcpu.fault(PAGES_1G + 1)
@@ -677,7 +785,7 @@ def test_walk_and_lookup_shapes(impl):
     # MMIO: the walk ends at the MMIO entry, lookup is None
     vcpu.fault(7)
     walk = vm.walk(7)
-    assert len(walk) == 4 and walk[-1] == (1, layout.make_mmio_spte(7, ACC_ALL, 1))
+    assert len(walk) == 4 and walk[-1] == (1, layout.make_mmio_spte(7, ACC_ALL, 2))
     assert vm.lookup(7) is None
     vm.audit()
 
@@ -776,7 +884,10 @@ def test_zap_all(impl):
     assert all(s1[f"pt_pages_l{i}"] == 0 for i in (1, 2, 3, 5))
     assert s1["tables_freed"] == s0["tables_freed"] + len(tables) - 1
     assert (s1["pages_4k"], s1["pages_2m"], s1["pages_1g"]) == (0, 0, 0)
-    assert s1["tlb_flushes"] == s0["tlb_flushes"] + 1
+    # 6.10 kvm_tdp_mmu_zap_all: "A TLB flush is unnecessary" -- none counted
+    assert s1["tlb_flushes"] == s0["tlb_flushes"]
+    assert s1["tlb_flushes_ranged"] == s0["tlb_flushes_ranged"]
+    assert vm.roots == [(vm.root, 2, False)]  # the root and its references stay
     assert (vm.pool.pages[vm.root] == np.uint64(layout.nonpresent_value)).all()
     for t in tables:
         assert vm.pool.page_state(t) == ("table" if t == vm.root else "free")
@@ -923,12 +1034,16 @@ def test_host_flags_outlive_the_memslot_that_set_them(impl):
     vm.add_memslot(2048, 16, PFN0 + 2048)
     vcpu.fault(5, write=True)
     vcpu.fault(2049)
-    vm.delete_memslot(0)  # zaps gfn 5: its pfn becomes accessed and dirty
+    assert vm.host_page_dirty(PFN0 + 2049) is False  # mapped, not zapped yet
+    # kvm_mmu_zap_all_fast zaps gfn 5 and also gfn 2049 of the other slot: both pfns become
+    # accessed and dirty (the read fault on a writable slot set D: make_spte)
+    vm.delete_memslot(0)
     vm.add_memslot(4096, 1024, PFN0)  # the same host pages, other gfns
     assert vm.host_page_dirty(PFN0 + 5) is True
     assert vm.host_page_accessed(PFN0 + 5) is True
     assert vm.host_page_dirty(PFN0 + 6) is False
-    assert vm.host_page_dirty(PFN0 + 2049) is False  # still mapped, never zapped
+    assert vm.host_page_dirty(PFN0 + 2049) is True and vm.host_page_accessed(PFN0 + 2049) is True
+    assert vm.host_page_dirty(PFN0 + 2050) is False
     vm.audit()
 
 
@@ -974,12 +1089,23 @@ def test_host_flags_unbacked_pfn(impl):
     vm.audit()
 
 
-def test_host_flags_not_set_by_faults_or_spurious(impl):
-    vm, layout, vcpu = vm_4k(impl)
-    for _ in range(3):
-        vcpu.fault(9, write=True)
+@pytest.mark.parametrize("kind", LAYOUT_KINDS)
+def test_host_flags_not_set_by_faults_or_spurious(impl, kind):
+    """Installing a leaf and a spurious fault set no host flag.  With A/D the first write
+    re-fault rebuilds the leaf without D (6.10 make_spte with a writable old SPTE), and
+    handle_changed_spte pushes the old D to the host page (kvm_set_pfn_dirty: dirty before,
+    not dirty after); A stays, so nothing marks it accessed.  EPT without A/D has no D:
+    its re-faults are fast_page_fault's SPURIOUS."""
+    vm, layout, vcpu = vm_4k(impl, kind)
+    assert vcpu.fault(9, write=True) == PF_FIXED
     assert vm.host_page_dirty(PFN0 + 9) is False
     assert vm.host_page_accessed(PFN0 + 9) is False
+    ad = layout.dirty_mask != 0
+    assert vcpu.fault(9, write=True) == (PF_FIXED if ad else PF_SPURIOUS)
+    assert vcpu.fault(9, write=True) == PF_SPURIOUS
+    assert vm.host_page_dirty(PFN0 + 9) is ad
+    assert vm.host_page_accessed(PFN0 + 9) is False
+    assert vm.host_page_dirty(PFN0 + 8) is False
     vm.audit()
 
 
@@ -990,6 +1116,7 @@ def test_host_flags_not_set_by_faults_or_spurious(impl):
 
 def test_cas_failure_on_link_returns_retry_and_frees_the_table(impl):
     vm, layout, vcpu = vm_4k(impl)
+    load_root(impl, vcpu)  # kvm_mmu_load's root is not linked by a CAS
     vcpu.cache.topup(5)
     objs = vcpu.cache.objects
     walk0 = vm.walk(7)
@@ -1040,7 +1167,7 @@ def test_fault_batch_refaults_retry(impl, n):
     out = np.full(4, -1, dtype=np.int8)
     vm.inject_cas_failures(n)
     counts = vcpu.fault_batch(gfns, out=out)
-    assert counts == {"fixed": 4, "spurious": 0, "retry": n, "emulate": 0}
+    assert counts == {"fixed": 4, "spurious": 0, "retry": n, "emulate": 0, "fast": 0}
     assert out.tolist() == [PF_FIXED] * 4
     s = vm.stats
     assert s["faults_retry"] == n and s["cas_failures"] == n and s["faults_fixed"] == 4
@@ -1074,12 +1201,15 @@ def test_fault_batch_matches_single_faults(impl):
             rets = [int(vcpu.fault(g, write=bool(a & 1), exec=bool(a & 2)))
                     for g, a in zip(gfns, access)]
             counts = {"fixed": rets.count(4), "spurious": rets.count(5), "retry": 0,
-                      "emulate": rets.count(2)}
+                      "emulate": rets.count(2), "fast": vm.stats["faults_fast"]}
         vm.audit()
         results.append((counts, rets, vm.stats, vm.pool.pages.copy()))
     (c1, r1, s1, p1), (c2, r2, s2, p2) = results
-    assert r1 == [PF_FIXED, PF_SPURIOUS, PF_FIXED, PF_EMULATE, PF_FIXED, PF_FIXED,
+    # the second item re-faults gfn 5 (write + exec) over the first one's leaf: A/D on, so
+    # the slow path, and make_spte drops D (6.10 page_fault_can_be_fast, make_spte)
+    assert r1 == [PF_FIXED, PF_FIXED, PF_FIXED, PF_EMULATE, PF_FIXED, PF_FIXED,
                   PF_EMULATE, PF_EMULATE, PF_EMULATE]
+    assert c1["fast"] == 0
     assert r1 == r2 and c1 == c2 and s1 == s2
     assert np.array_equal(p1, p2)
 
@@ -1087,16 +1217,19 @@ def test_fault_batch_matches_single_faults(impl):
 def test_fault_batch_empty(impl):
     vm, layout, vcpu = vm_4k(impl)
     counts = vcpu.fault_batch(np.zeros(0, dtype=np.uint64), out=np.zeros(0, dtype=np.int8))
-    assert counts == {"fixed": 0, "spurious": 0, "retry": 0, "emulate": 0}
+    assert counts == {"fixed": 0, "spurious": 0, "retry": 0, "emulate": 0, "fast": 0}
     vm.audit()
 
 
 @pytest.mark.parametrize("extra", [0, 3])
 def test_fault_batch_out_of_memory(impl, extra):
-    """max_pt_pages 10: root + 9 pages.  Faults in fresh 2M regions at 4K: the first takes
+    """max_pt_pages 10: the batch's entry tops the cache up with all 10 pages and loads the
+    root from it (kvm_mmu_load), 9 left.  Faults in fresh 2M regions at 4K: the first takes
     3 tables (cache 9 -> 6), the next 1 each (6 -> 5, then the top-up at 5 is a no-op, 5 -> 4);
     the fourth fault's top-up cannot reach 5 with the pool empty: OutOfMemory, completed 3.
-    With `extra` spurious re-faults of gfn 0 first, completed is 3 + extra."""
+    With `extra` re-faults of gfn 0 first, completed is 3 + extra: the first of them drops D
+    (FIXED: A/D on, slow path, make_spte with a writable old SPTE), the others are
+    SPURIOUS."""
     vm, layout = make_vm(impl, max_level=1, max_pt_pages=10)
     vm.add_memslot(0, 16 * PAGES_2M, PFN0)
     vcpu = vm.vcpu()
@@ -1109,10 +1242,12 @@ def test_fault_batch_out_of_memory(impl, extra):
     assert isinstance(err, MemoryError)
     completed = 3 + extra
     assert err.completed == completed
-    assert out[:completed].tolist() == [PF_FIXED] + [PF_SPURIOUS] * extra + [PF_FIXED] * 2
+    refixed = min(extra, 1)
+    assert out[:completed].tolist() == ([PF_FIXED] + [PF_FIXED] * refixed
+                                        + [PF_SPURIOUS] * (extra - refixed) + [PF_FIXED] * 2)
     assert out[completed:].tolist() == [-1] * (len(gfns) - completed)  # no result recorded
     s = vm.stats
-    assert s["faults_fixed"] == 3 and s["faults_spurious"] == extra
+    assert s["faults_fixed"] == 3 + refixed and s["faults_spurious"] == extra - refixed
     assert s["faults_retry"] == 0 and s["faults_emulate"] == 0
     assert s["pages_4k"] == 3
     # the faults after that point left nothing behind
@@ -1215,13 +1350,19 @@ def test_sigint_interrupts_an_operation_stuck_on_lost_races(impl, child):
 
 
 def test_two_vcpus_share_tables_and_use_their_own_caches(impl):
+    """v1's first entry loads the root from v1's cache; v2's first entry tops up v2's cache
+    (6.10 kvm_mmu_load: mmu_topup_memory_caches before the root) and takes a reference to
+    the same valid root (kvm_tdp_mmu_alloc_root finds it on the list)."""
     vm, layout, v1 = vm_4k(impl)
     v2 = vm.vcpu()
     assert v1.fault(3) == PF_FIXED
     n1 = v1.cache.nobjs
-    assert v2.fault(3) == PF_SPURIOUS  # no top-up needed
-    assert v2.cache.nobjs == 0
-    assert v2.fault(4) == PF_FIXED  # path exists: top-up to 40, no table taken
+    assert n1 == 40 - 1 - 3  # the root, L3, L2, L1
+    assert v2.fault(3) == PF_FIXED  # the A/D slow path drops D (make_spte)
+    assert v2.cache.nobjs == 40
+    assert v2.root == v1.root == vm.root and vm.roots == [(vm.root, 3, False)]
+    assert v2.fault(3) == PF_SPURIOUS
+    assert v2.fault(4) == PF_FIXED  # path exists: no table taken
     assert v2.cache.nobjs == 40
     assert v1.cache.nobjs == n1
     assert v2.fault(600) == PF_FIXED  # a new L1 table from v2's cache

@@ -70,10 +70,10 @@ def build_table(layout, u64[:, ::1] pages, u64 first_pfn):
     return counts, base[5], base[SPTE_ENT_PER_PAGE]
 
 
-cdef u64 leaf_of(kvm_t* kvm, gfn_t gfn) noexcept nogil:
-    """The entry where a walk from the root stops (the leaf, or a non-present/MMIO SPTE)."""
+cdef u64 leaf_of(kvm_t* kvm, int64_t root, gfn_t gfn) noexcept nogil:
+    """The entry where a walk from `root` stops (the leaf, or a non-present/MMIO SPTE)."""
     cdef int level = kvm.root_level
-    cdef u64* table = kvm.pool.pages + kvm.root * SPTE_ENT_PER_PAGE
+    cdef u64* table = kvm.pool.pages + root * SPTE_ENT_PER_PAGE
     cdef u64 spte
     while True:
         spte = table[spte_index(gfn, level)]
@@ -83,14 +83,29 @@ cdef u64 leaf_of(kvm_t* kvm, gfn_t gfn) noexcept nogil:
         level -= 1
 
 
+cdef int64_t valid_root(kvm_t* kvm) noexcept nogil:
+    """The VM's valid root: the root on kvm.roots (tdp_mmu_roots) whose kvm_mmu_page is not
+    role.invalid, or -1 before any vCPU has loaded one."""
+    cdef int i
+    for i in range(kvm.nr_roots):
+        if not kvm.pool.sp[kvm.roots[i]].role_invalid:
+            return kvm.roots[i]
+    return -1
+
+
 def table_levels(Vm vm, gfn):
-    """(level, gfn) of the kvm_mmu_page of every table on gfn's path, read from the Vm's
-    cdef class layout: vm.kvm, its pool, and the pool's per-page kvm_mmu_page array."""
+    """(level, gfn) of the kvm_mmu_page of every table on gfn's path from the valid root,
+    read from the Vm's cdef class layout: vm.kvm, its roots, its pool, and the pool's
+    per-page kvm_mmu_page array.  [] while the VM has no valid root."""
     cdef kvm_t* kvm = &vm.kvm
     cdef int level = kvm.root_level
-    cdef u64 idx = <u64>kvm.root
+    cdef int64_t root = valid_root(kvm)
+    cdef u64 idx
     cdef u64 spte
     out = []
+    if root < 0:
+        return out
+    idx = <u64>root
     while True:
         out.append((kvm.pool.sp[idx].level, kvm.pool.sp[idx].gfn))
         spte = kvm.pool.pages[idx * SPTE_ENT_PER_PAGE + spte_index(gfn, level)]
@@ -126,7 +141,7 @@ def fault_gfns(vcpu, const u64[::1] gfns, const uint8_t[::1] access):
             if r >= 0:
                 kvm_mmu_read_lock(v.kvm, v.vcpu_idx)
                 for i in range(n):
-                    leaves[i] = leaf_of(v.kvm, gfns[i])
+                    leaves[i] = leaf_of(v.kvm, v.root, gfns[i])
                     mmio += is_mmio_spte(&v.kvm.m, leaves[i])
                 kvm_mmu_read_unlock(v.kvm, v.vcpu_idx)
         if r < 0:

@@ -61,3 +61,16 @@ def refuse_blank_layout(impl, use):
         return
     with pytest.raises(TypeError):
         use(blank)
+
+
+def load_root(impl, vcpu):
+    """Make ``vcpu`` load a root (6.10 kvm_mmu_reload -> kvm_mmu_load on vCPU entry) without
+    changing any table: a reserved-bit fault on an empty walk is handed to
+    handle_mmio_page_fault, which finds no MMIO SPTE and returns RET_PF_RETRY without
+    installing anything (mmu.c kvm_mmu_page_fault / handle_mmio_page_fault).  Returns the
+    root's pool index."""
+    from support.spec import PF_RETRY
+
+    assert vcpu.fault(0, error_code=impl.PFERR_RSVD_MASK) == PF_RETRY
+    assert vcpu.root is not None
+    return vcpu.root

@@ -17,6 +17,7 @@ BIT_PS = 1 << 7  # PT_PAGE_SIZE_MASK
 BIT_AD_DISABLED = 1 << 52  # SPTE_TDP_AD_DISABLED
 ADDR_MASK = ((1 << 52) - 1) & ~0xFFF  # SPTE_BASE_ADDR_MASK
 W_BIT = 1 << 1
+MMIO_GEN_MASK = (1 << 19) - 1  # MMIO_SPTE_GEN_MASK (spec §2.2)
 
 #: KVM's RET_PF_* numbers (docs/API.md ``PF``)
 PF_FIXED, PF_SPURIOUS, PF_RETRY, PF_EMULATE = 4, 5, 1, 2
@@ -63,6 +64,14 @@ API_CONSTANTS = {
     "MMIO_SPTE_GEN_HIGH_START": 52,
     "MMIO_SPTE_GEN_HIGH_END": 62,
     "NPT_MMIO_VALUE": (1 << 51) | 1,
+    # issue 10 contract "Constants": KVM's page-fault error code bits
+    # (arch/x86/include/asm/kvm_host.h PFERR_*_BIT) and the per-access code of a hit
+    "PFERR_PRESENT_MASK": 1 << 0,
+    "PFERR_WRITE_MASK": 1 << 1,
+    "PFERR_USER_MASK": 1 << 2,
+    "PFERR_RSVD_MASK": 1 << 3,
+    "PFERR_FETCH_MASK": 1 << 4,
+    "ACCESS_HIT": 0,
 }
 
 
@@ -98,3 +107,21 @@ def is_present(spte):
 def is_leaf(spte, level):
     """is_last_spte on a present SPTE (spec §2.1: level 1 or bit 7)."""
     return is_present(spte) and (level == 1 or bool(spte & BIT_PS))
+
+
+def ad_fault_counts(gfns):
+    """(fixed, spurious) of delivering every gfn of a sequence as a not-present fault
+    (``fault``/``fault_batch``) to a VM whose layout has A/D bits, all gfns in writable RAM,
+    nothing zapped: the first fault of a page installs a writable, dirty leaf (make_spte
+    sets D with ACC_WRITE); the second is no fast-path candidate (6.10 mmu.c
+    page_fault_can_be_fast: !PRESENT only without A/D) and make_spte with the writable old
+    SPTE skips D (spte.c: ``if (is_writable_pte(old_spte)) goto out``): FIXED again; from
+    the third on the same SPTE is built: RET_PF_SPURIOUS."""
+    import numpy as np
+
+    gfns = np.asarray(gfns)
+    if gfns.size == 0:
+        return 0, 0
+    counts = np.unique(gfns, return_counts=True)[1]
+    fixed = int(counts.size + (counts >= 2).sum())
+    return fixed, int(gfns.size) - fixed

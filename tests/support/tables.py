@@ -8,11 +8,13 @@ from support.spec import BIT_PRESENT, BIT_PS, ENT, child_of, is_leaf, is_present
 
 
 def linked_tables(vm):
-    """{pool index: (level, base_gfn)} of every table reachable from the root, found by
-    decoding raw entries (bit 11 present, bit 7 / level 1 leaf, bits 12..51 child)."""
+    """{pool index: (level, base_gfn)} of every table reachable from a root on the VM's
+    roots list (``vm.roots``: the valid root and any invalid root a vCPU still holds;
+    6.10 kvm->arch.tdp_mmu_roots), found by decoding raw entries (bit 11 present, bit 7 /
+    level 1 leaf, bits 12..51 child).  Empty before any vCPU has loaded a root."""
     pages = vm.pool.pages
     found = {}
-    stack = [(vm.root, vm.root_level, 0)]
+    stack = [(r[0], vm.root_level, 0) for r in vm.roots]
     while stack:
         table, level, base = stack.pop()
         assert table not in found, f"table {table} linked twice"
@@ -49,8 +51,11 @@ def present_leaves(vm):
 
 
 def table_page(vm, gfn, level):
-    """The pool index of the table of `level` covering gfn, or None (decoded by hand)."""
+    """The pool index of the table of `level` covering gfn in the VM's valid root, or None
+    (decoded by hand; None too when no valid root exists)."""
     table, lvl = vm.root, vm.root_level
+    if table is None:
+        return None
     pages = vm.pool.pages
     while lvl > level:
         v = int(pages[table][spte_index(gfn, lvl)])

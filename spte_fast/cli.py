@@ -160,7 +160,7 @@ def _progress_bar(total):
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, unit="fault", unit_scale=True, file=sys.stderr, leave=False)
+    return tqdm(total=total, unit="rec", unit_scale=True, file=sys.stderr, leave=False)
 
 
 def cmd_trace_convert(args):
@@ -223,8 +223,9 @@ def build_parser():
     src.add_argument("--trace", metavar="FILE",
                      help="replay a binary trace (plain, .gz or .xz) in chunks")
     s.add_argument("--faults", type=parse_count, metavar="N",
-                   help=f"number of faults (default {DEFAULT_FAULTS:,}; for a trace: its "
-                        "first N records, default all); 10M, 500k accepted")
+                   help=f"number of records: accesses, or faults with --mode fault (default "
+                        f"{DEFAULT_FAULTS:,}; for a trace: its first N records, default all); "
+                        "10M, 500k accepted")
     s.add_argument("--guest-size", type=parse_size, metavar="SIZE",
                    help="guest RAM, e.g. 4G (default: 4G, 64G for huge, a trace's highest "
                         "page rounded up to 2M)")

@@ -43,17 +43,17 @@ def _write_trace(path, recs):
 
 @pytest.mark.parametrize("faults", [1000, PAGES_16M, 10_000])
 def test_seq_run_counts_are_first_touches(faults):
-    # seq over G pages: fault i is gfn i % G, so the first min(N, G) faults are first
-    # touches (FIXED, one 4K leaf each); the next G re-touch mapped pages once, and with
-    # EPT A/D each such not-present fault takes the slow path and drops D (6.10
-    # page_fault_can_be_fast, make_spte): FIXED again; the rest are SPURIOUS.
+    # seq over G pages: access i is gfn i % G.  The first min(N, G) are first touches: the
+    # CPU's walk meets a non-present entry (EPT violation), kvm_mmu_page_fault installs a
+    # 4K leaf (FIXED) and the re-executed access walks again and hits.  Every later access
+    # hits: make_spte already set A and D (a writable slot), so the CPU sets nothing.
     res = sim.run(SimConfig(chunk=700), sim.workload("seq", faults, 16 << 20))
     touched = min(faults, PAGES_16M)
-    fixed = touched + min(max(faults - PAGES_16M, 0), PAGES_16M)
-    assert (fixed, faults - fixed) == ad_fault_counts(np.arange(faults) % PAGES_16M)
-    assert res.faults == faults
-    assert res.results == {"fixed": fixed, "spurious": faults - fixed, "emulate": 0,
-                           "retry": 0}
+    assert res.accesses == faults and res.faults == touched
+    assert res.results == {"hits": faults - touched, "fixed": touched, "spurious": 0,
+                           "emulate": 0, "retry": 0, "fast": 0}
+    assert res.hardware == {"hw_walks": faults + touched, "hw_ad_sets": 0,
+                            "exits_ept_violation": touched, "exits_misconfig": 0}
     assert res.stats["pages_4k"] == touched
     fixed = touched
     assert res.stats["pages_2m"] == res.stats["pages_1g"] == 0
@@ -64,13 +64,30 @@ def test_seq_run_counts_are_first_touches(faults):
     assert res.config.max_level == sf.PG_LEVEL_4K          # the workload's default, resolved
 
 
+@pytest.mark.parametrize("faults", [1000, 10_000])
+def test_fault_mode_delivers_every_record_as_a_not_present_fault(faults):
+    # mode="fault": each record is a fault (Vcpu.fault_batch).  With EPT A/D a re-touch of
+    # a mapped page takes the slow path (6.10 page_fault_can_be_fast refuses not-present
+    # faults when A/D bits are in use) and make_spte drops D: the first re-touch of each
+    # page is FIXED too, the rest SPURIOUS.
+    res = sim.run(SimConfig(chunk=700, mode="fault"), sim.workload("seq", faults, 16 << 20))
+    fixed, spurious = ad_fault_counts(np.arange(faults) % PAGES_16M)
+    assert res.accesses == res.faults == faults
+    assert res.results == {"fixed": fixed, "spurious": spurious, "emulate": 0, "retry": 0,
+                           "fast": 0}
+    assert res.hardware["hw_walks"] == 0
+    assert "M faults/s in the fault path" in sim.report.summary(res)
+
+
 def test_samples_follow_the_run():
     res = sim.run(SimConfig(chunk=3000, zap_every=2500),
                   sim.workload("random", 20_000, 64 << 20, seed=3))
+    accesses = [s.accesses for s in res.samples]
+    assert accesses == [3000, 6000, 9000, 12000, 15000, 18000, 20000]   # one per chunk
+    assert accesses[-1] == res.accesses == 20_000
     faults = [s.faults for s in res.samples]
-    assert faults == [3000, 6000, 9000, 12000, 15000, 18000, 20000]   # one per chunk
-    assert all(a < b for a, b in zip(faults, faults[1:]))
-    assert faults[-1] == res.faults == 20_000
+    assert all(a <= b for a, b in zip(faults, faults[1:]))
+    assert faults[-1] == res.faults == res.hardware["exits_ept_violation"]
     seconds = [s.seconds for s in res.samples]
     assert seconds == sorted(seconds)
     assert all(len(s.pt_pages) == 4 for s in res.samples)
@@ -85,15 +102,20 @@ def test_to_dict_is_the_json_document_and_round_trips():
     doc = res.to_dict()
     assert json.loads(json.dumps(doc)) == doc
     assert json.loads(sim.report.to_json(res, plot="x.png")) == {**doc, "plot": "x.png"}
-    assert set(doc) == {"config", "faults", "results", "elapsed_s", "fault_s", "zap_s",
+    assert set(doc) == {"config", "accesses", "faults", "hardware", "results", "elapsed_s",
+                        "fault_s", "zap_s", "accesses_per_s", "overall_accesses_per_s",
                         "faults_per_s", "overall_faults_per_s", "zaps", "stats", "audit",
                         "samples"}
+    assert doc["config"]["mode"] == "access"
+    assert doc["hardware"] == {k: doc["stats"][k] for k in
+                               ("hw_walks", "hw_ad_sets", "exits_ept_violation",
+                                "exits_misconfig")}
     c = doc["config"]
     assert (c["source"], c["workload"], c["layout"], c["nonpresent_value"], c["root_level"],
             c["max_level"], c["vcpus"], c["chunk"]) == \
         ("workload", "mixed", "legacy", "0x0", 5, "4k", 2, 5000)
     assert [s["readonly"] for s in c["memslots"]] == [False, True]
-    assert [s["faults"] for s in doc["samples"]] == [5000, 10000, 12000]
+    assert [s["accesses"] for s in doc["samples"]] == [5000, 10000, 12000]
     assert len(doc["samples"][0]["pt_pages"]) == 5
     assert doc["stats"] == res.stats and doc["stats"]["pt_pages_l5"] == 1
 
@@ -101,15 +123,17 @@ def test_to_dict_is_the_json_document_and_round_trips():
 def test_summary_reports_the_result():
     res = sim.run(SimConfig(), sim.workload("seq", 5000, 16 << 20))
     text = sim.report.summary(res)
-    assert text.startswith("spte-fast simulate: seq workload, 5,000 faults, 16.0 MiB guest")
-    # 4096 first touches and 904 first re-touches, which drop D (EPT A/D): all FIXED
-    assert "fixed 5,000   spurious 0" in text and "audit        passed" in text
+    assert text.startswith("spte-fast simulate: seq workload, 5,000 accesses, 16.0 MiB guest")
+    # 4096 first touches exit and are FIXED, the 904 re-touches hit
+    assert "hardware hits 904" in text and "EPT violation / #NPF 4,096" in text
+    assert "fixed 4,096   fast 0   spurious 0" in text and "audit        passed" in text
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"layout": "ept2"}, "unknown layout"), ({"root_level": 3}, "root_level"),
     ({"max_level": 4}, "max_level"), ({"vcpus": 0}, "vcpus"), ({"vcpus": 257}, "vcpus"),
     ({"zap_every": 0}, "zap_every"), ({"chunk": 1.5}, "chunk"), ({"seed": -1}, "seed"),
+    ({"mode": "hw"}, "unknown mode"),
 ])
 def test_bad_configuration_is_an_input_error(kwargs, message):
     with pytest.raises(sim.InputError, match=message):
@@ -159,10 +183,12 @@ def test_trace_run_opens_and_decompresses_its_input_once(tmp_path, count_opens):
         res = sim.run(SimConfig(chunk=999), src)
     assert count_opens(path) == 1
     distinct = np.unique(pages).size
-    fixed, spurious = ad_fault_counts(pages)  # first touches and first re-touches (EPT A/D)
-    assert res.results == {"fixed": fixed, "spurious": spurious, "emulate": 0, "retry": 0}
+    # Each page's first access exits and is FIXED; every other access hits (a fetch of a
+    # page first read finds X set: ACC_ALL at 4K).
+    assert res.results == {"hits": 5000 - distinct, "fixed": distinct, "spurious": 0,
+                           "emulate": 0, "retry": 0, "fast": 0}
     assert res.stats["pages_4k"] == distinct
-    assert [s.faults for s in res.samples][-1] == 5000 and len(res.samples) == 6
+    assert [s.accesses for s in res.samples][-1] == 5000 and len(res.samples) == 6
     c = res.to_dict()["config"]
     assert c["trace_records"] == 5000
     assert c["trace_kinds"] == {k: int(np.sum(kinds == i))
@@ -175,8 +201,9 @@ def test_trace_prefix_replays_but_the_whole_file_is_validated(tmp_path):
     path = _write_trace(tmp_path / "t.bin", recs)
     with sim.trace_source(path, faults=4) as src:
         res = sim.run(SimConfig(chunk=2), src)
-        # 7, 8, 9 first touches, then 7 again: EPT A/D, the re-fault drops D (FIXED)
-        assert res.results["fixed"] == 4 and res.results["spurious"] == 0
+        # 7, 8, 9 first touches (exits, FIXED), then 7 again: a hit
+        assert res.results["fixed"] == 3 and res.results["hits"] == 1
+        assert res.accesses == 4
         assert res.to_dict()["config"]["trace_records"] == 5          # the whole file
     bad = _write_trace(tmp_path / "bad.bin", np.append(recs, 11 << 2 | 3))
     with pytest.raises(sim.TraceError, match="record 5: unknown kind 3"):

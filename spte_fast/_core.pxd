@@ -427,6 +427,7 @@ cdef class Vm:
     cdef int _swap_memslots(self, kvm_memory_slot_t* slots, int n, int mark_invalid,
                             int clear_invalid) except -1
     cdef int _zap_all_fast(self) except -1
+    cdef tuple _gfn_range(self, start, end)
     cdef int _check_slot_range(self, gfn_t base, u64 n, int64_t skip_id) except -1
     cdef int _check_max_gfn(self, gfn_t base, u64 n) except -1
     cdef object _add_memslot(self, gfn_t base, u64 n, u64 p, bint readonly)

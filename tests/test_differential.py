@@ -402,6 +402,17 @@ class VmDifferential(RuleBasedStateMachine):
             np.array([g for g, _ in batch], dtype=np.uint64),
             error_codes=np.array([e for _, e in batch], dtype=np.uint32)))
 
+    @rule(start=gfns, span=st.sampled_from([1, 512, PAGES_1G, 1 << 27]), flush=st.booleans())
+    def age_gfn_range(self, start, span, flush):
+        self.touch(start)
+        end = min(start + span, self.width)
+        self.both("age_gfn_range", lambda s: s.vm.age_gfn_range(start, max(start, end), flush))
+
+    @rule(start=gfns, span=st.sampled_from([1, 512, PAGES_1G]))
+    def test_age_gfn(self, start, span):
+        end = min(start + span, self.width)
+        self.both("test_age_gfn", lambda s: s.vm.test_age_gfn(start, max(start, end)))
+
     @rule()
     def zap_all_fast(self):
         self.both("zap_all_fast", lambda s: s.vm.zap_all_fast())

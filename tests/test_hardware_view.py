@@ -519,3 +519,83 @@ def test_fault_batch_error_codes(impl):
     assert counts == {"fixed": 1, "spurious": 1, "retry": 0, "emulate": 2, "fast": 1}
     assert vm.stats["faults_emulate"] == 1
     vm.audit()
+
+
+# ==========================================================================================
+# Aging (tdp_mmu.c age_gfn_range, test_age_gfn), seen by the CPU and the fast page fault
+# ==========================================================================================
+
+
+def test_aging_clears_a_and_the_cpu_sets_it_again(impl):
+    """age_gfn_range with A/D bits: clear A only (spec §2.6: ...b77 -> ...a77), no flush
+    for clear_young; the CPU's next access sets A with no exit; test_age_gfn reads A."""
+    vm = vm_of(impl, max_level=1)
+    vm.add_memslot(0, 16, 0x100000)
+    v = vm.vcpu()
+    v.fault(5, write=True)
+    assert vm.lookup(5)[0] == 0x8600000100005B77
+    assert vm.test_age_gfn(0, 16) is True
+    assert vm.age_gfn_range(0, 16) is True
+    assert vm.lookup(5)[0] == 0x8600000100005A77
+    assert vm.test_age_gfn(0, 16) is False and vm.age_gfn_range(0, 16) is False
+    assert vm.stats["tlb_flushes"] == 0
+    assert v.access(5) is None
+    assert vm.lookup(5)[0] == 0x8600000100005B77 and vm.stats["hw_ad_sets"] == 1
+    # clear_flush_young: one full flush when something was young
+    assert vm.age_gfn_range(0, 16, flush=True) is True and vm.stats["tlb_flushes"] == 1
+    assert vm.age_gfn_range(0, 16, flush=True) is False and vm.stats["tlb_flushes"] == 1
+    vm.audit()
+
+
+def test_npt_aging_clears_bit_5(impl):
+    vm = vm_of(impl, "npt", max_level=1)
+    vm.add_memslot(0, 16, 0x100000)
+    v = vm.vcpu()
+    v.fault(5, write=True)
+    leaf = vm.lookup(5)[0]
+    assert leaf & NPT_A and leaf & NPT_D
+    assert vm.age_gfn_range(5, 6) is True
+    assert vm.lookup(5)[0] == leaf & ~NPT_A
+    assert v.access(5, write=True) is None and vm.lookup(5)[0] == leaf
+
+
+def test_access_tracking_is_undone_by_the_fast_page_fault(impl):
+    """EPT without A/D.  age_gfn_range: the SPTE is writable, so its pfn is marked dirty,
+    then mark_spte_for_access_track saves R and X in bits 54 and 56 and clears RWX (W is
+    not saved; MMU-writable stays).  The CPU now sees a not-present entry: an EPT violation
+    without PRESENT, which page_fault_can_be_fast lets through (!kvm_ad_enabled());
+    fast_page_fault restores R and X (restore_acc_track_spte) -- FIXED for a read -- and a
+    later write sets W on the MMU-writable SPTE, FIXED again, both lockless (pf_fast)."""
+    vm = vm_of(impl, "ept_noad", max_level=1)
+    vm.add_memslot(0, 16, 0x100000)
+    v = vm.vcpu()
+    v.fault(5, write=True)
+    assert vm.lookup(5)[0] == 0x8610000100005877          # bit 52: A/D disabled
+    assert not vm.host_page_dirty(0x100005)
+    assert vm.age_gfn_range(0, 16) is True
+    assert vm.lookup(5)[0] == 0x8750000100005870          # RWX cleared, R/X saved
+    assert vm.host_page_dirty(0x100005)
+    assert vm.test_age_gfn(0, 16) is False                # is_accessed_spte: tracked
+    changes = vm.stats["spte_changes"]
+    assert v.access(5) == PF_FIXED
+    assert vm.lookup(5)[0] == 0x8610000100005875          # R, X back; not W
+    assert v.access(5, write=True) == PF_FIXED
+    assert vm.lookup(5)[0] == 0x8610000100005877
+    s = vm.stats
+    assert s["faults_fast"] == 2 and s["faults_fixed"] == 3
+    assert s["exits_ept_violation"] == 2
+    assert s["spte_changes"] == changes                   # no handle_changed_spte
+    assert v.access(5, write=True) is None
+    vm.audit()
+
+
+def test_aging_argument_checks_and_empty_ranges(impl):
+    vm = vm_of(impl)
+    for args, exc in (((5, 4), ValueError), ((-1, 4), ValueError),
+                      ((0, vm.gfn_limit + 1), ValueError), (("0", 4), TypeError)):
+        with pytest.raises(exc):
+            vm.age_gfn_range(*args)
+        with pytest.raises(exc):
+            vm.test_age_gfn(*args)
+    assert vm.age_gfn_range(0, vm.gfn_limit) is False     # no root yet: nothing to age
+    assert vm.test_age_gfn(7, 7) is False

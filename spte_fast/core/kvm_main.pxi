@@ -668,6 +668,43 @@ cdef class Vm:
         self._raise_fatal()
         return bool(flush)
 
+    cdef tuple _gfn_range(self, start, end):
+        """(start, end) checked: ints, start <= end <= the address width."""
+        cdef gfn_t s = _as_u64(start, "start")
+        cdef gfn_t e = _as_u64(end, "end")
+        if e > self.kvm.gfn_limit:
+            raise ValueError(f"end {e:#x} is beyond the address width ({self.kvm.gfn_limit:#x})")
+        if s > e:
+            raise ValueError(f"start {s:#x} > end {e:#x}")
+        return s, e
+
+    def age_gfn_range(self, start, end, flush=False):
+        """MMU notifier clear_young (``flush=False``) / clear_flush_young: age the present
+        leaves intersecting [start, end) in every root -- clear A where A/D bits are used,
+        else mark for access tracking after pushing W to the host page's dirty flag.  True
+        if any was young (then, with ``flush``, one full TLB flush)."""
+        cdef gfn_t s, e
+        cdef bint young, fl = bool(flush)
+        s, e = self._gfn_range(start, end)
+        with nogil:
+            kvm_mmu_write_lock(&self.kvm)
+            young = kvm_tdp_mmu_handle_gfn(&self.kvm, s, e, True)
+            if young and fl:
+                self.st.tlb_flushes += 1
+            kvm_mmu_write_unlock(&self.kvm)
+        return bool(young)
+
+    def test_age_gfn(self, start, end):
+        """MMU notifier test_young: is any present leaf in [start, end) accessed?"""
+        cdef gfn_t s, e
+        cdef bint young
+        s, e = self._gfn_range(start, end)
+        with nogil:
+            kvm_mmu_write_lock(&self.kvm)
+            young = kvm_tdp_mmu_handle_gfn(&self.kvm, s, e, False)
+            kvm_mmu_write_unlock(&self.kvm)
+        return bool(young)
+
     def zap_all(self):
         """kvm_mmu_zap_all: every root, valid or invalid, zapped by 4K, 2M, 1G and
         root-level passes; the roots stay.  No TLB flush (6.10).  True if anything was

@@ -46,6 +46,17 @@ cdef inline u64 kvm_tdp_mmu_write_spte(const spte_masks_t* m, tdp_ptep_t sptep, 
     return old_spte
 
 
+cdef inline u64 tdp_mmu_clear_spte_bits(const spte_masks_t* m, tdp_ptep_t sptep, u64 old_spte,
+                                        u64 mask, int level) noexcept nogil:
+    """tdp_mmu_clear_spte_bits: fetch-and-not when the CPU could set a bit meanwhile (the
+    true old value is returned), else a plain store of old & ~mask."""
+    if is_shadow_present_pte(old_spte) and is_last_spte(old_spte, level) and \
+            spte_has_volatile_bits(m, old_spte):
+        return spte_fetch_and_seq_cst(sptep, ~mask)
+    __kvm_tdp_mmu_write_spte(sptep, old_spte & ~mask)
+    return old_spte
+
+
 # -- the iterator ------------------------------------------------------------------------
 
 cdef inline void tdp_iter_refresh_sptep(tdp_iter_t* it) noexcept nogil:

@@ -363,6 +363,48 @@ cdef void kvm_tdp_mmu_invalidate_all_roots(kvm_t* kvm) noexcept nogil:
     pthread_mutex_unlock(&kvm.tdp_mmu_pages_lock)
 
 
+# -- aging: the MMU notifiers' clear_young / test_young (spec §3.11) --------------------------
+# Exclusive in 6.10, over every root; the SPTE changes without handle_changed_spte (KVM
+# only traces it): presence and pfn stay.
+
+cdef inline bint age_gfn_range(kvm_t* kvm, tdp_iter_t* it) noexcept nogil:
+    cdef const spte_masks_t* m = &kvm.m
+    cdef u64 old = it.old_spte
+    if not is_accessed_spte(m, old):
+        return False
+    if spte_ad_enabled(old):
+        it.old_spte = tdp_mmu_clear_spte_bits(m, it.sptep, old, m.shadow_accessed_mask, it.level)
+    else:
+        # Capture the dirty state before access tracking drops W.
+        if is_writable_pte(old):
+            kvm_set_pfn_dirty(kvm, spte_to_pfn(old))
+        it.old_spte = kvm_tdp_mmu_write_spte(m, it.sptep, old,
+                                             mark_spte_for_access_track(m, old), it.level)
+    return True
+
+
+cdef bint kvm_tdp_mmu_handle_gfn(kvm_t* kvm, gfn_t start, gfn_t end, bint age) noexcept nogil:
+    """kvm_tdp_mmu_age_gfn_range (age) / kvm_tdp_mmu_test_age_gfn: every present leaf of
+    every root intersecting [start, end).  Returns young."""
+    cdef tdp_iter_t it
+    cdef bint young = False
+    cdef int i
+    end = min(end, tdp_mmu_max_gfn_exclusive(kvm))
+    if start >= end:
+        return False
+    for i in range(kvm.nr_roots - 1, -1, -1):
+        tdp_iter_start(&it, kvm.pool.pages, root_pt(kvm, kvm.roots[i]), kvm.root_level, 1,
+                       start)
+        while it.valid and it.gfn < end:
+            if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level):
+                if age:
+                    young |= age_gfn_range(kvm, &it)
+                else:
+                    young |= is_accessed_spte(&kvm.m, it.old_spte)
+            tdp_iter_next(&it)
+    return young
+
+
 # -- zaps (spec §3.10) -----------------------------------------------------------------------
 
 cdef inline gfn_t tdp_mmu_max_gfn_exclusive(kvm_t* kvm) noexcept nogil:

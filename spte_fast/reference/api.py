@@ -8,9 +8,10 @@ contract is docs/API.md; every check raises TypeError / ValueError before anythi
 """
 import numpy as np
 
-from . import audit, hw, memslots, mmu, tdp_mmu, tdp_mmu_roots
+from . import aging, audit, hw, memslots, mmu, tdp_mmu, tdp_mmu_roots
 from ._checks import check_int, check_int_array, check_writable
-from .kvm_host import (KVM_MAX_VCPUS, Kvm, kvm_stats, kvm_vm_ioctl_create_vcpu,
+from .kvm_host import (KVM_MAX_VCPUS, Kvm, kvm_flush_remote_tlbs, kvm_stats,
+                       kvm_vm_ioctl_create_vcpu,
                        kvm_warnings_by_reason)
 from .spte import PG_LEVEL_1G, PG_LEVEL_4K, SpteLayout, is_last_spte, is_shadow_present_pte
 
@@ -170,6 +171,27 @@ class Vm:
         if start > end:
             raise ValueError(f"start {start:#x} > end {end:#x}")
         return mmu.kvm_zap_gfn_range(self._kvm, start, end)
+
+    def _age_range(self, start, end):
+        start = check_int("start", start, 0, self._kvm.gfn_limit + 1)
+        end = check_int("end", end, 0, self._kvm.gfn_limit + 1)
+        if start > end:
+            raise ValueError(f"start {start:#x} > end {end:#x}")
+        return start, end
+
+    def age_gfn_range(self, start, end, flush=False):
+        """MMU notifier clear_young (flush=False) / clear_flush_young: age the leaves in
+        [start, end); young if any was accessed (then one full flush if `flush`)."""
+        start, end = self._age_range(start, end)
+        young = aging.kvm_tdp_mmu_handle_gfn(self._kvm, start, end, aging.age_gfn_range)
+        if young and flush:
+            kvm_flush_remote_tlbs(self._kvm)
+        return young
+
+    def test_age_gfn(self, start, end):
+        """MMU notifier test_young: whether a leaf in [start, end) is accessed."""
+        start, end = self._age_range(start, end)
+        return aging.kvm_tdp_mmu_handle_gfn(self._kvm, start, end, aging.test_age_gfn)
 
     def zap_all(self):
         """Zap every root (kvm_mmu_zap_all); True when anything was zapped.  No TLB flush

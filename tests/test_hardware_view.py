@@ -599,3 +599,34 @@ def test_aging_argument_checks_and_empty_ranges(impl):
             vm.test_age_gfn(*args)
     assert vm.age_gfn_range(0, vm.gfn_limit) is False     # no root yet: nothing to age
     assert vm.test_age_gfn(7, 7) is False
+
+
+@pytest.mark.parametrize("failures, fast", [(0, 1), (4, 1), (5, 0)])
+def test_fast_page_fault_retries_four_times_then_takes_the_slow_path(impl, failures, fast):
+    """fast_page_fault: a lost compare-and-exchange walks and tries again while
+    ++retry_count <= 4; the fifth loss gives up (RET_PF_INVALID) and the slow path maps
+    (make_spte over the access-tracked SPTE).  Either way the write fault is FIXED."""
+    vm = vm_of(impl, "ept_noad", max_level=1)
+    vm.add_memslot(0, 16, 0x100000)
+    v = vm.vcpu()
+    v.fault(5, write=True)
+    vm.age_gfn_range(0, 16)                               # access-tracked, MMU-writable
+    vm.inject_cas_failures(failures)
+    assert v.fault(5, error_code=PFERR_WRITE) == PF_FIXED
+    assert vm.lookup(5)[0] == 0x8610000100005877
+    assert v.stats["faults_fast"] == fast and vm.stats["cas_failures"] == failures
+    vm.audit()
+
+
+def test_access_batch_out_of_memory_reports_completed(impl):
+    """8 pages: the root and 3 tables for gfn 0 leave 4 in the vCPU's cache, below the
+    top-up's minimum of 5 (mmu_topup_memory_caches).  The second access hits; the third
+    (gfn 1: not present, so a fault, which tops up first) fails: two accesses completed."""
+    vm = vm_of(impl, max_level=1, max_pt_pages=8)
+    vm.add_memslot(0, 1 << 20, 0x100000)
+    v = vm.vcpu()
+    with pytest.raises(impl.OutOfMemory) as info:
+        v.access_batch(np.array([0, 0, 1, 2], dtype=np.int64))
+    assert info.value.completed == 2
+    assert vm.lookup(1) is None
+    vm.audit()

@@ -538,16 +538,16 @@ cdef class Vcpu:
         cdef Py_ssize_t n = g_arr.shape[0]
         cdef cnp.ndarray a_arr = None
         cdef cnp.ndarray o_arr = None
+        cdef int8_t[:] o_view = None
         cdef const uint8_t* a = NULL
         cdef int8_t* o = NULL
         if access is not None:
             a_arr = _access_array(access, n)
             a = <const uint8_t*>cnp.PyArray_DATA(a_arr)
         if out is not None:
-            _out_array(out, n)
-            # A strided view is filled through a contiguous buffer, copied back below.
-            o_arr = out if out.flags.c_contiguous else np.empty(n, dtype=np.int8)
-            o = <int8_t*>cnp.PyArray_DATA(o_arr)
+            o_view = _out_view(out, n)      # length, strides from the buffer protocol
+            o_arr = _out_scratch(o_view)    # a strided view: filled here, copied back below
+            o = <int8_t*>cnp.PyArray_DATA(o_arr) if o_arr is not None else _out_ptr(o_view)
         cdef const gfn_t* g = <const gfn_t*>cnp.PyArray_DATA(g_arr)
         cdef int64_t counts[6]
         cdef Py_ssize_t done = 0
@@ -560,8 +560,8 @@ cdef class Vcpu:
                 if rc == BATCH_INTERRUPTIBLE:
                     PyErr_CheckSignals()    # KeyboardInterrupt propagates from here
         finally:
-            if o_arr is not None and o_arr is not out:
-                out[:done] = o_arr[:done]
+            if o_arr is not None:
+                _out_copy_back(o_view, o_arr, done)
         self.vm._raise_fatal()
         _check_rc(rc, f"fault_batch: stopped after {done} of {n} faults",
                   self.cache.mc.last_warn, done,

@@ -91,3 +91,17 @@ def check_int_array(name, array):
         if v < 0:
             raise ValueError(f"{name} values must be >= 0, got {v}")
     return values
+
+
+def check_out_array(name, out, n):
+    """A batch call's ``out``: a writable 1-D int8 array of ``n`` entries (any strides),
+    judged by numpy (a subclass's ``shape`` or ``flags`` are not consulted); returns the
+    plain ndarray over the same memory, which is what should be written."""
+    plain = plain_array(name, out, " of int8")
+    if plain.dtype != np.int8:
+        raise TypeError(f"{name} must have dtype int8, not {plain.dtype}")
+    if plain.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), not {plain.shape}")
+    if not plain.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    return plain

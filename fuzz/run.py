@@ -44,9 +44,16 @@ def main(argv=None):
     args, rest = p.parse_known_args(argv)
     if args.atheris:
         import atheris
-        with atheris.instrument_imports(include=["spte_fast", "fuzz"]):
+        # Instrument the Python code the targets reach (the compiled core itself is not:
+        # it is built without libFuzzer's instrumentation).  Imported here, inside the
+        # context, because instrumentation happens at import.
+        with atheris.instrument_imports(include=["spte_fast", "fuzz.targets",
+                                                 "fuzz.bytes_reader"]):
+            import spte_fast  # noqa: F401
+            import spte_fast.cli  # noqa: F401
+            import spte_fast.reference  # noqa: F401
+            import spte_fast.sim.trace  # noqa: F401
             from fuzz import targets
-        import spte_fast._core  # noqa: F401  (the compiled core is not instrumented)
         target = targets.TARGETS[args.target]
         atheris.Setup([sys.argv[0]] + rest, target)
         atheris.Fuzz()

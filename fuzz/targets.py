@@ -35,6 +35,11 @@ class Finding(AssertionError):
     """A defect found by a target (a crash is the other kind)."""
 
 
+def _read(path, opener=open):
+    with opener(path, "rb") as f:
+        return f.read()
+
+
 # ---------------------------------------------------------------------------------------
 # API
 # ---------------------------------------------------------------------------------------
@@ -480,7 +485,7 @@ def trace(data):
         if r.flag():
             with open(dst, "wb") as f:
                 f.write(b"old")
-        before = open(dst, "rb").read() if os.path.exists(dst) else None
+        before = _read(dst) if os.path.exists(dst) else None
         tlb = r.pick([None, 1, 2, 4])
         block = r.pick([tr.LACKEY_BLOCK, 7, 64])
         want = _lackey_oracle(text, tlb) if intact else None
@@ -489,7 +494,7 @@ def trace(data):
         except tr.TraceError:
             if want is not None:
                 raise Finding("a valid lackey log was refused") from None
-            now = open(dst, "rb").read() if os.path.exists(dst) else None
+            now = _read(dst) if os.path.exists(dst) else None
             if now != before:
                 raise Finding("a failed conversion changed its output file")
             if [n for n in os.listdir(d) if n.endswith(".part")]:
@@ -497,7 +502,7 @@ def trace(data):
             return
         if want is None:
             raise Finding("an invalid lackey log was converted")
-        got = list(np.frombuffer(tr.open_compressed(dst, "rb").read(), dtype="<u8").tolist())
+        got = np.frombuffer(_read(dst, tr.open_compressed), dtype="<u8").tolist()
         if got != want:
             raise Finding(f"converted records differ: {got[:8]} != {want[:8]}")
 
@@ -524,7 +529,7 @@ def _snapshot(d):
     for name in sorted(os.listdir(d)):
         p = os.path.join(d, name)
         st = os.lstat(p)
-        content = open(p, "rb").read() if os.path.isfile(p) and not os.path.islink(p) else None
+        content = _read(p) if os.path.isfile(p) and not os.path.islink(p) else None
         out[name] = (st.st_ino, st.st_mode, content)
     return out
 

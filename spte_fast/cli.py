@@ -16,9 +16,13 @@ on stderr and exits with status 2; a run that fails (``sim.RunError``: the page-
 ran out, not enough host memory, the audit) prints one such line and exits with status 1.
 """
 import argparse
+import contextlib
+import errno
 import os
 import re
+import signal
 import sys
+import threading
 import time
 
 import spte_fast as sf
@@ -40,6 +44,10 @@ _bytes = _report.format_bytes
 
 class CliError(Exception):
     """Bad input found by the command line itself: one line, exit status 2."""
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that the cleanup of a half-written -o runs."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,6 +87,17 @@ def parse_count(text):
     return n
 
 
+def parse_seed(text):
+    """A seed: a decimal int >= 0."""
+    try:
+        n = int(text.strip(), 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {n}")
+    return n
+
+
 def _vcpus(text):
     n = parse_count(text)
     if n > _engine.MAX_VCPUS:
@@ -96,11 +115,25 @@ def doc_section(doc, title):
 # Commands
 # ---------------------------------------------------------------------------------------
 
-def _check_input(path):
+def _check_input(path, option=None):
+    """An input file that exists and is not a directory (``option`` names it in errors)."""
+    name = f"{option} {path}" if option else path
     if not os.path.exists(path):
-        raise CliError(f"{path}: no such file")
+        raise CliError(f"{name}: no such file")
     if os.path.isdir(path):
-        raise CliError(f"{path}: is a directory")
+        raise CliError(f"{name}: is a directory")
+
+
+def _check_output_dir(path, option):
+    """The directory an output goes to exists and is writable; ``path`` is no directory."""
+    if os.path.isdir(path):
+        raise CliError(f"{option} {path}: is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise CliError(f"{option} {path}: its directory does not exist "
+                       f"(No such file or directory)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(f"{option} {path}: its directory is not writable")
 
 
 def _require_matplotlib():
@@ -111,18 +144,45 @@ def _require_matplotlib():
                        "(pip install 'spte_fast[plot]')") from None
 
 
+def _check_plot(path):
+    """--plot: a writable file name whose extension matplotlib can write (checked before the
+    run, which may take minutes; without an extension matplotlib would add .png)."""
+    _check_output_dir(path, "--plot")
+    _require_matplotlib()
+    from matplotlib.figure import Figure
+    formats = Figure().canvas.get_supported_filetypes()
+    ext = os.path.splitext(path)[1][1:].lower()
+    if ext not in formats:
+        raise CliError(f"--plot {path}: " +
+                       (f"unsupported format {ext!r}" if ext else "no file extension") +
+                       " (use .png, .svg or .pdf)")
+
+
+def _check_pfns(source, args):
+    """The guest's memslots must fit the engine's PFN field: say which option to change."""
+    end = max(s.pfn + s.npages for s in source.slots)
+    if end > 1 << 40:
+        room = ((1 << 40) - min(s.pfn for s in source.slots)) << 12
+        what = "--guest-size" if args.guest_size else (
+            "the trace's highest page" if args.trace else "the workload's guest size")
+        raise CliError(f"{what}: a {_bytes(source.guest_pages << 12)} guest needs host pages "
+                       f"beyond the PFN field (at most {room >> 30:,} GiB); "
+                       f"give a smaller --guest-size")
+
+
 def cmd_simulate(args):
     if args.plot:
-        if not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
-            raise CliError(f"{args.plot}: its directory does not exist")
-        _require_matplotlib()
-    config = _engine.SimConfig(
-        layout=args.layout, root_level=args.root_level,
-        max_level=MAX_LEVELS[args.max_level] if args.max_level else None, vcpus=args.vcpus,
-        zap_every=args.zap_every, zap_all_every=args.zap_all_every, seed=args.seed,
-        chunk=args.chunk, mode=args.mode)
+        _check_plot(args.plot)
+    try:
+        config = _engine.SimConfig(
+            layout=args.layout, root_level=args.root_level,
+            max_level=MAX_LEVELS[args.max_level] if args.max_level else None, vcpus=args.vcpus,
+            zap_every=args.zap_every, zap_all_every=args.zap_all_every, seed=args.seed,
+            chunk=args.chunk, mode=args.mode)
+    except InputError as e:         # the parser's types already refuse these; to be sure
+        raise CliError(f"{e} (check the options)") from None
     if args.trace:
-        _check_input(args.trace)
+        _check_input(args.trace, "--trace")
         source = _workloads.trace_source(args.trace, args.root_level, faults=args.faults,
                                          guest_bytes=args.guest_size)
     else:
@@ -130,6 +190,7 @@ def cmd_simulate(args):
                                      args.guest_size, args.seed)
     with source:
         _engine.check(config, source)       # before the progress bar draws
+        _check_pfns(source, args)
         bar = _progress_bar(source.faults)
         try:
             res = _engine.run(config, source, progress=bar.update if bar else None)
@@ -163,10 +224,23 @@ def _progress_bar(total):
     return tqdm(total=total, unit="rec", unit_scale=True, file=sys.stderr, leave=False)
 
 
+def _same_file(a, b):
+    """Whether paths a and b are one file (by device and inode: symbolic and hard links,
+    ``..`` and ``/proc/self/fd`` aliases included); False when either does not exist."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def cmd_trace_convert(args):
     _check_input(args.log)
-    if os.path.abspath(args.log) == os.path.abspath(args.output):
-        raise CliError("the output would overwrite the log")
+    if _same_file(args.log, args.output):
+        raise CliError(f"-o {args.output}: is the log itself; the output would overwrite it")
+    if not os.path.exists(args.output):
+        _check_output_dir(args.output, "-o")
+    elif os.path.isdir(args.output):
+        raise CliError(f"-o {args.output}: is a directory")
     t0 = time.perf_counter()
     st = _trace.convert_lackey(args.log, args.output, tlb=args.tlb)
     dt = time.perf_counter() - t0
@@ -245,7 +319,8 @@ def build_parser():
                    help="every N faults zap a random 2M-aligned range (zap_gfn_range)")
     s.add_argument("--zap-all-every", type=parse_count, metavar="N",
                    help="every N faults zap everything (zap_all)")
-    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--seed", type=parse_seed, default=0, metavar="N",
+                   help="random seed, an integer >= 0 (default 0)")
     s.add_argument("--chunk", type=parse_count, default=DEFAULT_CHUNK, metavar="N",
                    help=f"faults per fault_batch call (default {DEFAULT_CHUNK:,})")
     s.add_argument("--json", action="store_true",
@@ -285,20 +360,53 @@ def _indent(text):
     return "".join(f"  {line}\n" for line in text.splitlines()).rstrip("\n")
 
 
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _stdout_closed():
+    """stdout's reader went away (EPIPE): a normal end of output.  Later writes, and the
+    interpreter's final flush, go to /dev/null instead of raising again."""
+    with contextlib.suppress(OSError, ValueError):
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+
+
 def main(argv=None):
+    """Run the command; returns the exit status (0 ok, 1 the run failed, 2 bad input,
+    130 interrupted, 143 terminated).  A closed stdout (EPIPE) ends the output normally."""
+    in_main = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    in_main = in_main and old_term is not None     # a handler set outside Python: keep it
     try:
-        args = build_parser().parse_args(argv)
-        return (getattr(args, "func", None) or cmd_demo)(args)
-    except (CliError, InputError) as e:
-        sys.stderr.write(f"{PROG}: error: {e}\n")
-        return 2
-    except OSError as e:
-        sys.stderr.write(f"{PROG}: error: {e.filename + ': ' if e.filename else ''}"
-                         f"{e.strerror or e}\n")
-        return 2
-    except RunError as e:
-        sys.stderr.write(f"{PROG}: error: {e}\n")
-        return 1
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{PROG}: interrupted\n")
-        return 130
+        try:
+            args = build_parser().parse_args(argv)
+            rc = (getattr(args, "func", None) or cmd_demo)(args)
+            sys.stdout.flush()
+            return rc
+        except BrokenPipeError:
+            _stdout_closed()
+            return 0
+        except (CliError, InputError) as e:
+            sys.stderr.write(f"{PROG}: error: {e}\n")
+            return 2
+        except OSError as e:
+            if e.errno == errno.EPIPE and e.filename is None:
+                _stdout_closed()
+                return 0
+            sys.stderr.write(f"{PROG}: error: {f'{e.filename}: ' if e.filename else ''}"
+                             f"{e.strerror or e}\n")
+            return 2
+        except RunError as e:
+            sys.stderr.write(f"{PROG}: error: {e}\n")
+            return 1
+        except KeyboardInterrupt:
+            sys.stderr.write(f"{PROG}: interrupted\n")
+            return 130
+        except _Terminated:
+            sys.stderr.write(f"{PROG}: terminated\n")
+            return 143
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old_term)

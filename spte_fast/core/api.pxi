@@ -423,12 +423,13 @@ cdef class PagePool:
         if poison is not None:
             pv = _as_u64(poison, "poison")
         self.poison = poison
-        self._arr = _page_arena(cap, None if poison is None else pv)
-        # Built on a read-only buffer, so ``flags.writeable = True`` is refused: a Python
-        # store into a linked table would bypass the setters (and could plant a frozen
-        # entry that a zap then waits on forever).
-        self._ro = np.asarray(memoryview(self._arr).toreadonly())
-        self.p.pages = <u64*>cnp.PyArray_DATA(<cnp.ndarray>self._arr)
+        # C memory that only read-only arrays show (core/boundary.pxi _PageArena): a
+        # Python store into a linked table would bypass the setters (a non-leaf pointing
+        # outside the pool crashes the next fault; a planted frozen entry makes a zap
+        # wait forever), so nothing reachable from ``pages`` may be writable.
+        self._arr = _new_page_arena(cap, poison is not None, pv)
+        self._ro = _arena_view(<_PageArena>self._arr)
+        self.p.pages = (<_PageArena>self._arr).pages
         self.p.capacity = cap
         self.p.free_stack = <int64_t*>PyMem_RawMalloc(cap * sizeof(int64_t))
         self.p.state = <uint8_t*>PyMem_RawCalloc(cap, 1)

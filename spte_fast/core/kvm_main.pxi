@@ -118,15 +118,6 @@ cdef cnp.ndarray _hw_access_array(object a, Py_ssize_t n):
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
-cdef cnp.ndarray _batch_out(object out, Py_ssize_t n):
-    """A batch's ``out``: the array the kernel writes -- ``out`` itself when C-contiguous,
-    else a scratch array the caller copies back; None for no ``out``."""
-    if out is None:
-        return None
-    _out_array(out, n)
-    return out if out.flags.c_contiguous else np.empty(n, dtype=np.int8)
-
-
 cdef class Vm:
     """A VM's TDP MMU: roots, memslots, vCPUs, zaps, stats and an audit.
 
@@ -826,9 +817,11 @@ cdef class Vcpu:
         cdef Py_ssize_t n = g_arr.shape[0]
         cdef cnp.ndarray a_arr = None
         cdef cnp.ndarray e_arr = None
+        cdef cnp.ndarray o_arr = None
+        cdef int8_t[:] o_view = None
         cdef const uint8_t* a = NULL
         cdef const u64* e = NULL
-        cdef object o_arr = None
+        cdef int8_t* o = NULL
         if access is not None and error_codes is not None:
             raise ValueError("pass either access or error_codes, not both")
         if access is not None:
@@ -837,8 +830,10 @@ cdef class Vcpu:
         if error_codes is not None:
             e_arr = _error_code_array(error_codes, n)
             e = <const u64*>cnp.PyArray_DATA(e_arr)
-        o_arr = _batch_out(out, n)
-        cdef int8_t* o = NULL if o_arr is None else <int8_t*>cnp.PyArray_DATA(<cnp.ndarray>o_arr)
+        if out is not None:
+            o_view = _out_view(out, n)      # length, strides from the buffer protocol
+            o_arr = _out_scratch(o_view)    # a strided view: filled here, copied back below
+            o = <int8_t*>cnp.PyArray_DATA(o_arr) if o_arr is not None else _out_ptr(o_view)
         cdef const gfn_t* g = <const gfn_t*>cnp.PyArray_DATA(g_arr)
         cdef int64_t counts[NR_BATCH_COUNTS]
         cdef Py_ssize_t done = 0
@@ -851,8 +846,8 @@ cdef class Vcpu:
                 if rc == BATCH_INTERRUPTIBLE:
                     PyErr_CheckSignals()    # KeyboardInterrupt propagates from here
         finally:
-            if o_arr is not None and o_arr is not out:
-                out[:done] = o_arr[:done]
+            if o_arr is not None:
+                _out_copy_back(o_view, o_arr, done)
         self.vm._raise_fatal()
         _check_rc(rc, f"fault_batch: stopped after {done} of {n} faults",
                   self.cache.mc.last_warn, done,
@@ -891,13 +886,17 @@ cdef class Vcpu:
         cdef cnp.ndarray g_arr = _gfn_array(gfns, "gfns", self.vm.kvm.gfn_limit)
         cdef Py_ssize_t n = g_arr.shape[0]
         cdef cnp.ndarray a_arr = None
+        cdef cnp.ndarray o_arr = None
+        cdef int8_t[:] o_view = None
         cdef const uint8_t* a = NULL
-        cdef object o_arr = None
+        cdef int8_t* o = NULL
         if access is not None:
             a_arr = _hw_access_array(access, n)
             a = <const uint8_t*>cnp.PyArray_DATA(a_arr)
-        o_arr = _batch_out(out, n)
-        cdef int8_t* o = NULL if o_arr is None else <int8_t*>cnp.PyArray_DATA(<cnp.ndarray>o_arr)
+        if out is not None:
+            o_view = _out_view(out, n)
+            o_arr = _out_scratch(o_view)
+            o = <int8_t*>cnp.PyArray_DATA(o_arr) if o_arr is not None else _out_ptr(o_view)
         cdef const gfn_t* g = <const gfn_t*>cnp.PyArray_DATA(g_arr)
         cdef int64_t counts[NR_BATCH_COUNTS]
         cdef Py_ssize_t done = 0
@@ -910,8 +909,8 @@ cdef class Vcpu:
                 if rc == BATCH_INTERRUPTIBLE:
                     PyErr_CheckSignals()
         finally:
-            if o_arr is not None and o_arr is not out:
-                out[:done] = o_arr[:done]
+            if o_arr is not None:
+                _out_copy_back(o_view, o_arr, done)
         self.vm._raise_fatal()
         _check_rc(rc, f"access_batch: stopped after {done} of {n} accesses",
                   self.cache.mc.last_warn, done,

@@ -38,6 +38,8 @@ import contextlib
 import gzip
 import lzma
 import os
+import stat
+import tempfile
 import zlib
 from dataclasses import dataclass
 
@@ -49,6 +51,7 @@ KIND_READ, KIND_WRITE, KIND_EXEC = 0, 1, 2
 KIND_NAMES = ("read", "write", "exec")
 CHUNK_RECORDS = 1 << 20          # records per chunk when reading a trace (8 MiB)
 LACKEY_BLOCK = 4 << 20           # bytes of lackey text parsed at a time
+MAX_LACKEY_LINE = 64 << 10       # longest line a lackey log may have (its records: < 40)
 _PAGE_DIGITS = 13                # hex digits of an address above the 3 of the page offset
 
 
@@ -101,13 +104,18 @@ def iter_records(path, gfn_limit=None, chunk=CHUNK_RECORDS):
 def _read_full(f, n, path):
     """Read up to n bytes, looping over short reads (decompressors return less).
 
-    A corrupt or cut compressed stream raises ``TraceError`` naming ``path``."""
+    A corrupt or cut compressed stream raises ``TraceError`` naming ``path``; an OSError
+    of the read itself (``/proc/self/mem``: EIO) names ``path`` too."""
     parts, got = [], 0
     while got < n:
         try:
             b = f.read(n - got)
         except (EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile) as e:
             raise TraceError(f"{path}: corrupt compressed data: {e}") from None
+        except OSError as e:
+            if e.filename is not None or not e.errno:
+                raise
+            raise OSError(e.errno, e.strerror, os.fspath(path)) from None
         if not b:
             break
         parts.append(b)
@@ -345,19 +353,64 @@ def convert_lackey(src, dst, tlb=None, block=LACKEY_BLOCK):
     """Convert the lackey log ``src`` into the binary trace ``dst`` (streaming).
 
     ``tlb``: None, or the entries of a FIFO TLB whose misses alone are kept.
-    Returns a ``ConvertStats``.  Raises ``TraceError`` on an unparsable line.  Once ``dst``
-    is created, any failure (also an interrupt) removes it: it never holds a partial trace.
+    Returns a ``ConvertStats``.  Raises ``TraceError`` on an unparsable line or a line
+    longer than ``MAX_LACKEY_LINE``.  ``dst`` is written as ``output_file`` writes: it
+    never holds a partial trace, and a failure (also an interrupt) leaves it as it was.
     """
     fifo = FifoTlb(tlb) if tlb is not None else None
     with open_compressed(src, "rb") as fin:
-        fout = open_compressed(dst, "wb")
-        try:
-            with fout:
-                return _convert_lackey(fin, fout, fifo, block, src)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(dst)
-            raise
+        with output_file(dst) as fout:
+            return _convert_lackey(fin, fout, fifo, block, src)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def output_file(dst):
+    """A binary file to write ``dst`` through, compressed by its name (``.gz``, ``.xz``).
+
+    A regular file (or a new one) is written as a temporary file beside it (beside the
+    file a symbolic link names), renamed over ``dst`` when the block succeeds, and removed
+    when it fails: ``dst`` is either what it was or the whole new content, and nothing
+    that this function did not create is ever removed.  Anything else that exists (a
+    device such as ``/dev/null``, a FIFO) is opened and written in place, never replaced
+    or removed.  The new file gets the old one's permission bits, else 0666 less umask.
+    """
+    dst = os.fspath(dst)
+    try:
+        st = os.stat(dst)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        with open_compressed(dst, "wb") as f:
+            yield f
+        return
+    target = os.path.realpath(dst)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target),
+                                   prefix=f".{os.path.basename(target)}.", suffix=".part")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, dst) from None
+    try:
+        os.fchmod(fd, stat.S_IMODE(st.st_mode) if st is not None else 0o666 & ~_umask())
+        with open(fd, "wb") as raw:
+            if target.endswith(".gz"):
+                f = gzip.GzipFile(filename=os.path.basename(target), mode="wb", fileobj=raw)
+            elif target.endswith(".xz"):
+                f = lzma.LZMAFile(raw, "wb")
+            else:
+                f = contextlib.nullcontext(raw)
+            with f as out:
+                yield out
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def _convert_lackey(fin, fout, fifo, block, src):
@@ -373,6 +426,10 @@ def _convert_lackey(fin, fout, fifo, block, src):
         else:
             cut = text.rfind(b"\n") + 1
             text, carry = text[:cut], text[cut:]
+            if len(carry) > MAX_LACKEY_LINE:        # memory stays bounded by the block
+                lineno = stats.lines + text.count(b"\n") + 1
+                raise TraceError(f"{os.fspath(src)}:{lineno}: a line longer than "
+                                 f"{MAX_LACKEY_LINE:,} bytes: not a lackey log")
             if not text:
                 continue
         recs = parse_lackey(text, stats.lines + 1, os.fspath(src))

@@ -313,7 +313,7 @@ def _api(data):
     for _ in range(48):
         if r.remaining() <= 0:
             break
-        op = r.below(14)
+        op = r.below(19)
         vcpu_i = r.below(4)
 
         def vcpu(vm, i=vcpu_i):
@@ -326,11 +326,6 @@ def _api(data):
                     _int_value(r, r.pick([0, 1 << 20, (1 << 20) + 1]) + r.below(1 << 12)),
                     r.flag()]
             pair.call("add_memslot", lambda impl, vm: vm.add_memslot(*args))
-            vm = pair.objs[1][1]
-            if vm.layout.mode == "npt" and any(p + n > 1 << 39 for _, _, n, p, _ in vm.memslots):
-                # Issue 14 item 7 (the lead's): an NPT pfn >= 2**39 sets the MMIO marker
-                # bit 51 of the leaf; the engine installs it, the reference emulates.
-                raise KnownIssue("item-7-npt-pfn-bit-51")
         elif op == 1:
             sid = _int_value(r, r.below(4))
             pair.call("delete_memslot", lambda impl, vm: vm.delete_memslot(sid))
@@ -373,6 +368,27 @@ def _api(data):
         elif op == 11:
             g = _int_value(r, r.below(1 << 13))
             pair.call("walk/lookup", lambda impl, vm: (vm.walk(g), vm.lookup(g)))
+        elif op == 12:                                  # the hardware view (issue 10)
+            g, k = _int_value(r, r.below(1 << 13)), r.below(3)
+            if isinstance(g, int) and 0 <= g < pair.gfn_limit:
+                pair.touched.add(g)
+            pair.call("access", lambda impl, vm: vcpu(vm).access(g, write=k == 1, exec=k == 2))
+        elif op == 13:
+            g, ec = _int_value(r, r.below(1 << 13)), _int_value(r, r.below(32))
+            if isinstance(g, int) and 0 <= g < pair.gfn_limit:
+                pair.touched.add(g)
+            # An RSVD fault on a gfn without an MMIO SPTE answers RETRY for ever in a
+            # batch, never in one fault: fault() is safe with any code.
+            pair.call("fault(error_code)", lambda impl, vm: vcpu(vm).fault(g, error_code=ec))
+        elif op == 14:
+            pair.call("zap_all_fast", lambda impl, vm: vm.zap_all_fast())
+        elif op == 15:
+            sid, to = _int_value(r, r.below(4)), _int_value(r, r.below(1 << 13))
+            pair.call("move_memslot", lambda impl, vm: vm.move_memslot(sid, to))
+        elif op == 16:
+            s, e, fl = _int_value(r, r.below(1 << 13)), _int_value(r, r.below(1 << 14)), r.flag()
+            pair.call("age_gfn_range", lambda impl, vm: (vm.age_gfn_range(s, e, fl),
+                                                         vm.test_age_gfn(s, e)))
         else:
             _kernel_op(r, pair)
 

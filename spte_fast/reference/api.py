@@ -9,7 +9,7 @@ contract is docs/API.md; every check raises TypeError / ValueError before anythi
 import numpy as np
 
 from . import aging, audit, hw, memslots, mmu, tdp_mmu, tdp_mmu_roots
-from ._checks import check_int, check_int_array, check_writable
+from ._checks import check_int, check_int_array, check_out_array
 from .kvm_host import (KVM_MAX_VCPUS, Kvm, kvm_flush_remote_tlbs, kvm_stats,
                        kvm_vm_ioctl_create_vcpu,
                        kvm_warnings_by_reason)
@@ -284,15 +284,9 @@ class Vcpu:
 
     @staticmethod
     def _check_out(out, n):
-        if out is None:
-            return
-        if not isinstance(out, np.ndarray):
-            raise TypeError(f"out must be a numpy.ndarray, not {type(out).__name__}")
-        if out.dtype != np.int8:
-            raise TypeError(f"out must have dtype int8, not {out.dtype}")
-        if out.shape != (n,):
-            raise ValueError(f"out must have shape ({n},), not {out.shape}")
-        check_writable("out", out)
+        """The plain ndarray over ``out``'s memory (numpy's own view: a subclass's shape
+        or flags are not consulted), or None."""
+        return None if out is None else check_out_array("out", out, n)
 
     def fault_batch(self, gfns, access=None, out=None, *, error_codes=None):
         """Fault every gfn in order; RETRY results are faulted again."""
@@ -308,7 +302,7 @@ class Vcpu:
         else:
             code_list = [mmu.pf_error_code(bool(a & 1), bool(a & 2))
                          for a in self._check_values("access", access, n, 4)]
-        self._check_out(out, n)
+        out = self._check_out(out, n)
         return mmu.kvm_mmu_page_fault_batch(self._vcpu, gfn_list, code_list, out)
 
     def access(self, gfn, write=False, exec=False):  # noqa: A002 - the contract's name
@@ -325,7 +319,7 @@ class Vcpu:
         gfn_list = self._check_gfns(gfns)
         n = len(gfn_list)
         access_list = [0] * n if access is None else self._check_values("access", access, n, 3)
-        self._check_out(out, n)
+        out = self._check_out(out, n)
         return hw.kvm_vcpu_access_batch(self._vcpu, gfn_list, access_list, out)
 
     def __repr__(self):

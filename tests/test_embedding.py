@@ -114,6 +114,30 @@ def test_fault_path_from_c_matches_the_python_vm(embed, layout_name, seed):
             assert vm.lookup(0)[1] == sf.PG_LEVEL_2M
 
 
+@pytest.mark.parametrize("layout_name", ["ept", "npt"])
+def test_the_hardware_view_from_c_matches_access_batch(embed, layout_name):
+    """vcpu_access (the embedding API) is what Vcpu.access_batch does, access for access:
+    the same codes, the same tables, the same counters."""
+    layout = {"ept": sf.SpteLayout.ept(), "npt": sf.SpteLayout.npt()}[layout_name]
+    rng = np.random.default_rng(5)
+    npages = 1 << 14
+    gfns = rng.integers(0, npages + 1024, 5000, dtype=np.uint64)      # some past the slot
+    kind = rng.integers(0, 3, gfns.size, dtype=np.uint8)
+    vms = []
+    for _ in range(2):
+        vm = sf.Vm(layout, max_level=sf.PG_LEVEL_2M, max_pt_pages=512)
+        vm.add_memslot(0, npages, 0x100000)
+        vms.append(vm)
+    codes = embed.access_gfns(vms[0].vcpu(), gfns, kind)
+    out = np.zeros(gfns.size, dtype=np.int8)
+    res = vms[1].vcpu().access_batch(gfns, kind, out=out)
+    assert codes == out.tolist()
+    assert res["hits"] == codes.count(0) > 0 and res["emulate"] > 0
+    assert vms[0].stats == vms[1].stats
+    assert vms[0].tdp_iter(0, vms[0].gfn_limit) == vms[1].tdp_iter(0, vms[1].gfn_limit)
+    vms[0].audit()
+
+
 def test_cdef_class_layouts_reach_the_kvm_mmu_pages(embed):
     """An embedder reads a Vm's kvm_t and the tables' kvm_mmu_page straight from C."""
     vm = sf.Vm(sf.SpteLayout.ept(), root_level=4, max_level=sf.PG_LEVEL_4K, max_pt_pages=64)

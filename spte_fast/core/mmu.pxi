@@ -160,15 +160,14 @@ cdef inline bint fast_pf_fix_direct_spte(kvm_vcpu_t* vcpu, kvm_page_fault_t* fau
 
 cdef int fast_page_fault(kvm_vcpu_t* vcpu, kvm_page_fault_t* fault,
                          tdp_iter_t* it) noexcept nogil:
-    """fast_page_fault on the last SPTE of the walk `it` (kvm_tdp_mmu_fast_pf_get_last_sptep):
-    SPURIOUS if it already allows the access; FIXED if restoring an access-tracked SPTE
-    and/or setting W on an MMU-writable one allows it; else RET_PF_INVALID (slow path)."""
+    """fast_page_fault on the last SPTE of the walk `it` (kvm_tdp_mmu_fast_pf_get_last_sptep),
+    once page_fault_can_be_fast said yes (its caller asks, so that the common no costs no
+    call): SPURIOUS if it already allows the access; FIXED if restoring an access-tracked
+    SPTE and/or setting W on an MMU-writable one allows it; else RET_PF_INVALID."""
     cdef kvm_t* kvm = vcpu.kvm
     cdef const spte_masks_t* m = &kvm.m
     cdef int ret = RET_PF_INVALID, retry_count = 0
     cdef u64 spte, new_spte
-    if not page_fault_can_be_fast(kvm, fault):
-        return RET_PF_INVALID
     while True:
         spte = it.old_spte
         if not is_shadow_present_pte(spte) or not is_last_spte(spte, it.level):
@@ -198,7 +197,7 @@ cdef int fast_page_fault(kvm_vcpu_t* vcpu, kvm_page_fault_t* fault,
     return ret
 
 
-cdef int kvm_tdp_mmu_page_fault(kvm_vcpu_t* vcpu, kvm_page_fault_t* fault) noexcept nogil:
+cdef inline int kvm_tdp_mmu_page_fault(kvm_vcpu_t* vcpu, kvm_page_fault_t* fault) noexcept nogil:
     """One TDP fault (6.10 order).  Returns RET_PF_* or -SPTE_ENOMEM / -SPTE_EIO."""
     cdef kvm_t* kvm = vcpu.kvm
     cdef tdp_iter_t it
@@ -209,7 +208,8 @@ cdef int kvm_tdp_mmu_page_fault(kvm_vcpu_t* vcpu, kvm_page_fault_t* fault) noexc
         tdp_iter_start(&it, kvm.pool.pages, root_pt(kvm, vcpu.root), kvm.root_level, 1,
                        fault.gfn)
         tdp_iter_walk_down(&it)
-    r = fast_page_fault(vcpu, fault, &it)
+    r = fast_page_fault(vcpu, fault, &it) if page_fault_can_be_fast(kvm, fault) \
+        else RET_PF_INVALID
     if r == RET_PF_INVALID:
         r = mmu_topup_memory_caches(vcpu)
         if r < 0:

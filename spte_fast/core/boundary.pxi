@@ -122,12 +122,12 @@ cdef cnp.ndarray _ndarray(object a, str name, str what, bint native=True):
     """``a`` as a plain ndarray (a view of the same memory for a subclass), or TypeError.
     ``native``: the kernel reads or writes the memory in place, so the byte order must be
     the machine's (arrays that are converted by value, gfns and access, need not be)."""
-    if not cnp.PyArray_Check(a):
-        raise TypeError(f"{name} must be a numpy.ndarray{what}, not {type(a).__name__}")
-    if isinstance(a, _MaskedArray):
-        raise TypeError(f"{name} must not be a masked array (numpy.ma): pass "
-                        f"{name}.filled(...) or {name}.data")
-    if type(a) is not np.ndarray:
+    if not cnp.PyArray_CheckExact(a):       # the common case, a plain ndarray, skips this
+        if not cnp.PyArray_Check(a):
+            raise TypeError(f"{name} must be a numpy.ndarray{what}, not {type(a).__name__}")
+        if isinstance(a, _MaskedArray):
+            raise TypeError(f"{name} must not be a masked array (numpy.ma): pass "
+                            f"{name}.filled(...) or {name}.data")
         a = np.ndarray.view(a, np.ndarray)      # numpy's own view: no subclass code runs
     cdef cnp.ndarray arr = <cnp.ndarray>a
     if native and cnp.PyArray_ISBYTESWAPPED(arr):

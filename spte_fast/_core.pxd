@@ -251,8 +251,9 @@ ctypedef struct kvm_t:
     u64 hw_present_mask
     u64 hw_need[3]
     u64 hw_forbid[3]
-    u64 hw_ad_need[3]               # A (| D) a leaf must already have for the fast loop
-    bint hw_ad_enabled
+    u64 hw_hit_ok                   # the hit case (core/hw.pxi hw_walk_hits): bit 0 and
+    u64 hw_hit_need[3]              # the reserved PA bits on every level; per access kind
+    u64 hw_hit_check[3]             # the bits the leaf needs, and those looked at
     kvm_memory_slot_t* slots        # sorted by base_gfn
     int nslots
     int64_t inject_cas_fail         # test aid: fail this many CAS attempts
@@ -323,7 +324,6 @@ ctypedef struct kvm_page_fault_t:
     u64 error_code                  # PFERR_* bits
     bint present                    # PFERR_PRESENT_MASK
     bint write                      # PFERR_WRITE_MASK
-    bint user                       # PFERR_USER_MASK
     bint rsvd                       # PFERR_RSVD_MASK
     bint exec                       # PFERR_FETCH_MASK
     bint prefetch

@@ -48,7 +48,7 @@ METADATA = {
     "st.warn", "vcpu.stat.faults", "vcpu.stat.pages", "counts", "out", "o", "flags", "seen",
     "leaves", "tables", "acc.faults", "acc.pt_pages", "acc.pages", "acc.warn", "wrprot",
     "link", "size", "dims", "d", "done", "it.pt_path", "c.cache_warn",
-    "kvm.hw_need", "kvm.hw_forbid", "kvm.hw_ad_need", "f.need", "f.check",
+    "kvm.hw_need", "kvm.hw_forbid", "kvm.hw_hit_need", "kvm.hw_hit_check", "ad",
     "self.kvm.leaf_4k_template",  # the hardware walk's per-access permission masks
     "leaf_present",  # hw_tdp_walk's output flag
     "kvm.roots",  # kvm->arch.tdp_mmu_roots: pool indices of the roots

@@ -24,13 +24,17 @@ cdef enum:
 
 
 cdef void hw_setup(kvm_t* kvm) noexcept nogil:
-    """What the walker checks, per access kind, for this VM's paging mode."""
+    """What the walker checks, per access kind, for this VM's paging mode, and the hit
+    case's single test (hw_walk_hits): the leaf has these bits, A (and D on a write) already
+    set where the CPU would set them, bit 0, and no reserved or forbidden bit."""
     cdef const spte_masks_t* m = &kvm.m
+    cdef u64 ad[3]
+    cdef int k
     if m.ept:
         kvm.hw_present_mask = VMX_EPT_RWX_MASK
-        kvm.hw_need[ACC_READ] = 1                       # R
-        kvm.hw_need[ACC_WRITE] = PT_WRITABLE_MASK       # W
-        kvm.hw_need[ACC_FETCH] = 4                      # X (no MBEC: one X bit)
+        kvm.hw_need[ACC_READ] = PT_PRESENT_MASK                 # R
+        kvm.hw_need[ACC_WRITE] = PT_WRITABLE_MASK               # W
+        kvm.hw_need[ACC_FETCH] = m.shadow_x_mask                # X (no MBEC: one X bit)
         kvm.hw_forbid[ACC_READ] = kvm.hw_forbid[ACC_WRITE] = kvm.hw_forbid[ACC_FETCH] = 0
     else:
         # Nested page walks are user accesses: U is needed at the leaf for any access.
@@ -40,19 +44,14 @@ cdef void hw_setup(kvm_t* kvm) noexcept nogil:
         kvm.hw_need[ACC_FETCH] = PT_PRESENT_MASK | m.shadow_user_mask
         kvm.hw_forbid[ACC_READ] = kvm.hw_forbid[ACC_WRITE] = 0
         kvm.hw_forbid[ACC_FETCH] = m.shadow_nx_mask
-    kvm.hw_ad_enabled = kvm.ad_enabled
-    # The fast loop also wants A (and D on a write) already set when the CPU sets them
-    # (EPT without A/D: the SPTEs carry no A/D bits to look at).
-    kvm.hw_ad_need[ACC_READ] = kvm.hw_ad_need[ACC_FETCH] = 0
-    kvm.hw_ad_need[ACC_WRITE] = 0
-    if kvm.hw_ad_enabled and not m.ad_disabled:
-        kvm.hw_ad_need[ACC_READ] = kvm.hw_ad_need[ACC_FETCH] = m.shadow_accessed_mask
-        kvm.hw_ad_need[ACC_WRITE] = m.shadow_accessed_mask | m.shadow_dirty_mask
-
-
-cdef inline void hw_set_ad_bits(tdp_ptep_t sptep, u64 bits) noexcept nogil:
-    """The CPU's locked OR of the accessed / dirty flags into a leaf."""
-    spte_fetch_or_seq_cst(sptep, bits)
+    ad[ACC_READ] = ad[ACC_WRITE] = ad[ACC_FETCH] = 0
+    if kvm.ad_enabled:          # EPT without A/D: the SPTEs carry no A/D bits to look at
+        ad[ACC_READ] = ad[ACC_FETCH] = m.shadow_accessed_mask
+        ad[ACC_WRITE] = m.shadow_accessed_mask | m.shadow_dirty_mask
+    kvm.hw_hit_ok = kvm.rsvd_pa_mask | PT_PRESENT_MASK
+    for k in range(3):
+        kvm.hw_hit_need[k] = kvm.hw_need[k] | ad[k] | PT_PRESENT_MASK
+        kvm.hw_hit_check[k] = kvm.hw_hit_need[k] | kvm.hw_forbid[k] | kvm.hw_hit_ok
 
 
 cdef int hw_tdp_walk(kvm_vcpu_t* vcpu, gfn_t gfn, int acc, bint* leaf_present) noexcept nogil:
@@ -81,7 +80,7 @@ cdef int hw_tdp_walk(kvm_vcpu_t* vcpu, gfn_t gfn, int acc, bint* leaf_present) n
     if (spte & need) != need or (spte & kvm.hw_forbid[acc]):
         leaf_present[0] = True
         return HW_VIOLATION
-    if kvm.hw_ad_enabled and spte_ad_enabled(spte):
+    if kvm.ad_enabled and spte_ad_enabled(spte):
         want = kvm.m.shadow_accessed_mask
         if acc == ACC_WRITE:
             want |= kvm.m.shadow_dirty_mask
@@ -96,25 +95,19 @@ ctypedef struct hw_tlb_fill_t:
     u64* pages
     tdp_ptep_t root
     bint five_levels
-    u64 ok                          # bit 0 | the reserved PA bits: (spte & ok) == bit 0
-    u64 need[3]                     # per access kind: the bits the leaf must have
-    u64 check[3]                    # ... and the bits looked at (need | forbidden | ok)
+    u64 ok                          # kvm.hw_hit_ok: (spte & ok) == bit 0 on every level
+    const u64* need                 # kvm.hw_hit_need / hw_hit_check, by access kind
+    const u64* check
 
 
 cdef inline void hw_tlb_fill_setup(kvm_vcpu_t* vcpu, hw_tlb_fill_t* f) noexcept nogil:
     cdef kvm_t* kvm = vcpu.kvm
-    cdef int k
     f.pages = kvm.pool.pages
     f.root = pool_page(kvm.pool, vcpu.root)
     f.five_levels = kvm.root_level == 5
-    f.ok = kvm.rsvd_pa_mask | PT_PRESENT_MASK
-    for k in range(3):
-        f.need[k] = kvm.hw_need[k] | kvm.hw_ad_need[k] | PT_PRESENT_MASK
-        f.check[k] = f.need[k] | kvm.hw_forbid[k] | f.ok
-
-
-cdef inline tdp_ptep_t _hw_child(u64* pages, u64 spte) noexcept nogil:
-    return pages + ((spte & SPTE_BASE_ADDR_MASK) >> 12) * SPTE_ENT_PER_PAGE
+    f.ok = kvm.hw_hit_ok
+    f.need = kvm.hw_hit_need
+    f.check = kvm.hw_hit_check
 
 
 cdef inline bint hw_walk_hits(const hw_tlb_fill_t* f, gfn_t gfn, int acc) noexcept nogil:
@@ -129,19 +122,19 @@ cdef inline bint hw_walk_hits(const hw_tlb_fill_t* f, gfn_t gfn, int acc) noexce
         spte = kvm_tdp_mmu_read_spte(table + ((gfn >> 36) & 511))
         if (spte & ok) != PT_PRESENT_MASK or (spte & PT_PAGE_SIZE_MASK):
             return False
-        table = _hw_child(f.pages, spte)
+        table = spte_to_child_table(f.pages, spte)
     spte = kvm_tdp_mmu_read_spte(table + ((gfn >> 27) & 511))
     if (spte & ok) != PT_PRESENT_MASK or (spte & PT_PAGE_SIZE_MASK):
         return False
-    spte = kvm_tdp_mmu_read_spte(_hw_child(f.pages, spte) + ((gfn >> 18) & 511))
+    spte = kvm_tdp_mmu_read_spte(spte_to_child_table(f.pages, spte) + ((gfn >> 18) & 511))
     if not (spte & PT_PAGE_SIZE_MASK):
         if (spte & ok) != PT_PRESENT_MASK:
             return False
-        spte = kvm_tdp_mmu_read_spte(_hw_child(f.pages, spte) + ((gfn >> 9) & 511))
+        spte = kvm_tdp_mmu_read_spte(spte_to_child_table(f.pages, spte) + ((gfn >> 9) & 511))
         if not (spte & PT_PAGE_SIZE_MASK):
             if (spte & ok) != PT_PRESENT_MASK:
                 return False
-            spte = kvm_tdp_mmu_read_spte(_hw_child(f.pages, spte) + (gfn & 511))
+            spte = kvm_tdp_mmu_read_spte(spte_to_child_table(f.pages, spte) + (gfn & 511))
     return (spte & f.check[acc]) == f.need[acc]
 
 

@@ -189,9 +189,8 @@ cdef int fast_page_fault(kvm_vcpu_t* vcpu, kvm_page_fault_t* fault,
         if retry_count > 4:                 # "Fast #PF retrying more than 4 times"
             break
         # Walk again, as the next kvm_tdp_mmu_fast_pf_get_last_sptep would.
-        tdp_iter_start(it, kvm.pool.pages, root_pt(kvm, vcpu.root), kvm.root_level, 1,
-                       fault.gfn)
-        tdp_iter_walk_down(it)
+        tdp_iter_seek(it, kvm.pool.pages, root_pt(kvm, vcpu.root), kvm.root_level,
+                      fault.gfn, 1)
     if ret != RET_PF_INVALID:
         vcpu.stat.faults_fast += 1
     return ret
@@ -205,9 +204,8 @@ cdef inline int kvm_tdp_mmu_page_fault(kvm_vcpu_t* vcpu, kvm_page_fault_t* fault
     cdef bint seeded = walk_hint_seed(vcpu, &it, fault.gfn)
     # kvm_tdp_mmu_fast_pf_get_last_sptep: the walk, from the hint when it is valid.
     if not seeded:
-        tdp_iter_start(&it, kvm.pool.pages, root_pt(kvm, vcpu.root), kvm.root_level, 1,
-                       fault.gfn)
-        tdp_iter_walk_down(&it)
+        tdp_iter_seek(&it, kvm.pool.pages, root_pt(kvm, vcpu.root), kvm.root_level,
+                      fault.gfn, 1)
     r = fast_page_fault(vcpu, fault, &it) if page_fault_can_be_fast(kvm, fault) \
         else RET_PF_INVALID
     if r == RET_PF_INVALID:
@@ -233,7 +231,6 @@ cdef int kvm_mmu_do_page_fault(kvm_vcpu_t* vcpu, gfn_t gfn, u64 error_code) noex
     fault.error_code = error_code
     fault.present = (error_code & PFERR_PRESENT_MASK) != 0
     fault.write = (error_code & PFERR_WRITE_MASK) != 0
-    fault.user = (error_code & PFERR_USER_MASK) != 0
     fault.rsvd = (error_code & PFERR_RSVD_MASK) != 0
     fault.exec = (error_code & PFERR_FETCH_MASK) != 0
     fault.prefetch = False
@@ -267,8 +264,7 @@ cdef int handle_mmio_page_fault(kvm_vcpu_t* vcpu, gfn_t gfn) noexcept nogil:
     if vcpu.mmio_gen == kvm.generation and vcpu.mmio_gfn != 0 and vcpu.mmio_gfn == gfn:
         return RET_PF_EMULATE
     # get_mmio_spte: the last SPTE of kvm_tdp_mmu_get_walk
-    tdp_iter_start(&it, kvm.pool.pages, root_pt(kvm, vcpu.root), kvm.root_level, 1, gfn)
-    tdp_iter_walk_down(&it)
+    tdp_iter_seek(&it, kvm.pool.pages, root_pt(kvm, vcpu.root), kvm.root_level, gfn, 1)
     spte = it.old_spte
     if is_mmio_spte(&kvm.m, spte):
         if get_mmio_spte_generation(spte) != (kvm.generation & MMIO_SPTE_GEN_MASK):
@@ -314,7 +310,6 @@ cdef int kvm_mmu_reload(kvm_vcpu_t* vcpu) noexcept nogil:
             return 0
         kvm_tdp_mmu_put_root(kvm, &vcpu.stat, vcpu.root)
         vcpu.root = -1
-        vcpu.hint.valid = False
     r = mmu_topup_memory_caches(vcpu)
     if r < 0:
         return r

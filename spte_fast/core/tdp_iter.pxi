@@ -5,7 +5,9 @@
 # The write primitives below are the only code that stores into a linked page table
 # (plus the memset64 fill of pages no table links yet, and the split-page fill of a table
 # before it is linked); everything else changes SPTEs through the setters of
-# core/tdp_mmu.pxi, which end in handle_changed_spte.
+# core/tdp_mmu.pxi, which end in handle_changed_spte.  Three callers change an SPTE
+# without handle_changed_spte, as in 6.10, because neither presence nor the pfn changes:
+# the CPU's A/D assist (hw_set_ad_bits), fast_page_fault's CAS and aging's bit clears.
 #
 # The iterator walks, in pre-order, the entries that intersect [start, end) down to
 # min_level:
@@ -44,6 +46,17 @@ cdef inline u64 kvm_tdp_mmu_write_spte(const spte_masks_t* m, tdp_ptep_t sptep, 
         return kvm_tdp_mmu_write_spte_atomic(sptep, new_spte)
     __kvm_tdp_mmu_write_spte(sptep, new_spte)
     return old_spte
+
+
+cdef inline void hw_set_ad_bits(tdp_ptep_t sptep, u64 bits) noexcept nogil:
+    """The CPU's locked OR of the accessed / dirty flags into a leaf (core/hw.pxi)."""
+    spte_fetch_or_seq_cst(sptep, bits)
+
+
+cdef inline tdp_ptep_t spte_to_child_table(u64* pages, u64 spte) noexcept nogil:
+    """The table a present non-leaf SPTE points to (tdp_iter.c spte_to_child_pt: __va of
+    its pfn), given the pool's pages."""
+    return pages + spte_to_pfn(spte) * SPTE_ENT_PER_PAGE
 
 
 cdef inline u64 tdp_mmu_clear_spte_bits(const spte_masks_t* m, tdp_ptep_t sptep, u64 old_spte,
@@ -105,7 +118,7 @@ cdef inline bint tdp_iter_at_nonleaf(const tdp_iter_t* it) noexcept nogil:
 cdef inline void _tdp_iter_descend(tdp_iter_t* it) noexcept nogil:
     """Step into the table the current entry (a present non-leaf, just read) points to."""
     it.level -= 1
-    it.pt_path[it.level - 1] = it.pages + spte_to_pfn(it.old_spte) * SPTE_ENT_PER_PAGE
+    it.pt_path[it.level - 1] = spte_to_child_table(it.pages, it.old_spte)
     it.gfn = gfn_round_for_level(it.next_last_level_gfn, it.level)
     tdp_iter_refresh_sptep(it)
 
@@ -168,9 +181,10 @@ cdef inline void tdp_iter_resume(tdp_iter_t* it, int level) noexcept nogil:
     tdp_iter_refresh_sptep(it)
 
 
-cdef bint tdp_iter_seek(tdp_iter_t* it, u64* pages, tdp_ptep_t root_pt, int root_level,
-                        gfn_t gfn, int level) noexcept nogil:
-    """Position a new iterator on gfn's entry at `level`, if the path down to it exists."""
+cdef inline bint tdp_iter_seek(tdp_iter_t* it, u64* pages, tdp_ptep_t root_pt,
+                               int root_level, gfn_t gfn, int level) noexcept nogil:
+    """Position a new iterator on gfn's entry at `level` if the path down to it exists (True),
+    else at the last entry of the walk (as kvm_tdp_mmu_get_walk ends)."""
     tdp_iter_start(it, pages, root_pt, root_level, level, gfn)
     tdp_iter_walk_down(it)
     return it.level == level

@@ -33,31 +33,40 @@ cdef inline void _prefetch_leaf(kvm_vcpu_t* vcpu, gfn_t gfn) noexcept nogil:
 
 
 cdef inline int vcpu_enter(kvm_vcpu_t* vcpu) noexcept nogil:
-    """Enter the read side as a vCPU entering the guest: mmu_lock for read, then the
-    requests and the root (kvm_mmu_reload).  0, or the error (the lock is then dropped)."""
+    """Enter the guest: the vCPU's mutex, mmu_lock for read, then the requests and the root
+    (kvm_mmu_reload).  0, or the error (and then nothing is held)."""
     cdef int r
+    pthread_mutex_lock(&vcpu.mmu_shadow_page_cache.lock)
     kvm_mmu_read_lock(vcpu.kvm, vcpu.vcpu_idx)
     vcpu.hint.valid = False                 # the hint lives only inside one read side
     r = kvm_mmu_reload(vcpu)
     if r < 0:
-        kvm_mmu_read_unlock(vcpu.kvm, vcpu.vcpu_idx)
+        vcpu_exit(vcpu)
     return r
 
 
 cdef inline void vcpu_exit(kvm_vcpu_t* vcpu) noexcept nogil:
+    """Leave: mmu_lock, the vCPU's mutex, then free what the grace period released."""
     kvm_mmu_read_unlock(vcpu.kvm, vcpu.vcpu_idx)
+    pthread_mutex_unlock(&vcpu.mmu_shadow_page_cache.lock)
+    rcu_reclaim_pending(vcpu.kvm)
+
+
+cdef inline void _prefetch_ahead(kvm_vcpu_t* vcpu, const gfn_t* gfns, Py_ssize_t i,
+                                 Py_ssize_t n) noexcept nogil:
+    """Prefetch the leaf of the item PREFETCH_DISTANCE ahead when it enters another leaf
+    table than the one before it (random access; sequential access needs none)."""
+    if i + PREFETCH_DISTANCE < n and \
+            (gfns[i + PREFETCH_DISTANCE] ^ gfns[i + PREFETCH_DISTANCE - 1]) >> 9:
+        _prefetch_leaf(vcpu, gfns[i + PREFETCH_DISTANCE])
 
 
 cdef int vcpu_fault_error_code(kvm_vcpu_t* vcpu, gfn_t gfn, u64 error_code) noexcept nogil:
-    """One fault as Vcpu.fault makes it: the vCPU's mutex, mmu_lock for read, the fault."""
-    cdef int r
-    pthread_mutex_lock(&vcpu.mmu_shadow_page_cache.lock)
-    r = vcpu_enter(vcpu)
+    """One fault as Vcpu.fault makes it: enter, the fault, leave."""
+    cdef int r = vcpu_enter(vcpu)
     if r == 0:
         r = kvm_mmu_page_fault(vcpu, gfn, error_code)
         vcpu_exit(vcpu)
-    pthread_mutex_unlock(&vcpu.mmu_shadow_page_cache.lock)
-    rcu_reclaim_pending(vcpu.kvm)
     return r
 
 
@@ -82,26 +91,20 @@ cdef int vcpu_fault_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* ac
     leave out; "fast" is what this batch added to pf_fast.
     """
     cdef kvm_t* kvm = vcpu.kvm
-    cdef kvm_mmu_memory_cache_t* mc = vcpu.mmu_shadow_page_cache
     cdef Py_ssize_t i = done[0], chunk_end
-    cdef int r = 0, k
+    cdef int r = 0
     cdef int64_t retries
     cdef int64_t fast_before
     cdef gfn_t gfn
     cdef u64 error_code = 0
     while i < n and r >= 0:
         chunk_end = min(n, i + FAULT_CHUNK)
-        pthread_mutex_lock(&mc.lock)
         r = vcpu_enter(vcpu)
         if r < 0:
-            pthread_mutex_unlock(&mc.lock)
             break
         fast_before = vcpu.stat.faults_fast
         while i < chunk_end:
-            # Prefetch only when a later fault enters another leaf table (random access).
-            if i + PREFETCH_DISTANCE < n and \
-                    (gfns[i + PREFETCH_DISTANCE] ^ gfns[i + PREFETCH_DISTANCE - 1]) >> 9:
-                _prefetch_leaf(vcpu, gfns[i + PREFETCH_DISTANCE])
+            _prefetch_ahead(vcpu, gfns, i, n)
             if error_codes != NULL:
                 error_code = error_codes[i]
             elif access != NULL:
@@ -128,8 +131,6 @@ cdef int vcpu_fault_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* ac
             i += 1
         counts[COUNT_FAST] += vcpu.stat.faults_fast - fast_before
         vcpu_exit(vcpu)
-        pthread_mutex_unlock(&mc.lock)
-        rcu_reclaim_pending(kvm)
         if r == RET_PF_RETRY:
             done[0] = i
             return BATCH_INTERRUPTIBLE
@@ -146,7 +147,7 @@ cdef int kvm_access_one(kvm_vcpu_t* vcpu, gfn_t gfn, int acc,
     again).  0 (no exit) or the RET_PF_* of the last exit; -SPTE_E* from a fault;
     ACCESS_INTERRUPTED after RETRY_CHECK re-executions."""
     cdef int ex, r = 0
-    cdef int64_t reexec = 0, fast_before
+    cdef int64_t reexec = 0
     cdef bint leaf_present = False
     while True:
         ex = hw_tdp_walk(vcpu, gfn, acc, &leaf_present)
@@ -156,12 +157,10 @@ cdef int kvm_access_one(kvm_vcpu_t* vcpu, gfn_t gfn, int acc,
             vcpu.stat.exits_ept_violation += 1
         else:
             vcpu.stat.exits_misconfig += 1
-        fast_before = vcpu.stat.faults_fast
         r = kvm_mmu_page_fault(vcpu, gfn, tdp_exit_error_code(vcpu.kvm, ex, acc, leaf_present))
         if r < 0:
             return r
         counts[r] += 1
-        counts[COUNT_FAST] += vcpu.stat.faults_fast - fast_before
         if r == RET_PF_EMULATE:
             return r                        # the emulator performs the access
         reexec += 1
@@ -174,13 +173,10 @@ cdef int vcpu_access(kvm_vcpu_t* vcpu, gfn_t gfn, bint write, bint exec) noexcep
     cdef int r
     cdef int acc = ACC_WRITE if write else (ACC_FETCH if exec else ACC_READ)
     memset(counts, 0, sizeof(counts))
-    pthread_mutex_lock(&vcpu.mmu_shadow_page_cache.lock)
     r = vcpu_enter(vcpu)
     if r == 0:
         r = kvm_access_one(vcpu, gfn, acc, counts)
         vcpu_exit(vcpu)
-    pthread_mutex_unlock(&vcpu.mmu_shadow_page_cache.lock)
-    rcu_reclaim_pending(vcpu.kvm)
     return r
 
 
@@ -194,26 +190,22 @@ cdef int vcpu_access_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* a
     An access whose walk changes nothing and raises nothing (hw_walk_hits) is counted
     here; any other goes through kvm_access_one, which walks again in full."""
     cdef kvm_t* kvm = vcpu.kvm
-    cdef kvm_mmu_memory_cache_t* mc = vcpu.mmu_shadow_page_cache
     cdef Py_ssize_t i = done[0], chunk_end
     cdef int r = 0
     cdef gfn_t gfn
     cdef int acc = ACC_READ
-    cdef int64_t hits
+    cdef int64_t hits, fast_before
     cdef hw_tlb_fill_t f
     while i < n and r >= 0:
         chunk_end = min(n, i + FAULT_CHUNK)
-        pthread_mutex_lock(&mc.lock)
         r = vcpu_enter(vcpu)
         if r < 0:
-            pthread_mutex_unlock(&mc.lock)
             break
         hw_tlb_fill_setup(vcpu, &f)         # the root stays for the whole section
         hits = 0
+        fast_before = vcpu.stat.faults_fast
         while i < chunk_end:
-            if i + PREFETCH_DISTANCE < n and \
-                    (gfns[i + PREFETCH_DISTANCE] ^ gfns[i + PREFETCH_DISTANCE - 1]) >> 9:
-                _prefetch_leaf(vcpu, gfns[i + PREFETCH_DISTANCE])
+            _prefetch_ahead(vcpu, gfns, i, n)
             if access != NULL:
                 acc = access[i]
                 if acc > ACC_FETCH:
@@ -236,10 +228,9 @@ cdef int vcpu_access_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* a
                 out[i] = <int8_t>r
             i += 1
         counts[0] += hits
+        counts[COUNT_FAST] += vcpu.stat.faults_fast - fast_before
         vcpu.stat.hw_walks += hits
         vcpu_exit(vcpu)
-        pthread_mutex_unlock(&mc.lock)
-        rcu_reclaim_pending(kvm)
         if r == ACCESS_INTERRUPTED:
             done[0] = i
             return BATCH_INTERRUPTIBLE

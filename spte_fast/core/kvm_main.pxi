@@ -566,14 +566,9 @@ cdef class Vm:
     def tdp_iter(self, start, end, min_level=1):
         """[(level, gfn, spte), ...]: the entries for_each_tdp_pte_min_level(min_level,
         start, end) visits, in its (pre-)order."""
-        cdef gfn_t s = _as_u64(start, "start")
-        cdef gfn_t e = _as_u64(end, "end")
-        cdef int ml = <int>_as_int(min_level, "min_level", 1, self.kvm.root_level)
-        if e > self.kvm.gfn_limit:
-            raise ValueError(f"end {e:#x} is beyond the address width ({self.kvm.gfn_limit:#x})")
-        if s > e:
-            raise ValueError(f"start {s:#x} > end {e:#x}")
-        return self._tdp_iter(s, e, ml)
+        cdef gfn_t s, e
+        s, e = self._gfn_range(start, end)
+        return self._tdp_iter(s, e, <int>_as_int(min_level, "min_level", 1, self.kvm.root_level))
 
     cdef list _tdp_iter(self, gfn_t start, gfn_t end, int min_level):
         """The walk over the valid root (none yet: nothing to visit)."""
@@ -643,13 +638,9 @@ cdef class Vm:
     def zap_gfn_range(self, start, end):
         """Zap present leaves intersecting [start, end); True if a TLB flush was needed
         (the VM then performs one ranged flush)."""
-        cdef gfn_t s = _as_u64(start, "start")
-        cdef gfn_t e = _as_u64(end, "end")
+        cdef gfn_t s, e
         cdef bint flush
-        if e > self.kvm.gfn_limit:
-            raise ValueError(f"end {e:#x} is beyond the address width ({self.kvm.gfn_limit:#x})")
-        if s > e:
-            raise ValueError(f"start {s:#x} > end {e:#x}")
+        s, e = self._gfn_range(start, end)
         with nogil:
             kvm_mmu_write_lock(&self.kvm)
             flush = kvm_tdp_mmu_zap_leafs(&self.kvm, &self.st, s, e) if s < e else False

@@ -415,8 +415,7 @@ class SpteLayout:
         # API.md is silent: the range of `access`; take ACC_* bits (0..7) as make_spte does.
         access = check_int("access", access, 0, ACC_ALL + 1)
         generation = check_int("generation", generation, 0, MMIO_SPTE_GEN_MASK + 1)
-        spte = (generation << MMIO_SPTE_GEN_LOW_START) & _MMIO_SPTE_GEN_LOW_MASK
-        spte |= (generation << _MMIO_SPTE_GEN_HIGH_SHIFT) & _MMIO_SPTE_GEN_HIGH_MASK
+        spte = generation_mmio_spte_mask(generation)
         spte |= self.mmio_value | (access & self.mmio_access_mask)
         # 6.10 ORs the whole gpa, unmasked: a gfn from bit 40 up lands in bits 52+ (an
         # impossible gfn once kvm_mmu_max_gfn bounds MMIO SPTEs, but that is the function).
@@ -538,9 +537,7 @@ def is_mmio_spte(kvm, spte):
 
 def make_mmio_spte(kvm, gfn, access):
     """spte.c make_mmio_spte(vcpu, gfn, access): the generation is the memslots one, masked."""
-    gen = kvm.memslots_generation & MMIO_SPTE_GEN_MASK
-    spte = (gen << MMIO_SPTE_GEN_LOW_START) & _MMIO_SPTE_GEN_LOW_MASK
-    spte |= (gen << _MMIO_SPTE_GEN_HIGH_SHIFT) & _MMIO_SPTE_GEN_HIGH_MASK
+    spte = generation_mmio_spte_mask(kvm.memslots_generation & MMIO_SPTE_GEN_MASK)
     spte |= kvm.shadow_mmio_value | (access & kvm.shadow_mmio_access_mask)
     spte |= gfn << 12
     return spte
@@ -549,6 +546,13 @@ def make_mmio_spte(kvm, gfn, access):
 def get_mmio_spte_gfn(kvm, spte):
     """mmu.c get_mmio_spte_gfn: the gpa bits below the host's MAXPHYADDR."""
     return (spte & kvm.mmio_gfn_mask) >> 12
+
+
+def generation_mmio_spte_mask(gen):
+    """spte.h generation_mmio_spte_mask: gen[7:0] in bits 3..10, gen[18:8] in bits 52..62."""
+    spte = (gen << MMIO_SPTE_GEN_LOW_START) & _MMIO_SPTE_GEN_LOW_MASK
+    spte |= (gen << _MMIO_SPTE_GEN_HIGH_SHIFT) & _MMIO_SPTE_GEN_HIGH_MASK
+    return spte
 
 
 def get_mmio_spte_generation(spte):

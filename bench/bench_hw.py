@@ -21,7 +21,7 @@ from spte_fast import _bench
 from spte_fast.sim import trace as tr
 from spte_fast.sim.engine import hw_access_codes
 
-from conftest import GIB_PAGES, make_vm, per_item
+from conftest import GIB_PAGES, make_vm, per_item, replay_in_chunks
 
 TRACE = os.path.join(os.path.dirname(__file__), "data", "lackey_trace.bin.xz")
 CHUNK = 1 << 20
@@ -79,13 +79,8 @@ def test_hw_c_replay_lackey_trace(benchmark, lackey_accesses):
     vcpu = vm.vcpu()
     res = {}
 
-    def replay():
-        res.clear()
-        for i in range(0, gfns.size, CHUNK):
-            for k, v in vcpu.access_batch(gfns[i:i + CHUNK], access[i:i + CHUNK]).items():
-                res[k] = res.get(k, 0) + v
-
-    benchmark.pedantic(replay, setup=lambda: vm.zap_all() and None, rounds=5,
+    benchmark.pedantic(replay_in_chunks, args=(vcpu.access_batch, gfns, access, CHUNK, res),
+                       setup=lambda: vm.zap_all() and None, rounds=5,
                        warmup_rounds=1)
     assert res["fixed"] == distinct and res["hits"] == gfns.size - distinct
     vm.audit()

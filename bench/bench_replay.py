@@ -27,7 +27,7 @@ import pytest
 import spte_fast as sf
 from spte_fast.sim import trace as tr
 
-from conftest import per_item
+from conftest import per_item, replay_in_chunks
 
 TRACE = os.path.join(os.path.dirname(__file__), "data", "lackey_trace.bin.xz")
 CHUNK = 1 << 20
@@ -54,16 +54,11 @@ def test_replay_lackey_trace(benchmark, lackey_trace, layout):
     vcpu = vm.vcpu()
     res = {}
 
-    def replay():
-        res.clear()
-        for i in range(0, gfns.size, CHUNK):
-            for k, v in vcpu.fault_batch(gfns[i:i + CHUNK], access[i:i + CHUNK]).items():
-                res[k] = res.get(k, 0) + v
-
     def empty_vm():
         vm.zap_all()                    # returns a bool: pedantic would take it for args
 
-    benchmark.pedantic(replay, setup=empty_vm, rounds=5, warmup_rounds=1)
+    benchmark.pedantic(replay_in_chunks, args=(vcpu.fault_batch, gfns, access, CHUNK, res),
+                       setup=empty_vm, rounds=5, warmup_rounds=1)
     assert res["fixed"] == fixed
     assert res["fixed"] + res["spurious"] == gfns.size
     vm.audit()

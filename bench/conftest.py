@@ -38,6 +38,15 @@ def make_vm(impl=sf, *, npages, max_level=sf.PG_LEVEL_4K, max_pt_pages=1 << 16,
     return vm, vm.vcpu()
 
 
+def replay_in_chunks(batch, gfns, access, chunk, res):
+    """Run ``batch`` (a Vcpu's fault_batch or access_batch) over the arrays in chunks of
+    ``chunk``; ``res`` (cleared first) receives the summed counts."""
+    res.clear()
+    for i in range(0, gfns.size, chunk):
+        for k, v in batch(gfns[i:i + chunk], access[i:i + chunk]).items():
+            res[k] = res.get(k, 0) + v
+
+
 def per_item(benchmark, n, unit="faults"):
     """Record items/s of the median round in the saved JSON (extra_info)."""
     med = benchmark.stats.stats.median

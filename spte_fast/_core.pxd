@@ -36,6 +36,11 @@ cdef extern from "spte_atomic.h":
     int64_t i64_load_relaxed(const int64_t *p) noexcept nogil
     bint i64_dec_if_positive_relaxed(int64_t *p) noexcept nogil
     u64 u64_load_seq_cst(const u64 *p) noexcept nogil
+    int __builtin_ctzll(unsigned long long x) noexcept nogil
+    u64 bitmap_xchg_word(u64 *p, u64 v) noexcept nogil
+    u64 bitmap_fetch_andnot_word(u64 *p, u64 m) noexcept nogil
+    void bitmap_store_word(u64 *p, u64 v) noexcept nogil
+    int __builtin_clzll(unsigned long long x) noexcept nogil
     void u64_store_seq_cst(u64 *p, u64 v) noexcept nogil
     u64 u64_inc_return_seq_cst(u64 *p) noexcept nogil
     void spte_prefetch(const void* p) noexcept nogil
@@ -88,6 +93,9 @@ cdef enum:
 cdef enum:
     MAX_VCPUS = 256
     MAX_ROOTS = MAX_VCPUS + 1        # one valid root, and an invalid one per vCPU at most
+    VM_READER = MAX_VCPUS            # the VM's own read-side slot (eager split, dirty-log
+                                     # protection, collapsible zaps run under the read lock)
+    PML_ENTITY_NUM = 512             # entries of a vCPU's page-modification log (vmx.h)
     KVM_MEM_LOG_DIRTY_PAGES = 1      # memslot flags (include/uapi/linux/kvm.h)
     KVM_MEM_READONLY = 2
     KVM_MEMSLOT_INVALID = 1 << 16    # a slot being deleted or moved (include/linux/kvm_host.h)
@@ -198,6 +206,8 @@ ctypedef struct kvm_memory_slot_t:
     uint8_t* host_flags             # per page: HOST_ACCESSED | HOST_DIRTY (owned by the slot)
     u64* host_flags_touched         # one bit per HOST_FLAGS_CHUNK pages whose flags were set:
                                     # a delete reads only those (owned by the slot)
+    u64* dirty_bitmap               # KVM_MEM_LOG_DIRTY_PAGES: one bit per page, set by
+                                    # mark_page_dirty_in_slot (owned by the slot; else NULL)
 
 
 # ---------------------------------------------------------------------------
@@ -222,6 +232,11 @@ ctypedef struct mmu_stats_t:
     int64_t hw_ad_sets              # leaves whose A (and D) the CPU set
     int64_t exits_ept_violation     # EPT violations / #NPF without RSVD
     int64_t exits_misconfig         # EPT misconfigurations / #NPF with RSVD
+    int64_t exits_pml_full          # page-modification log full (EXIT_REASON_PML_FULL)
+    int64_t pml_logged              # gfns the CPU wrote into a PML buffer
+    int64_t dirty_pages_marked      # mark_page_dirty_in_slot calls on a dirty-logged slot
+    int64_t huge_pages_split        # huge SPTEs replaced by a table of 512 (eager split)
+    int64_t nx_huge_pages_recovered # possible-NX-huge-page tables zapped by NX recovery
     int64_t warn[NR_MMU_WARN]       # by WARN_*
 
 
@@ -266,11 +281,20 @@ ctypedef struct kvm_t:
     # walk it is freed only once every reader inside the read side entered after it.
     u64 rcu_gp_seq                  # bumped by every deferred free
     u64 removals                    # tables removed so far (walk hints compare it)
-    u64 rcu_reader_seq[MAX_VCPUS]        # per vCPU: gp seq seen on entering the read side; 0 = outside
+    u64 rcu_reader_seq[MAX_VCPUS + 1]    # per vCPU (and VM_READER): gp seq seen on entering
+                                         # the read side; 0 = outside
     int nvcpus
     int64_t* rcu_pending            # removed tables waiting for the grace period (pool.lock)
     u64* rcu_pending_seq            # the gp seq each waits for
     int64_t nr_rcu_pending
+    # Dirty logging (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, module parameters enable_pml and
+    # eager_page_split) and NX huge-page recovery (nx_huge_pages_recovery_ratio).
+    bint manual_dirty_log_protect
+    bint dirty_log_initially_set    # KVM_DIRTY_LOG_INITIALLY_SET
+    bint enable_pml                 # kvm_x86_ops.cpu_dirty_log_size != 0
+    bint eager_page_split
+    int nx_huge_pages_recovery_ratio
+    int nr_memslots_dirty_logging   # PML is on in the vCPUs while this is non-zero
     int fatal                       # a BUG() case was hit (present leaf -> other pfn)
     gfn_t fatal_gfn
     int fatal_level
@@ -302,6 +326,9 @@ ctypedef struct kvm_vcpu_t:
     int64_t root                    # mmu->root.hpa: pool index of its root, -1 INVALID_PAGE
     gfn_t mmio_gfn                  # vcpu_cache_mmio_info (0: nothing cached)
     u64 mmio_gen                    # the memslots generation it was cached in
+    int pml_count                   # entries in pml_buf (the CPU's PML index counts down
+                                    # from 511; this counts up)
+    gfn_t pml_buf[PML_ENTITY_NUM]   # the page-modification log: gfns whose D the CPU set
 
 
 # struct tdp_iter (arch/x86/kvm/mmu/tdp_iter.h)
@@ -430,7 +457,11 @@ cdef class Vm:
     cdef tuple _gfn_range(self, start, end)
     cdef int _check_slot_range(self, gfn_t base, u64 n, int64_t skip_id) except -1
     cdef int _check_max_gfn(self, gfn_t base, u64 n) except -1
-    cdef object _add_memslot(self, gfn_t base, u64 n, u64 p, bint readonly)
+    cdef object _add_memslot(self, gfn_t base, u64 n, u64 p, bint readonly, bint dirty_log)
+    cdef u64* _alloc_dirty_bitmap(self, u64 n) except NULL
+    cdef int _set_memslot_flags(self, int64_t sid_wanted, bint log) except -1
+    cdef kvm_memory_slot_t* _dirty_logged_slot(self, int64_t sid_wanted) except NULL
+    cdef int _vcpu_handles(self, kvm_vcpu_t** out) except -1
     cdef int _slot_index(self, int64_t sid_wanted) except -1
     cdef int _invalidate_memslot(self, int at) except -1
     cdef int _delete_memslot(self, int64_t sid_wanted) except -1

@@ -22,7 +22,9 @@ include "core/tdp_mmu.pxi"       # setters, bookkeeping, map, zaps   (tdp_mmu.c)
 include "core/mmu.pxi"           # page-fault entry, huge-page level (mmu.c)
 include "core/hw.pxi"            # the CPU: EPT/NPT walker, exit codes (SDM, APM)
 include "core/x86.pxi"           # a vCPU's faults and accesses     (x86.c)
+include "core/dirty_log.pxi"     # KVM_GET/CLEAR_DIRTY_LOG           (kvm_main.c)
 include "core/boundary.pxi"      # argument checks, _check_rc
 include "core/api.pxi"           # constants, SpteLayout, kernels, PagePool, MemoryCache
-include "core/kvm_main.pxi"      # Vm, Vcpu                          (kvm_main.c ioctls)
+include "core/kvm_main.pxi"      # Vm                                (kvm_main.c ioctls)
+include "core/kvm_vcpu.pxi"      # Vcpu                              (kvm_main.c vCPU ioctls)
 include "core/audit.pxi"         # vm.audit()                        (mmu_audit.c)

@@ -49,15 +49,19 @@ def test_constants_are_exported():
 
 
 def test_stats_keys_and_order():
-    """vcpu->stat.pf_fast sits after pf_emulate; the hardware counters come last."""
+    """vcpu->stat.pf_fast sits after pf_emulate; the hardware counters, then those of
+    dirty logging and huge pages (issue 11) come last."""
     vm, v = vm_vcpu()
     keys = list(vm.stats)
     assert keys[:5] == ["faults_fixed", "faults_spurious", "faults_retry", "faults_emulate",
                         "faults_fast"]
-    assert keys[-4:] == ["hw_walks", "hw_ad_sets", "exits_ept_violation", "exits_misconfig"]
+    assert keys[-9:] == ["hw_walks", "hw_ad_sets", "exits_ept_violation", "exits_misconfig",
+                         "exits_pml_full", "pml_logged", "dirty_pages_marked",
+                         "huge_pages_split", "nx_huge_pages_recovered"]
     assert list(v.stats) == ["faults_fixed", "faults_spurious", "faults_retry",
                              "faults_emulate", "faults_fast", "hw_walks", "hw_ad_sets",
-                             "exits_ept_violation", "exits_misconfig"]
+                             "exits_ept_violation", "exits_misconfig", "exits_pml_full",
+                             "pml_logged", "dirty_pages_marked"]
 
 
 # --- the divergence table ------------------------------------------------------------------

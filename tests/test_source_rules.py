@@ -49,11 +49,12 @@ METADATA = {
     "leaves", "tables", "acc.faults", "acc.pt_pages", "acc.pages", "acc.warn", "wrprot",
     "link", "size", "dims", "d", "done", "it.pt_path", "c.cache_warn",
     "kvm.hw_need", "kvm.hw_forbid", "kvm.hw_hit_need", "kvm.hw_hit_check", "ad",
-    "self.kvm.leaf_4k_template",  # the hardware walk's per-access permission masks
     "leaf_present",  # hw_tdp_walk's output flag
     "kvm.roots",  # kvm->arch.tdp_mmu_roots: pool indices of the roots
     "slots",  # a new memslot array being built (kvm_main.pxi move)
     "levels",  # tdp_mmu_zap_root's local list of zap levels
+    "kvm.leaf_4k_template",  # make_spte's precomputed 4K leaves (per host_writable)
+    "vcpu.pml_buf",  # the vCPU's page-modification log (gfns, not SPTEs)
 }
 
 _HEAD = re.compile(r"^\s*(?:cdef|cpdef|def)\s+(?:inline\s+)?(?:[\w\*\.\[\], ]+\s+)?"

@@ -18,6 +18,7 @@ cdef enum:
     HW_HIT = 0                      # translated, no exit
     HW_VIOLATION = 1                # EPT violation / #NPF (no RSVD)
     HW_MISCONFIG = 2                # EPT misconfiguration / #NPF with RSVD
+    HW_PML_FULL = 3                 # page-modification log full (VMX): nothing was set
     ACC_READ = 0                    # the kinds of access (access_batch's codes)
     ACC_WRITE = 1
     ACC_FETCH = 2
@@ -85,6 +86,16 @@ cdef int hw_tdp_walk(kvm_vcpu_t* vcpu, gfn_t gfn, int acc, bint* leaf_present) n
         if acc == ACC_WRITE:
             want |= kvm.m.shadow_dirty_mask
         if (spte & want) != want:
+            # PML (SDM vol. 3 "Page-Modification Logging"): setting a clear D logs the
+            # 4K-aligned guest-physical address first; with the log full, a PML-full exit
+            # happens instead and neither A nor D is set (the write is re-executed).
+            if acc == ACC_WRITE and not (spte & kvm.m.shadow_dirty_mask) and \
+                    kvm.enable_pml and kvm.nr_memslots_dirty_logging:
+                if vcpu.pml_count == PML_ENTITY_NUM:
+                    return HW_PML_FULL
+                vcpu.pml_buf[vcpu.pml_count] = gfn
+                vcpu.pml_count += 1
+                vcpu.stat.pml_logged += 1
             hw_set_ad_bits(sptep, want)
             vcpu.stat.hw_ad_sets += 1
     return HW_HIT

@@ -34,35 +34,11 @@ cdef inline void _stats_add(mmu_stats_t* acc, const mmu_stats_t* s) noexcept nog
     acc.hw_ad_sets += s.hw_ad_sets
     acc.exits_ept_violation += s.exits_ept_violation
     acc.exits_misconfig += s.exits_misconfig
-
-
-cdef object _host_flags_array(uint8_t* flags, u64 npages):
-    """A memslot's host page flags as a numpy view (no copy; valid while the slot's are)."""
-    cdef cnp.npy_intp dims[1]
-    dims[0] = <cnp.npy_intp>npages
-    return cnp.PyArray_SimpleNewFromData(1, dims, cnp.NPY_UINT8, flags)
-
-
-cdef inline u64 _touched_words(u64 npages) noexcept nogil:
-    return (((npages - 1) >> HOST_FLAGS_CHUNK_SHIFT) >> 6) + 1
-
-
-cdef object _touched_array(kvm_memory_slot_t* s):
-    """The slot's host_flags_touched bitmap as a numpy uint64 view."""
-    cdef cnp.npy_intp dims[1]
-    dims[0] = <cnp.npy_intp>_touched_words(s.npages)
-    return cnp.PyArray_SimpleNewFromData(1, dims, cnp.NPY_UINT64, s.host_flags_touched)
-
-
-cdef object _set_host_flags_of_slot(kvm_memory_slot_t* s):
-    """(page offsets, flags) of the slot's pages whose host flags are set, reading only the
-    chunks marked touched: the cost follows what was touched, not the slot's size."""
-    flags = _host_flags_array(s.host_flags, s.npages)
-    bits = np.unpackbits(_touched_array(s).view(np.uint8), bitorder="little")
-    offsets = [np.flatnonzero(flags[c << HOST_FLAGS_CHUNK_SHIFT:(c + 1) << HOST_FLAGS_CHUNK_SHIFT])
-               + (c << HOST_FLAGS_CHUNK_SHIFT) for c in np.flatnonzero(bits).tolist()]
-    marked = np.concatenate(offsets) if offsets else np.empty(0, dtype=np.intp)
-    return marked, flags[marked]
+    acc.exits_pml_full += s.exits_pml_full
+    acc.pml_logged += s.pml_logged
+    acc.dirty_pages_marked += s.dirty_pages_marked
+    acc.huge_pages_split += s.huge_pages_split
+    acc.nx_huge_pages_recovered += s.nx_huge_pages_recovered
 
 
 ctypedef struct vm_counters_t:
@@ -97,25 +73,15 @@ cdef int _read_counters(Vm vm, vm_counters_t* c) except -1:
     return 0
 
 
-cdef cnp.ndarray _error_code_array(object a, Py_ssize_t n):
-    """fault_batch's ``error_codes``: 1-D integers of n entries, each a 32-bit error code."""
-    arr = _int_array(a, "error_codes")
-    if arr.shape[0] != n:
-        raise ValueError(f"error_codes has {arr.shape[0]} entries, gfns has {n}")
-    if arr.size and int(arr.max()) > 0xFFFFFFFF:
-        raise ValueError("error_codes values must be 32-bit error codes (0 .. 2**32 - 1)")
-    return np.ascontiguousarray(arr, dtype=np.uint64)
-
-
-cdef cnp.ndarray _hw_access_array(object a, Py_ssize_t n):
-    """access_batch's ``access``: 0 read, 1 write, 2 instruction fetch."""
-    arr = _int_array(a, "access")
-    if arr.shape[0] != n:
-        raise ValueError(f"access has {arr.shape[0]} entries, gfns has {n}")
-    if arr.size and int(arr.max()) > ACC_FETCH:
-        raise ValueError("access values must be 0..2 (0 read, 1 write, 2 fetch; a fetch is "
-                         "never a write)")
-    return np.ascontiguousarray(arr, dtype=np.uint8)
+cdef void _leaf_templates(kvm_t* kvm) noexcept nogil:
+    """make_spte(level 1, ACC_ALL, pfn 0, not prefetch, over a non-writable old SPTE) for
+    each host_writable: the fault path ORs the pfn in.  They depend on nx_huge_pages."""
+    cdef bint wrprot
+    cdef int w
+    for w in range(2):
+        kvm.leaf_4k_template[w] = make_spte(&kvm.m, 1, ACC_ALL, 0, kvm.m.shadow_nonpresent_value,
+                                            False, w, kvm.m.ad_disabled, kvm.nx_huge_pages,
+                                            False, &wrprot)
 
 
 cdef class Vm:
@@ -134,15 +100,29 @@ cdef class Vm:
 
     def __cinit__(self, SpteLayout layout not None, root_level=4, max_level=PG_LEVEL_1G,
                   max_pt_pages=1 << 20, nx_huge_pages=False, poison=None,
-                  host_maxphyaddr=46):
+                  host_maxphyaddr=46, *, manual_dirty_log_protect=False,
+                  dirty_log_initially_set=False, pml=None, eager_page_split=True,
+                  nx_huge_pages_recovery_ratio=60):
         cdef int rl = <int>_as_int(root_level, "root_level", 4, 5)
         cdef int ml = <int>_as_int(max_level, "max_level", 1, 3)
         cdef int64_t cap = _as_int(max_pt_pages, "max_pt_pages", 2, 1 << 32)
         cdef int hpa = <int>_as_int(host_maxphyaddr, "host_maxphyaddr", 36, 52)
         cdef bint wrprot
+        cdef int ratio = <int>_as_int(nx_huge_pages_recovery_ratio,
+                                      "nx_huge_pages_recovery_ratio", 0, 3600)
+        cdef bint has_pml = layout.m.ept and layout.m.shadow_accessed_mask != 0
+        if bool(dirty_log_initially_set) and not bool(manual_dirty_log_protect):
+            raise ValueError("dirty_log_initially_set needs manual_dirty_log_protect "
+                             "(KVM_DIRTY_LOG_INITIALLY_SET is a flag of "
+                             "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)")
+        if pml is None:
+            pml = has_pml
+        elif bool(pml) and not has_pml:
+            raise ValueError("pml=True needs an EPT layout with A/D bits (PML is a VMX "
+                             "feature that logs the D bits the CPU sets)")
         memset(&self.kvm, 0, sizeof(kvm_t))
         memset(&self.st, 0, sizeof(mmu_stats_t))
-        self.st.rcu_reader = -1         # the VM's own operations hold mmu_lock for write
+        self.st.rcu_reader = VM_READER  # its own read-side slot (shared operations)
         spte_rwlock_init(&self.kvm.mmu_lock)
         pthread_mutex_init(&self.kvm.tdp_mmu_pages_lock, NULL)
         self.kvm.rcu_gp_seq = 1
@@ -161,20 +141,18 @@ cdef class Vm:
         self.kvm.root_level = rl
         self.kvm.max_level = ml
         self.kvm.nx_huge_pages = bool(nx_huge_pages)
+        self.kvm.manual_dirty_log_protect = bool(manual_dirty_log_protect)
+        self.kvm.dirty_log_initially_set = bool(dirty_log_initially_set)
+        self.kvm.enable_pml = bool(pml)
+        self.kvm.eager_page_split = bool(eager_page_split)
+        self.kvm.nx_huge_pages_recovery_ratio = ratio
         self.kvm.gfn_limit = (<u64>1) << (9 * rl)
         self.kvm.host_phys_bits = hpa
         self.kvm.max_gfn = ((<u64>1) << (hpa - 12)) - 1
         self.kvm.rsvd_pa_mask = (((<u64>1) << 52) - ((<u64>1) << hpa)) if hpa < 52 else 0
         self.kvm.ad_enabled = self.kvm.m.shadow_accessed_mask != 0
         hw_setup(&self.kvm)
-        self.kvm.leaf_4k_template[0] = make_spte(&self.kvm.m, 1, ACC_ALL, 0,
-                                                 self.kvm.m.shadow_nonpresent_value, False,
-                                                 False, self.kvm.m.ad_disabled,
-                                                 self.kvm.nx_huge_pages, False, &wrprot)
-        self.kvm.leaf_4k_template[1] = make_spte(&self.kvm.m, 1, ACC_ALL, 0,
-                                                 self.kvm.m.shadow_nonpresent_value, False,
-                                                 True, self.kvm.m.ad_disabled,
-                                                 self.kvm.nx_huge_pages, False, &wrprot)
+        _leaf_templates(&self.kvm)
         self.kvm.rcu_pending = <int64_t*>malloc(cap * sizeof(int64_t))
         self.kvm.rcu_pending_seq = <u64*>malloc(cap * sizeof(u64))
         if self.kvm.rcu_pending == NULL or self.kvm.rcu_pending_seq == NULL:
@@ -186,6 +164,7 @@ cdef class Vm:
         for i in range(self.kvm.nslots):
             host_flags_free(self.kvm.slots[i].host_flags, self.kvm.slots[i].npages)
             PyMem_RawFree(self.kvm.slots[i].host_flags_touched)
+            PyMem_RawFree(self.kvm.slots[i].dirty_bitmap)
         PyMem_RawFree(self.kvm.slots)
         free(self.kvm.rcu_pending)
         free(self.kvm.rcu_pending_seq)
@@ -340,15 +319,26 @@ cdef class Vm:
                              f"{self.kvm.max_gfn:#x})")
         return 0
 
-    def add_memslot(self, base_gfn, npages, pfn, readonly=False):
-        """Map gfns [base_gfn, base_gfn + npages) to host pfns from ``pfn``. Returns the slot id."""
+    def add_memslot(self, base_gfn, npages, pfn, readonly=False, dirty_log=False):
+        """Map gfns [base_gfn, base_gfn + npages) to host pfns from ``pfn``. Returns the slot
+        id.  ``dirty_log``: KVM_MEM_LOG_DIRTY_PAGES from the start (a bitmap, no huge pages;
+        all set with dirty_log_initially_set)."""
         cdef gfn_t base = self._gfn(base_gfn, "base_gfn")
         cdef u64 n = _as_u64(npages, "npages")
         cdef u64 p = _as_u64(pfn, "pfn")
         with self._slots_lock:          # KVM's slots_lock: the checks below stay true
-            return self._add_memslot(base, n, p, bool(readonly))
+            return self._add_memslot(base, n, p, bool(readonly), bool(dirty_log))
 
-    cdef object _add_memslot(self, gfn_t base, u64 n, u64 p, bint readonly):
+    cdef u64* _alloc_dirty_bitmap(self, u64 n) except NULL:
+        """kvm_alloc_dirty_bitmap, all ones for the slot's pages under initially-set."""
+        cdef u64* bm = <u64*>PyMem_RawCalloc(max(dirty_bitmap_words(n), 1), sizeof(u64))
+        if bm == NULL:
+            raise MemoryError(f"dirty bitmap of a {n}-page memslot")
+        if self.kvm.manual_dirty_log_protect and self.kvm.dirty_log_initially_set:
+            dirty_bitmap_set_all(bm, n)
+        return bm
+
+    cdef object _add_memslot(self, gfn_t base, u64 n, u64 p, bint readonly, bint dirty_log):
         cdef kvm_memory_slot_t* s
         cdef kvm_memory_slot_t* slots
         cdef int i, at, nslots = self.kvm.nslots
@@ -400,8 +390,20 @@ cdef class Vm:
         s.id = self._next_slot_id
         s.host_flags = flags
         s.host_flags_touched = touched
+        s.dirty_bitmap = NULL
+        if dirty_log:
+            try:
+                s.dirty_bitmap = self._alloc_dirty_bitmap(n)
+            except MemoryError:
+                host_flags_free(flags, n)
+                PyMem_RawFree(touched)
+                PyMem_RawFree(slots)
+                raise
+            s.flags |= KVM_MEM_LOG_DIRTY_PAGES
         self._next_slot_id += 1
         self._swap_memslots(slots, nslots + 1, -1, -1)     # kvm_create_memslot
+        if dirty_log:                   # kvm_commit_memory_region
+            self.kvm.nr_memslots_dirty_logging += 1
         return self._next_slot_id - 1
 
     cdef int _slot_index(self, int64_t sid_wanted) except -1:
@@ -457,6 +459,9 @@ cdef class Vm:
         del bits
         host_flags_free(gone.host_flags, gone.npages)
         PyMem_RawFree(gone.host_flags_touched)
+        if gone.flags & KVM_MEM_LOG_DIRTY_PAGES:
+            self.kvm.nr_memslots_dirty_logging -= 1
+        PyMem_RawFree(gone.dirty_bitmap)
         self._raise_fatal()
         return 0
 
@@ -517,6 +522,241 @@ cdef class Vm:
             if s == NULL:
                 raise ValueError(f"no memslot backs pfn {p:#x}")
             return s.host_flags[p - s.pfn]
+
+    # -- dirty logging (kvm_main.c KVM_SET_USER_MEMORY_REGION flags, KVM_GET/CLEAR_DIRTY_LOG;
+    #    x86.c kvm_mmu_slot_apply_flags) -------------------------------------------------
+    @property
+    def manual_dirty_log_protect(self): return bool(self.kvm.manual_dirty_log_protect)
+    @property
+    def dirty_log_initially_set(self): return bool(self.kvm.dirty_log_initially_set)
+    @property
+    def pml(self): return bool(self.kvm.enable_pml)
+    @property
+    def eager_page_split(self): return bool(self.kvm.eager_page_split)
+    @property
+    def nx_huge_pages_recovery_ratio(self): return self.kvm.nx_huge_pages_recovery_ratio
+
+    def set_memslot_flags(self, slot_id, dirty_log):
+        """KVM_MR_FLAGS_ONLY: turn KVM_MEM_LOG_DIRTY_PAGES on or off (one memslot swap),
+        then kvm_mmu_slot_apply_flags.  Unchanged flags: nothing happens."""
+        cdef int64_t sid_wanted = _as_int(slot_id, "slot_id", INT64_MIN, INT64_MAX)
+        if not isinstance(dirty_log, (bool, int)) or isinstance(dirty_log, float):
+            raise TypeError(f"dirty_log must be a bool, not {type(dirty_log).__name__}")
+        with self._slots_lock:
+            self._set_memslot_flags(sid_wanted, bool(dirty_log))
+
+    cdef int _set_memslot_flags(self, int64_t sid_wanted, bint log) except -1:
+        cdef int at = self._slot_index(sid_wanted), nslots = self.kvm.nslots
+        cdef kvm_memory_slot_t* slots
+        cdef kvm_memory_slot_t* s
+        cdef u64* old_bitmap = self.kvm.slots[at].dirty_bitmap
+        cdef u64* bm = NULL
+        cdef bint was = (self.kvm.slots[at].flags & KVM_MEM_LOG_DIRTY_PAGES) != 0
+        if was == log:
+            return 0                        # kvm_set_memory_region: no change, no swap
+        if log:
+            bm = self._alloc_dirty_bitmap(self.kvm.slots[at].npages)   # kvm_prepare_memory_region
+        slots = <kvm_memory_slot_t*>PyMem_RawMalloc(nslots * sizeof(kvm_memory_slot_t))
+        if slots == NULL:
+            PyMem_RawFree(bm)
+            raise MemoryError()
+        memcpy(slots, self.kvm.slots, nslots * sizeof(kvm_memory_slot_t))
+        if log:
+            slots[at].flags |= KVM_MEM_LOG_DIRTY_PAGES
+            slots[at].dirty_bitmap = bm
+        else:
+            slots[at].flags &= ~KVM_MEM_LOG_DIRTY_PAGES
+            slots[at].dirty_bitmap = NULL
+        self._swap_memslots(slots, nslots, -1, -1)         # kvm_update_flags_memslot
+        # kvm_commit_memory_region
+        self.kvm.nr_memslots_dirty_logging += 1 if log else -1
+        s = &self.kvm.slots[at]
+        if not (s.flags & KVM_MEM_READONLY):
+            with nogil:
+                kvm_mmu_slot_apply_flags(&self.kvm, &self.st, s, log)
+        if not log:
+            # The swap ran under mmu_lock for write: no vCPU can still reach the old bitmap.
+            PyMem_RawFree(old_bitmap)       # kvm_destroy_dirty_bitmap
+        self._raise_fatal()
+        return 0
+
+    cdef kvm_memory_slot_t* _dirty_logged_slot(self, int64_t sid_wanted) except NULL:
+        cdef kvm_memory_slot_t* s = &self.kvm.slots[self._slot_index(sid_wanted)]
+        if s.dirty_bitmap == NULL:
+            raise ValueError(f"memslot {sid_wanted} has no dirty log (-ENOENT): enable "
+                             f"dirty logging with set_memslot_flags(slot_id, dirty_log=True)")
+        return s
+
+    cdef int _vcpu_handles(self, kvm_vcpu_t** out) except -1:
+        """The vCPUs' structs (they live as long as the Vm: vCPUs are never removed)."""
+        cdef Vcpu v
+        cdef int n = 0
+        with self._vcpu_lock:
+            for v in self._vcpus:
+                out[n] = &v.vcpu
+                n += 1
+        return n
+
+    def get_dirty_log(self, slot_id):
+        """KVM_GET_DIRTY_LOG -> numpy uint64 bitmap, bit i%64 of word i//64 for page i.
+
+        Without manual protect each non-zero word is taken (and cleared) and its pages
+        re-protected (kvm_arch_mmu_enable_log_dirty_pt_masked), then one memslot TLB flush
+        if any was; with manual protect the bitmap is only copied."""
+        cdef int64_t sid_wanted = _as_int(slot_id, "slot_id", INT64_MIN, INT64_MAX)
+        cdef kvm_memory_slot_t* s
+        cdef cnp.ndarray out
+        cdef u64* o
+        cdef u64 words
+        cdef kvm_vcpu_t* vcpus[MAX_VCPUS]
+        cdef int nv
+        with self._slots_lock:
+            s = self._dirty_logged_slot(sid_wanted)
+            words = dirty_bitmap_words(s.npages)
+            out = np.zeros(words, dtype=np.uint64)
+            o = <u64*>cnp.PyArray_DATA(out)
+            nv = self._vcpu_handles(vcpus)
+            with nogil:
+                kvm_mmu_write_lock(&self.kvm)
+                kvm_arch_sync_dirty_log(&self.kvm, vcpus, nv)
+                kvm_get_dirty_log_protect(&self.kvm, &self.st, s, o)
+                kvm_mmu_write_unlock(&self.kvm)
+            self._raise_fatal()
+        return out
+
+    def clear_dirty_log(self, slot_id, first_page, num_pages, bitmap):
+        """KVM_CLEAR_DIRTY_LOG (manual protect only): for pages [first_page, first_page +
+        num_pages), clear the bits set in ``bitmap`` (uint64 words from first_page) that are
+        set in the dirty log and re-protect those pages; one memslot TLB flush if any."""
+        cdef int64_t sid_wanted = _as_int(slot_id, "slot_id", INT64_MIN, INT64_MAX)
+        cdef u64 first = _as_u64(first_page, "first_page")
+        cdef u64 num = _as_u64(num_pages, "num_pages")
+        cdef kvm_memory_slot_t* s
+        cdef cnp.ndarray words_in
+        cdef const u64* user
+        cdef u64 n
+        cdef kvm_vcpu_t* vcpus[MAX_VCPUS]
+        cdef int nv
+        if not self.kvm.manual_dirty_log_protect:
+            raise ValueError("clear_dirty_log needs manual_dirty_log_protect (-EINVAL)")
+        bm = np.asarray(bitmap)
+        if bm.ndim != 1 or (bm.size and bm.dtype.kind not in "ui"):
+            raise TypeError("bitmap must be a 1-D array of uint64 words")
+        words_in = np.ascontiguousarray(bm, dtype=np.uint64)
+        with self._slots_lock:
+            s = self._dirty_logged_slot(sid_wanted)
+            if first & 63:
+                raise ValueError(f"first_page {first} is not a multiple of 64 (-EINVAL)")
+            if first > s.npages or num > s.npages - first or \
+                    (num < s.npages - first and (num & 63)):
+                raise ValueError(f"pages [{first}, {first + num}) do not fit the "
+                                 f"{s.npages}-page slot in 64-page words (-EINVAL)")
+            n = (num + 63) >> 6
+            if <u64>words_in.shape[0] < n:
+                raise ValueError(f"bitmap has {words_in.shape[0]} words, {n} needed")
+            user = <const u64*>cnp.PyArray_DATA(words_in)
+            nv = self._vcpu_handles(vcpus)
+            with nogil:
+                kvm_mmu_write_lock(&self.kvm)
+                kvm_arch_sync_dirty_log(&self.kvm, vcpus, nv)
+                kvm_clear_dirty_log_protect(&self.kvm, &self.st, s, first, n, user)
+                kvm_mmu_write_unlock(&self.kvm)
+            self._raise_fatal()
+
+    # -- MMU notifiers, page tracking, huge pages ------------------------------------------
+    def unmap_gfn_range(self, start, end):
+        """MMU notifier invalidate_range_start (kvm_unmap_gfn_range): zap the leaves in
+        [start, end) of every memslot it intersects, in every root; True if a flush was
+        needed, and then one full TLB flush is done."""
+        cdef gfn_t st, e, lo, hi
+        cdef kvm_memory_slot_t* sl
+        cdef bint flush = False
+        cdef int i
+        st, e = self._gfn_range(start, end)
+        with self._slots_lock:
+            with nogil:
+                kvm_mmu_write_lock(&self.kvm)
+                for i in range(self.kvm.nslots):
+                    sl = &self.kvm.slots[i]
+                    lo = max(st, sl.base_gfn)
+                    hi = min(e, sl.base_gfn + sl.npages)
+                    if lo < hi:
+                        flush |= kvm_tdp_mmu_unmap_gfn_range(&self.kvm, &self.st, lo, hi)
+                if flush:
+                    self.st.tlb_flushes += 1            # kvm_flush_remote_tlbs
+                kvm_mmu_write_unlock(&self.kvm)
+            self._raise_fatal()
+        return bool(flush)
+
+    def write_protect_gfn(self, gfn, min_level=1):
+        """kvm_mmu_slot_gfn_write_protect (as page tracking calls it): W and MMU-writable
+        cleared on the leaf mapping gfn at >= min_level; True if one changed, and then one
+        full TLB flush is done (kvm_flush_remote_tlbs, before mmu_lock is dropped)."""
+        cdef gfn_t g = self._gfn(gfn, "gfn")
+        cdef int lvl = <int>_as_int(min_level, "min_level", 1, PG_LEVEL_1G)
+        cdef bint changed
+        with self._slots_lock:
+            if search_memslots(&self.kvm, g) == NULL:
+                raise ValueError(f"gfn {g:#x} is in no memslot")
+            with nogil:
+                kvm_mmu_write_lock(&self.kvm)
+                changed = kvm_mmu_slot_gfn_write_protect(&self.kvm, &self.st, g, lvl)
+                if changed:
+                    self.st.tlb_flushes += 1
+                kvm_mmu_write_unlock(&self.kvm)
+            self._raise_fatal()
+        return bool(changed)
+
+    def split_huge_pages(self, start, end, target_level=1):
+        """Eager split (kvm_tdp_mmu_try_split_huge_pages, mmu_lock held for read): every
+        huge leaf in [start, end) above target_level becomes 512 smaller ones, with tables
+        taken from the host, not a vCPU cache; no TLB flush.  Returns the huge SPTEs split
+        (a 1G page split to 4K counts 1 + 512).  Running out of table memory stops it there
+        (KVM's try: no error)."""
+        cdef gfn_t st, e
+        cdef int lvl = <int>_as_int(target_level, "target_level", 1, PG_LEVEL_2M)
+        cdef int64_t r, before
+        st, e = self._gfn_range(start, end)
+        with self._slots_lock:
+            before = self.st.huge_pages_split
+            with nogil:
+                kvm_mmu_read_lock(&self.kvm, VM_READER)
+                r = kvm_mmu_try_split_huge_pages(&self.kvm, &self.st, st, e, lvl, True)
+                kvm_mmu_read_unlock(&self.kvm, VM_READER)
+                rcu_reclaim_pending(&self.kvm)
+            self._raise_fatal()
+        return self.st.huge_pages_split - before
+
+    def recover_nx_huge_pages(self):
+        """One run of the NX recovery thread (kvm_recover_nx_huge_pages): zap
+        ceil(nx_lpage_splits / nx_huge_pages_recovery_ratio) tables from the head of the
+        possible-NX list, only unaccounting those in dirty-logged slots; one full flush if
+        any was zapped.  Returns the tables zapped."""
+        cdef int64_t z
+        with self._slots_lock:
+            with nogil:
+                kvm_mmu_write_lock(&self.kvm)
+                z = kvm_recover_nx_huge_pages(&self.kvm, &self.st)
+                kvm_mmu_write_unlock(&self.kvm)
+            self._raise_fatal()
+        return z
+
+    def set_nx_huge_pages(self, on):
+        """The nx_huge_pages module parameter at run time (set_nx_huge_pages): a change zaps
+        everything fast, so later faults map with the new setting."""
+        cdef bint v
+        if not isinstance(on, (bool, int)):
+            raise TypeError(f"on must be a bool, not {type(on).__name__}")
+        v = bool(on)
+        with self._slots_lock:
+            if v == self.kvm.nx_huge_pages:
+                return
+            with nogil:
+                kvm_mmu_write_lock(&self.kvm)
+                self.kvm.nx_huge_pages = v
+                _leaf_templates(&self.kvm)
+                kvm_mmu_write_unlock(&self.kvm)
+            self._zap_all_fast()
 
     # -- vCPUs -------------------------------------------------------------------------
     def vcpu(self):
@@ -619,6 +859,10 @@ cdef class Vm:
             "hw_walks": c.st.hw_walks, "hw_ad_sets": c.st.hw_ad_sets,
             "exits_ept_violation": c.st.exits_ept_violation,
             "exits_misconfig": c.st.exits_misconfig,
+            "exits_pml_full": c.st.exits_pml_full, "pml_logged": c.st.pml_logged,
+            "dirty_pages_marked": c.st.dirty_pages_marked,
+            "huge_pages_split": c.st.huge_pages_split,
+            "nx_huge_pages_recovered": c.st.nx_huge_pages_recovered,
         })
         return d
 
@@ -754,177 +998,3 @@ cdef class Vm:
         and the entry (gfn, level, value).
         """
         kvm_mmu_audit(self)
-
-
-cdef class Vcpu:
-    """A vCPU: its own shadow-page cache (topped up before every fault) and counters."""
-
-    def __cinit__(self, Vm vm not None):
-        self.vm = vm
-        self.cache = MemoryCache(vm.pool, init_value=vm.layout.m.shadow_nonpresent_value,
-                                 capacity=KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE)
-        memset(&self.vcpu, 0, sizeof(kvm_vcpu_t))
-        self.vcpu.kvm = &vm.kvm
-        self.vcpu.mmu_shadow_page_cache = &self.cache.mc
-        self.vcpu.stat.rcu_reader = -1
-        self.vcpu.root = -1                 # INVALID_PAGE until its first entry
-        vm._register_vcpu(self)         # Vcpu(vm) and vm.vcpu() are the same thing
-
-    @property
-    def root(self):
-        """Pool index of the root this vCPU has loaded (mmu->root.hpa), or None."""
-        return None if self.vcpu.root < 0 else self.vcpu.root
-
-    def fault(self, gfn, write=False, exec=False, *, error_code=None):
-        """One exit delivered to the MMU (kvm_mmu_page_fault) -> PF.FIXED / SPURIOUS /
-        RETRY / EMULATE.  ``write``/``exec`` alone: a not-present fault; ``error_code``: the
-        full PFERR_* error code instead (then write and exec must be False)."""
-        cdef gfn_t g = self.vm._gfn(gfn, "gfn")
-        cdef bint w = bool(write)
-        cdef bint x = bool(exec)
-        cdef u64 ec
-        cdef int r
-        if error_code is None:
-            ec = fault_error_code(w, x)
-        else:
-            ec = <u64>_as_int(error_code, "error_code", 0, 0xFFFFFFFF)
-            if w or x:
-                raise ValueError("pass either write/exec or error_code, not both")
-        with nogil:
-            r = vcpu_fault_error_code(&self.vcpu, g, ec)
-        self.vm._raise_fatal()
-        _check_rc(r, f"fault(gfn={g:#x})", self.cache.mc.last_warn)
-        return PF(r)
-
-    def fault_batch(self, gfns, access=None, out=None, *, error_codes=None):
-        """Fault every gfn in order, in C with the GIL released.
-
-        ``gfns``: 1-D integer array; ``access``: None or 1-D integers (bit 0 write,
-        bit 1 exec); ``error_codes``: None or 1-D 32-bit error codes (instead of
-        ``access``); ``out``: None or a writable int8 array receiving each final PF.
-        RETRY results are faulted again (counted in "retry").  Returns the counts.
-        """
-        cdef cnp.ndarray g_arr = _gfn_array(gfns, "gfns", self.vm.kvm.gfn_limit)
-        cdef Py_ssize_t n = g_arr.shape[0]
-        cdef cnp.ndarray a_arr = None
-        cdef cnp.ndarray e_arr = None
-        cdef cnp.ndarray o_arr = None
-        cdef int8_t[:] o_view = None
-        cdef const uint8_t* a = NULL
-        cdef const u64* e = NULL
-        cdef int8_t* o = NULL
-        if access is not None and error_codes is not None:
-            raise ValueError("pass either access or error_codes, not both")
-        if access is not None:
-            a_arr = _access_array(access, n)
-            a = <const uint8_t*>cnp.PyArray_DATA(a_arr)
-        if error_codes is not None:
-            e_arr = _error_code_array(error_codes, n)
-            e = <const u64*>cnp.PyArray_DATA(e_arr)
-        if out is not None:
-            o_view = _out_view(out, n)      # length, strides from the buffer protocol
-            o_arr = _out_scratch(o_view)    # a strided view: filled here, copied back below
-            o = <int8_t*>cnp.PyArray_DATA(o_arr) if o_arr is not None else _out_ptr(o_view)
-        cdef const gfn_t* g = <const gfn_t*>cnp.PyArray_DATA(g_arr)
-        cdef int64_t counts[NR_BATCH_COUNTS]
-        cdef Py_ssize_t done = 0
-        cdef int rc = BATCH_INTERRUPTIBLE
-        memset(counts, 0, sizeof(counts))
-        try:
-            while rc == BATCH_INTERRUPTIBLE:
-                with nogil:
-                    rc = vcpu_fault_batch(&self.vcpu, g, a, e, o, n, counts, &done)
-                if rc == BATCH_INTERRUPTIBLE:
-                    PyErr_CheckSignals()    # KeyboardInterrupt propagates from here
-        finally:
-            if o_arr is not None:
-                _out_copy_back(o_view, o_arr, done)
-        self.vm._raise_fatal()
-        _check_rc(rc, f"fault_batch: stopped after {done} of {n} faults",
-                  self.cache.mc.last_warn, done,
-                  f"gfns[{done}] changed under the batch to a gfn beyond the address width")
-        return {"fixed": counts[RET_PF_FIXED], "spurious": counts[RET_PF_SPURIOUS],
-                "retry": counts[RET_PF_RETRY], "emulate": counts[RET_PF_EMULATE],
-                "fast": counts[COUNT_FAST]}
-
-    def access(self, gfn, write=False, exec=False):
-        """One guest access as the CPU makes it: the EPT/NPT walk (setting A, and D on a
-        write), and the exits it raises until the access completes.  None if no exit
-        happened, else the PF of the last exit (EMULATE: the emulator did the access)."""
-        cdef gfn_t g = self.vm._gfn(gfn, "gfn")
-        cdef bint w = bool(write)
-        cdef bint x = bool(exec)
-        cdef int r = ACCESS_INTERRUPTED
-        if w and x:
-            raise ValueError("an access is a read, a write or an instruction fetch, not both")
-        while r == ACCESS_INTERRUPTED:
-            with nogil:
-                r = vcpu_access(&self.vcpu, g, w, x)
-            if r == ACCESS_INTERRUPTED:
-                PyErr_CheckSignals()
-        self.vm._raise_fatal()
-        _check_rc(r, f"access(gfn={g:#x})", self.cache.mc.last_warn)
-        return None if r == 0 else PF(r)
-
-    def access_batch(self, gfns, access=None, out=None):
-        """The CPU's accesses to ``gfns`` in order, in C with the GIL released.
-
-        ``access``: None (reads) or 1-D integers 0 read, 1 write, 2 fetch; ``out``: None or
-        a writable int8 array receiving per access ACCESS_HIT (0) or the PF of its last
-        exit.  Returns {"hits", "fixed", "spurious", "retry", "emulate", "fast"}: accesses
-        without an exit, then the exits by result.
-        """
-        cdef cnp.ndarray g_arr = _gfn_array(gfns, "gfns", self.vm.kvm.gfn_limit)
-        cdef Py_ssize_t n = g_arr.shape[0]
-        cdef cnp.ndarray a_arr = None
-        cdef cnp.ndarray o_arr = None
-        cdef int8_t[:] o_view = None
-        cdef const uint8_t* a = NULL
-        cdef int8_t* o = NULL
-        if access is not None:
-            a_arr = _hw_access_array(access, n)
-            a = <const uint8_t*>cnp.PyArray_DATA(a_arr)
-        if out is not None:
-            o_view = _out_view(out, n)
-            o_arr = _out_scratch(o_view)
-            o = <int8_t*>cnp.PyArray_DATA(o_arr) if o_arr is not None else _out_ptr(o_view)
-        cdef const gfn_t* g = <const gfn_t*>cnp.PyArray_DATA(g_arr)
-        cdef int64_t counts[NR_BATCH_COUNTS]
-        cdef Py_ssize_t done = 0
-        cdef int rc = BATCH_INTERRUPTIBLE
-        memset(counts, 0, sizeof(counts))
-        try:
-            while rc == BATCH_INTERRUPTIBLE:
-                with nogil:
-                    rc = vcpu_access_batch(&self.vcpu, g, a, o, n, counts, &done)
-                if rc == BATCH_INTERRUPTIBLE:
-                    PyErr_CheckSignals()
-        finally:
-            if o_arr is not None:
-                _out_copy_back(o_view, o_arr, done)
-        self.vm._raise_fatal()
-        _check_rc(rc, f"access_batch: stopped after {done} of {n} accesses",
-                  self.cache.mc.last_warn, done,
-                  f"gfns[{done}] or access[{done}] changed under the batch to a bad value")
-        return {"hits": counts[0], "fixed": counts[RET_PF_FIXED],
-                "spurious": counts[RET_PF_SPURIOUS], "retry": counts[RET_PF_RETRY],
-                "emulate": counts[RET_PF_EMULATE], "fast": counts[COUNT_FAST]}
-
-    @property
-    def stats(self):
-        """This vCPU's own counters: faults by result and its hardware view."""
-        cdef mmu_stats_t* st = &self.vcpu.stat
-        return {"faults_fixed": st.faults[RET_PF_FIXED],
-                "faults_spurious": st.faults[RET_PF_SPURIOUS],
-                "faults_retry": st.faults[RET_PF_RETRY],
-                "faults_emulate": st.faults[RET_PF_EMULATE],
-                "faults_fast": st.faults_fast, "hw_walks": st.hw_walks,
-                "hw_ad_sets": st.hw_ad_sets, "exits_ept_violation": st.exits_ept_violation,
-                "exits_misconfig": st.exits_misconfig}
-
-
-cdef kvm_vcpu_t* vcpu_handle(object vcpu) except NULL:
-    """The kvm_vcpu_t of a Python Vcpu (the embedding API; see README "Embedding")."""
-    if not isinstance(vcpu, Vcpu):
-        raise TypeError(f"expected a spte_fast.Vcpu, not {type(vcpu).__name__}")
-    return &(<Vcpu>vcpu).vcpu

@@ -20,9 +20,12 @@ cdef inline void rcu_read_unlock(kvm_t* kvm, int reader) noexcept nogil:
 
 
 cdef bint rcu_other_readers(kvm_t* kvm, int self_reader) noexcept nogil:
-    """Is another vCPU inside the read side?  One entering after this check cannot reach a
-    table unlinked before it: its walk starts after it publishes."""
+    """Is another vCPU (or the VM's own read-side operation) inside the read side?  One
+    entering after this check cannot reach a table unlinked before it: its walk starts
+    after it publishes."""
     cdef int i
+    if self_reader != VM_READER and u64_load_seq_cst(&kvm.rcu_reader_seq[VM_READER]) != 0:
+        return True
     for i in range(kvm.nvcpus):
         if i != self_reader and u64_load_seq_cst(&kvm.rcu_reader_seq[i]) != 0:
             return True
@@ -33,8 +36,8 @@ cdef u64 rcu_oldest_reader_seq(kvm_t* kvm) noexcept nogil:
     """The smallest sequence number a reader inside the read side entered with (or ~0)."""
     cdef u64 oldest = 0xFFFFFFFFFFFFFFFF, e
     cdef int i
-    for i in range(kvm.nvcpus):
-        e = u64_load_seq_cst(&kvm.rcu_reader_seq[i])
+    for i in range(kvm.nvcpus + 1):
+        e = u64_load_seq_cst(&kvm.rcu_reader_seq[VM_READER if i == kvm.nvcpus else i])
         if e != 0 and e < oldest:
             oldest = e
     return oldest

@@ -80,3 +80,58 @@ cdef inline void kvm_set_pfn_dirty(kvm_t* kvm, pfn_t pfn) noexcept nogil:
 
 cdef inline void kvm_set_pfn_accessed(kvm_t* kvm, pfn_t pfn) noexcept nogil:
     _set_host_page_flag(kvm, pfn, HOST_ACCESSED)
+
+
+# -- dirty logging: the slot's bitmap (virt/kvm/kvm_main.c) --------------------------------
+
+cdef inline bint kvm_slot_dirty_track_enabled(const kvm_memory_slot_t* s) noexcept nogil:
+    """KVM_MEM_LOG_DIRTY_PAGES (no page-track-external users here)."""
+    return s != NULL and (s.flags & KVM_MEM_LOG_DIRTY_PAGES) != 0
+
+
+cdef inline u64 dirty_bitmap_words(u64 npages) noexcept nogil:
+    """kvm_dirty_bitmap_bytes / 8: whole 64-page words."""
+    return (npages + 63) >> 6
+
+
+cdef inline void mark_page_dirty_in_slot(kvm_t* kvm, mmu_stats_t* st,
+                                         kvm_memory_slot_t* s, gfn_t gfn) noexcept nogil:
+    """mark_page_dirty_in_slot: set_bit_le in the slot's dirty bitmap (no dirty ring here);
+    nothing for a slot without dirty logging."""
+    cdef u64 rel
+    if s == NULL or s.dirty_bitmap == NULL or not memslot_has_gfn(s, gfn):
+        return
+    rel = gfn - s.base_gfn
+    u64_or_relaxed(&s.dirty_bitmap[rel >> 6], (<u64>1) << (rel & 63))
+    st.dirty_pages_marked += 1
+
+
+# -- host page flags as numpy views (for a memslot's delete) ------------------------------
+
+cdef object _host_flags_array(uint8_t* flags, u64 npages):
+    """A memslot's host page flags as a numpy view (no copy; valid while the slot's are)."""
+    cdef cnp.npy_intp dims[1]
+    dims[0] = <cnp.npy_intp>npages
+    return cnp.PyArray_SimpleNewFromData(1, dims, cnp.NPY_UINT8, flags)
+
+
+cdef inline u64 _touched_words(u64 npages) noexcept nogil:
+    return (((npages - 1) >> HOST_FLAGS_CHUNK_SHIFT) >> 6) + 1
+
+
+cdef object _touched_array(kvm_memory_slot_t* s):
+    """The slot's host_flags_touched bitmap as a numpy uint64 view."""
+    cdef cnp.npy_intp dims[1]
+    dims[0] = <cnp.npy_intp>_touched_words(s.npages)
+    return cnp.PyArray_SimpleNewFromData(1, dims, cnp.NPY_UINT64, s.host_flags_touched)
+
+
+cdef object _set_host_flags_of_slot(kvm_memory_slot_t* s):
+    """(page offsets, flags) of the slot's pages whose host flags are set, reading only the
+    chunks marked touched: the cost follows what was touched, not the slot's size."""
+    flags = _host_flags_array(s.host_flags, s.npages)
+    bits = np.unpackbits(_touched_array(s).view(np.uint8), bitorder="little")
+    offsets = [np.flatnonzero(flags[c << HOST_FLAGS_CHUNK_SHIFT:(c + 1) << HOST_FLAGS_CHUNK_SHIFT])
+               + (c << HOST_FLAGS_CHUNK_SHIFT) for c in np.flatnonzero(bits).tolist()]
+    marked = np.concatenate(offsets) if offsets else np.empty(0, dtype=np.intp)
+    return marked, flags[marked]

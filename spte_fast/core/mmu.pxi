@@ -37,6 +37,8 @@ cdef void kvm_mmu_hugepage_adjust(kvm_vcpu_t* vcpu, kvm_page_fault_t* fault) noe
         return
     if fault.slot == NULL:                  # is_error_noslot_pfn: MMIO maps at 4K
         return
+    if kvm_slot_dirty_track_enabled(fault.slot):
+        return                              # dirty logging tracks writes at 4K
     fault.req_level = kvm_mmu_max_mapping_level(fault.slot, fault.gfn, fault.max_level)
     if fault.req_level == 1 or fault.huge_page_disallowed:
         return
@@ -153,9 +155,15 @@ cdef inline bint page_fault_can_be_fast(kvm_t* kvm, kvm_page_fault_t* fault) noe
 cdef inline bint fast_pf_fix_direct_spte(kvm_vcpu_t* vcpu, kvm_page_fault_t* fault,
                                          tdp_iter_t* it, u64 new_spte) noexcept nogil:
     """The lockless fix: one compare-and-exchange and no handle_changed_spte (6.10: the pfn,
-    level and presence are unchanged).  A newly writable SPTE would mark the gfn dirty in
-    the slot's dirty bitmap (mark_page_dirty_in_slot): no slot is dirty-logged yet."""
-    return __tdp_mmu_set_spte_atomic(vcpu.kvm, &vcpu.stat, it, new_spte) == 0
+    level and presence are unchanged).  A newly writable SPTE marks the gfn dirty in the
+    slot's dirty bitmap (mark_page_dirty_in_slot): how dirty logging by write-protection
+    learns of a write."""
+    cdef u64 old_spte = it.old_spte
+    if __tdp_mmu_set_spte_atomic(vcpu.kvm, &vcpu.stat, it, new_spte):
+        return False
+    if is_writable_pte(new_spte) and not is_writable_pte(old_spte):
+        mark_page_dirty_in_slot(vcpu.kvm, &vcpu.stat, fault.slot, fault.gfn)
+    return True
 
 
 cdef int fast_page_fault(kvm_vcpu_t* vcpu, kvm_page_fault_t* fault,
@@ -317,3 +325,134 @@ cdef int kvm_mmu_reload(kvm_vcpu_t* vcpu) noexcept nogil:
     if vcpu.root < 0:
         return -SPTE_ENOMEM
     return 0
+
+
+# -- slot-wide dirty logging and huge pages (mmu.c 6.10; the TDP MMU's half) ----------------
+# The shared ones are called with mmu_lock held for read (the VM's read-side slot), the
+# others for write.  Only valid roots (for_each_valid_tdp_mmu_root).
+
+cdef inline bint _root_valid(kvm_t* kvm, int i) noexcept nogil:
+    return not pool_sp(kvm.pool, kvm.roots[i]).role_invalid
+
+
+cdef bint kvm_mmu_slot_remove_write_access(kvm_t* kvm, mmu_stats_t* st,
+                                           kvm_memory_slot_t* slot,
+                                           int start_level) noexcept nogil:
+    """kvm_tdp_mmu_wrprot_slot (shared)."""
+    cdef bint spte_set = False
+    cdef int i
+    for i in range(kvm.nr_roots - 1, -1, -1):
+        if _root_valid(kvm, i):
+            spte_set |= wrprot_gfn_range(kvm, st, kvm.roots[i], slot.base_gfn,
+                                         slot.base_gfn + slot.npages, start_level)
+    return spte_set
+
+
+cdef bint kvm_mmu_slot_leaf_clear_dirty(kvm_t* kvm, mmu_stats_t* st,
+                                        kvm_memory_slot_t* slot) noexcept nogil:
+    """kvm_tdp_mmu_clear_dirty_slot (shared)."""
+    cdef bint spte_set = False
+    cdef int i
+    for i in range(kvm.nr_roots - 1, -1, -1):
+        if _root_valid(kvm, i):
+            spte_set |= clear_dirty_gfn_range(kvm, st, kvm.roots[i], slot.base_gfn,
+                                              slot.base_gfn + slot.npages)
+    return spte_set
+
+
+cdef int64_t kvm_mmu_try_split_huge_pages(kvm_t* kvm, mmu_stats_t* st, gfn_t start,
+                                          gfn_t end, int target_level,
+                                          bint shared) noexcept nogil:
+    """kvm_tdp_mmu_try_split_huge_pages: pages split over the valid roots; on running out
+    of memory it stops there (-SPTE_ENOMEM, what was split stays split)."""
+    cdef int64_t r, split = 0
+    cdef int i
+    for i in range(kvm.nr_roots - 1, -1, -1):
+        if _root_valid(kvm, i):
+            r = tdp_mmu_split_huge_pages_root(kvm, st, kvm.roots[i], start, end,
+                                              target_level, shared)
+            if r < 0:
+                return r
+            split += r
+    return split
+
+
+cdef void kvm_mmu_zap_collapsible_sptes(kvm_t* kvm, mmu_stats_t* st,
+                                        kvm_memory_slot_t* slot) noexcept nogil:
+    """kvm_tdp_mmu_zap_collapsible_sptes (shared)."""
+    cdef int i
+    for i in range(kvm.nr_roots - 1, -1, -1):
+        if _root_valid(kvm, i):
+            zap_collapsible_spte_range(kvm, st, kvm.roots[i], slot)
+
+
+cdef bint kvm_mmu_slot_gfn_write_protect(kvm_t* kvm, mmu_stats_t* st, gfn_t gfn,
+                                         int min_level) noexcept nogil:
+    """kvm_tdp_mmu_write_protect_gfn over the valid roots (exclusive).  True: flush."""
+    cdef bint spte_set = False
+    cdef int i
+    for i in range(kvm.nr_roots - 1, -1, -1):
+        if _root_valid(kvm, i):
+            spte_set |= write_protect_gfn(kvm, st, kvm.roots[i], gfn, min_level)
+    return spte_set
+
+
+cdef void kvm_arch_mmu_enable_log_dirty_pt_masked(kvm_t* kvm, mmu_stats_t* st,
+                                                  kvm_memory_slot_t* slot, u64 gfn_offset,
+                                                  u64 mask) noexcept nogil:
+    """Re-protect the pages of one 64-page word of a harvested dirty bitmap (exclusive).
+
+    With manual protect and initially-all-set, the huge pages around the first and last set
+    bit are first split (eager_page_split) and write-protected at 2M, so that the first
+    write to them dirty-logs at 4K.  Then the 4K leaves lose D (PML) or W."""
+    cdef gfn_t start, end
+    cdef int i
+    if mask == 0:
+        return
+    if kvm.manual_dirty_log_protect and kvm.dirty_log_initially_set:
+        start = slot.base_gfn + gfn_offset + <u64>__builtin_ctzll(mask)
+        end = slot.base_gfn + gfn_offset + <u64>(63 - __builtin_clzll(mask))
+        if kvm.eager_page_split:
+            kvm_mmu_try_split_huge_pages(kvm, st, start, end + 1, 1, False)
+        kvm_mmu_slot_gfn_write_protect(kvm, st, start, 2)
+        # Cross two large pages?
+        if (start >> 9) != (end >> 9):
+            kvm_mmu_slot_gfn_write_protect(kvm, st, end, 2)
+    for i in range(kvm.nr_roots - 1, -1, -1):
+        if _root_valid(kvm, i):
+            clear_dirty_pt_masked(kvm, kvm.roots[i], slot.base_gfn + gfn_offset, mask,
+                                  not kvm.enable_pml)
+
+
+# -- NX huge-page recovery (mmu.c kvm_recover_nx_huge_pages, 6.10; exclusive) ---------------
+
+cdef int64_t kvm_recover_nx_huge_pages(kvm_t* kvm, mmu_stats_t* st) noexcept nogil:
+    """One run of the recovery thread: take ceil(nx_lpage_splits / ratio) tables from the
+    head of possible_nx_huge_pages; one in a dirty-logged slot is only unaccounted, the
+    others are zapped (kvm_tdp_mmu_zap_sp).  One full TLB flush if anything was zapped.
+    Returns the tables zapped."""
+    cdef int64_t to_zap, zapped = 0, head
+    cdef kvm_mmu_page_t* sp
+    cdef kvm_memory_slot_t* slot
+    cdef bint flush = False
+    cdef int ratio = kvm.nx_huge_pages_recovery_ratio
+    to_zap = (kvm.nx_lpage_splits + ratio - 1) // ratio if ratio else 0
+    while to_zap > 0:
+        to_zap -= 1
+        head = kvm.possible_nx_head
+        if head < 0:
+            break
+        sp = pool_sp(kvm.pool, head)
+        slot = search_memslots(kvm, sp.gfn) if kvm.nr_memslots_dirty_logging else NULL
+        if slot != NULL and kvm_slot_dirty_track_enabled(slot):
+            unaccount_nx_huge_page(kvm, sp)
+        else:
+            if kvm_tdp_mmu_zap_sp(kvm, st, sp):
+                flush = True
+                zapped += 1
+            else:
+                unaccount_nx_huge_page(kvm, sp)     # never stay at the head for ever
+    if flush:
+        st.tlb_flushes += 1                 # kvm_mmu_remote_flush_or_zap
+    st.nx_huge_pages_recovered += zapped
+    return zapped

@@ -88,6 +88,16 @@ cdef inline int64_t tdp_mmu_alloc_sp(kvm_vcpu_t* vcpu) noexcept nogil:
     return idx
 
 
+cdef inline int64_t tdp_mmu_alloc_sp_for_split(kvm_t* kvm, mmu_stats_t* st) noexcept nogil:
+    """tdp_mmu_alloc_sp_for_split: a page straight from the host (the pool), not from a
+    vCPU cache -- eager splitting runs outside any vCPU (-1 if none).  KVM zeroes it; every
+    entry is written before it is linked, so its old contents never show."""
+    cdef int64_t idx = pool_alloc(kvm.pool)
+    if idx >= 0:
+        st.tables_allocated += 1
+    return idx
+
+
 cdef inline void tdp_account_mmu_page(mmu_stats_t* st, kvm_mmu_page_t* sp) noexcept nogil:
     st.pt_pages[sp.level] += 1
 
@@ -128,6 +138,14 @@ cdef void _untrack_possible_nx_huge_page_locked(kvm_t* kvm, kvm_mmu_page_t* sp) 
     sp.nx_prev = -1
     sp.nx_next = -1
     kvm.nx_lpage_splits -= 1
+
+
+cdef void unaccount_nx_huge_page(kvm_t* kvm, kvm_mmu_page_t* sp) noexcept nogil:
+    """unaccount_nx_huge_page: no longer a candidate for NX recovery."""
+    pthread_mutex_lock(&kvm.tdp_mmu_pages_lock)
+    sp.nx_huge_page_disallowed = False
+    _untrack_possible_nx_huge_page_locked(kvm, sp)
+    pthread_mutex_unlock(&kvm.tdp_mmu_pages_lock)
 
 
 cdef void tdp_mmu_unlink_sp(kvm_t* kvm, mmu_stats_t* st, kvm_mmu_page_t* sp) noexcept nogil:

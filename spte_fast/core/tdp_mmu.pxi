@@ -180,31 +180,35 @@ cdef int tdp_mmu_zap_spte_atomic(kvm_t* kvm, mmu_stats_t* st, tdp_iter_t* it) no
 
 # -- the fault path's map (spec §3.9) ----------------------------------------------------------
 
-cdef int tdp_mmu_link_sp(kvm_vcpu_t* vcpu, tdp_iter_t* it, kvm_mmu_page_t* sp) noexcept nogil:
-    cdef kvm_t* kvm = vcpu.kvm
+cdef int tdp_mmu_link_sp(kvm_t* kvm, mmu_stats_t* st, tdp_iter_t* it, kvm_mmu_page_t* sp,
+                         bint shared) noexcept nogil:
+    """tdp_mmu_link_sp: the entry at `it` becomes a non-leaf pointing to sp's table (CAS when
+    shared: -SPTE_EBUSY if it lost); the table is accounted."""
     cdef u64 new_spte = make_nonleaf_spte(&kvm.m, <pfn_t>sp_index(kvm, sp), kvm.m.ad_disabled)
-    cdef int r = tdp_mmu_set_spte_atomic(kvm, &vcpu.stat, it, new_spte)
-    if r:
-        return r
-    tdp_account_mmu_page(&vcpu.stat, sp)
+    if shared:
+        if tdp_mmu_set_spte_atomic(kvm, st, it, new_spte):
+            return -SPTE_EBUSY
+    else:
+        tdp_mmu_iter_set_spte(kvm, st, it, new_spte)
+    tdp_account_mmu_page(st, sp)
     return 0
 
 
-cdef int tdp_mmu_split_huge_page(kvm_vcpu_t* vcpu, tdp_iter_t* it,
-                                 kvm_mmu_page_t* sp) noexcept nogil:
-    """Fill the unlinked table with the 512 pieces of the huge SPTE, then link it."""
-    cdef kvm_t* kvm = vcpu.kvm
+cdef int tdp_mmu_split_huge_page(kvm_t* kvm, mmu_stats_t* st, tdp_iter_t* it,
+                                 kvm_mmu_page_t* sp, bint shared) noexcept nogil:
+    """Fill the unlinked table with the 512 pieces of the huge SPTE, then link it (no TLB
+    flush: the old and the new translations agree)."""
     cdef u64 huge_spte = it.old_spte
-    cdef int i, r
+    cdef int level = it.level, i, r
     # The table is not linked yet: these stores need no bookkeeping and no atomics.
     for i in range(SPTE_ENT_PER_PAGE):
         __kvm_tdp_mmu_write_spte(sp.spt + i, make_huge_page_split_spte(
-            &kvm.m, huge_spte, it.level - 1, i, kvm.nx_huge_pages))
-    r = tdp_mmu_link_sp(vcpu, it, sp)
+            &kvm.m, huge_spte, level - 1, i, kvm.nx_huge_pages))
+    r = tdp_mmu_link_sp(kvm, st, it, sp, shared)
     if r:
         return r
     # Linking subtracted the huge page; the 512 children are added here.
-    vcpu.stat.pages[it.level - 1] += SPTE_ENT_PER_PAGE
+    st.pages[level - 1] += SPTE_ENT_PER_PAGE
     return 0
 
 
@@ -242,9 +246,9 @@ cdef int kvm_tdp_mmu_map(kvm_vcpu_t* vcpu, kvm_page_fault_t* fault,
         tdp_mmu_init_child_sp(kvm, sp_idx, it, fault.huge_page_disallowed)
         sp = pool_sp(kvm.pool, sp_idx)
         if is_shadow_present_pte(it.old_spte):
-            r = tdp_mmu_split_huge_page(vcpu, it, sp)
+            r = tdp_mmu_split_huge_page(kvm, &vcpu.stat, it, sp, True)
         else:
-            r = tdp_mmu_link_sp(vcpu, it, sp)
+            r = tdp_mmu_link_sp(kvm, &vcpu.stat, it, sp, True)
         if r:
             # Lost the race: the page goes back to the allocator, not the cache.
             tdp_mmu_free_sp(kvm, &vcpu.stat, sp_idx)
@@ -272,6 +276,10 @@ cdef int tdp_mmu_map_handle_target_level(kvm_vcpu_t* vcpu, kvm_page_fault_t* fau
         new_spte = make_spte(&kvm.m, it.level, ACC_ALL, fault.pfn, it.old_spte,
                              fault.prefetch, fault.map_writable, kvm.m.ad_disabled,
                              kvm.nx_huge_pages, False, &wrprot)
+    # make_spte's last step: a writable SPTE in a dirty-logged slot marks the page dirty
+    # (before the SPTE is installed, whatever the CAS does).
+    if fault.slot != NULL and (new_spte & PT_WRITABLE_MASK) and fault.slot.dirty_bitmap != NULL:
+        mark_page_dirty_in_slot(kvm, &vcpu.stat, fault.slot, it.gfn)
     if new_spte == it.old_spte:
         ret = RET_PF_SPURIOUS
     elif tdp_mmu_set_spte_atomic(kvm, &vcpu.stat, it, new_spte):
@@ -424,7 +432,9 @@ cdef bint tdp_mmu_zap_leafs(kvm_t* kvm, mmu_stats_t* st, int64_t root, gfn_t sta
     while it.valid and it.gfn < end:
         if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level):
             tdp_mmu_iter_set_spte(kvm, st, &it, kvm.m.shadow_nonpresent_value)
-            flush = True
+            # Zapping SPTEs of an invalid root needs no TLB flush (6.10): no vCPU uses it.
+            if not pool_sp(kvm.pool, root).role_invalid:
+                flush = True
         tdp_iter_next(&it)
     return flush
 
@@ -557,3 +567,176 @@ cdef int tdp_mmu_zap_spte_atomic_at(kvm_t* kvm, mmu_stats_t* st, int64_t root, g
         if tries == max_tries:
             return -SPTE_EBUSY
     return 0
+
+
+# -- dirty logging (spec §3.12; tdp_mmu.c 6.10) ---------------------------------------------
+# Slot-wide write-protection and D-clearing run with mmu_lock held for read (CAS, retried
+# on the value found, through handle_changed_spte); the per-word clear of KVM_GET/
+# CLEAR_DIRTY_LOG and write_protect_gfn hold it for write.  Callers pass valid roots only
+# (for_each_valid_tdp_mmu_root).
+
+cdef bint wrprot_gfn_range(kvm_t* kvm, mmu_stats_t* st, int64_t root, gfn_t start,
+                           gfn_t end, int min_level) noexcept nogil:
+    """wrprot_gfn_range (shared): clear only W on present leaves at >= min_level;
+    MMU-writable stays, so a later write is fixed by the fast page fault."""
+    cdef tdp_iter_t it
+    cdef bint spte_set = False
+    end = min(end, tdp_mmu_max_gfn_exclusive(kvm))
+    if start >= end:
+        return False
+    tdp_iter_start(&it, kvm.pool.pages, root_pt(kvm, root), kvm.root_level, min_level, start)
+    while it.valid and it.gfn < end:
+        if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level) and \
+                (it.old_spte & PT_WRITABLE_MASK):
+            if tdp_mmu_set_spte_atomic(kvm, st, &it, it.old_spte & ~PT_WRITABLE_MASK):
+                continue                    # retry: it.old_spte holds what was found
+            spte_set = True
+        tdp_iter_next(&it)
+    return spte_set
+
+
+cdef inline u64 tdp_mmu_dirty_bit(kvm_t* kvm, bint wrprot) noexcept nogil:
+    """The bit that says "dirty": W when write-protecting (or without A/D bits), else D
+    (tdp_mmu_need_write_protect)."""
+    return PT_WRITABLE_MASK if (wrprot or not kvm.ad_enabled) else kvm.m.shadow_dirty_mask
+
+
+cdef bint clear_dirty_gfn_range(kvm_t* kvm, mmu_stats_t* st, int64_t root, gfn_t start,
+                                gfn_t end) noexcept nogil:
+    """clear_dirty_gfn_range (shared): present leaves of any level with the dirty bit set
+    lose it (D, or W without A/D bits)."""
+    cdef tdp_iter_t it
+    cdef bint spte_set = False
+    cdef u64 dbit = tdp_mmu_dirty_bit(kvm, False)
+    end = min(end, tdp_mmu_max_gfn_exclusive(kvm))
+    if start >= end:
+        return False
+    tdp_iter_start(&it, kvm.pool.pages, root_pt(kvm, root), kvm.root_level, 1, start)
+    while it.valid and it.gfn < end:
+        if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level) and \
+                (it.old_spte & dbit):
+            if tdp_mmu_set_spte_atomic(kvm, st, &it, it.old_spte & ~dbit):
+                continue
+            spte_set = True
+        tdp_iter_next(&it)
+    return spte_set
+
+
+cdef void clear_dirty_pt_masked(kvm_t* kvm, int64_t root, gfn_t gfn, u64 mask,
+                                bint wrprot) noexcept nogil:
+    """clear_dirty_pt_masked (exclusive): the 4K leaves of gfn + each set bit of `mask`
+    lose the dirty bit with an atomic AND (no handle_changed_spte: KVM only traces it), and
+    the old pfn is marked dirty.  The walk stops once every bit was seen."""
+    cdef tdp_iter_t it
+    cdef u64 dbit = tdp_mmu_dirty_bit(kvm, wrprot), bit
+    cdef gfn_t end = gfn + 64
+    if mask == 0:
+        return
+    end = min(end, tdp_mmu_max_gfn_exclusive(kvm))
+    tdp_iter_start(&it, kvm.pool.pages, root_pt(kvm, root), kvm.root_level, 1,
+                   gfn + <gfn_t>__builtin_ctzll(mask))
+    while it.valid and it.gfn < end:
+        if not mask:
+            break
+        if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level) and \
+                it.level == 1:
+            bit = (<u64>1) << (it.gfn - gfn)
+            if mask & bit:
+                mask &= ~bit
+                if it.old_spte & dbit:
+                    it.old_spte = tdp_mmu_clear_spte_bits(&kvm.m, it.sptep, it.old_spte, dbit,
+                                                          it.level)
+                    kvm_set_pfn_dirty(kvm, spte_to_pfn(it.old_spte))
+        tdp_iter_next(&it)
+
+
+cdef bint write_protect_gfn(kvm_t* kvm, mmu_stats_t* st, int64_t root, gfn_t gfn,
+                            int min_level) noexcept nogil:
+    """write_protect_gfn (exclusive): W and MMU-writable cleared on the leaf mapping gfn at
+    >= min_level, so that every later write faults and takes the slow path."""
+    cdef tdp_iter_t it
+    cdef bint spte_set = False
+    cdef u64 new_spte
+    if gfn >= tdp_mmu_max_gfn_exclusive(kvm):
+        return False
+    tdp_iter_start(&it, kvm.pool.pages, root_pt(kvm, root), kvm.root_level, min_level, gfn)
+    while it.valid and it.gfn < gfn + 1:
+        if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level):
+            new_spte = it.old_spte & ~(PT_WRITABLE_MASK | kvm.m.shadow_mmu_writable_mask)
+            if new_spte == it.old_spte:
+                break
+            tdp_mmu_iter_set_spte(kvm, st, &it, new_spte)
+            spte_set = True
+        tdp_iter_next(&it)
+    return spte_set
+
+
+# -- huge pages (spec §3.13) ------------------------------------------------------------------
+
+cdef int64_t tdp_mmu_split_huge_pages_root(kvm_t* kvm, mmu_stats_t* st, int64_t root,
+                                           gfn_t start, gfn_t end, int target_level,
+                                           bint shared) noexcept nogil:
+    """tdp_mmu_split_huge_pages_root: every present huge leaf above target_level in
+    [start, end) becomes a table of 512 one level down; pre-order, so a 1G page is split
+    to 2M and each of those again.  Returns the pages split, or -SPTE_ENOMEM (KVM's caller
+    gives up there; what was split stays split).  A lost CAS retries with the same table;
+    an unused table goes back to the host."""
+    cdef tdp_iter_t it
+    cdef int64_t sp_idx = -1, split = 0
+    end = min(end, tdp_mmu_max_gfn_exclusive(kvm))
+    if start >= end or target_level >= kvm.root_level:
+        return 0
+    tdp_iter_start(&it, kvm.pool.pages, root_pt(kvm, root), kvm.root_level,
+                   target_level + 1, start)
+    while it.valid and it.gfn < end:
+        if is_shadow_present_pte(it.old_spte) and is_large_pte(it.old_spte):
+            if sp_idx < 0:
+                # KVM drops mmu_lock to allocate and revisits the entry; the pool never
+                # blocks, so the model allocates in place.
+                sp_idx = tdp_mmu_alloc_sp_for_split(kvm, st)
+                if sp_idx < 0:
+                    return -SPTE_ENOMEM
+            tdp_mmu_init_child_sp(kvm, sp_idx, &it, False)
+            if tdp_mmu_split_huge_page(kvm, st, &it, pool_sp(kvm.pool, sp_idx), shared):
+                continue                    # retry on the value found
+            sp_idx = -1
+            split += 1
+        tdp_iter_next(&it)
+    if sp_idx >= 0:
+        tdp_mmu_free_sp(kvm, st, sp_idx)
+    st.huge_pages_split += split
+    return split
+
+
+cdef void zap_collapsible_spte_range(kvm_t* kvm, mmu_stats_t* st, int64_t root,
+                                     kvm_memory_slot_t* slot) noexcept nogil:
+    """zap_collapsible_spte_range (6.10, shared): a present non-leaf at 2M or 1G inside the
+    slot whose gfns could be mapped huge is zapped atomically (with its ranged flush), so
+    the next fault installs the huge page."""
+    cdef tdp_iter_t it
+    cdef gfn_t start = slot.base_gfn, end = slot.base_gfn + slot.npages
+    end = min(end, tdp_mmu_max_gfn_exclusive(kvm))
+    if start >= end:
+        return
+    tdp_iter_start(&it, kvm.pool.pages, root_pt(kvm, root), kvm.root_level, 2, start)
+    while it.valid and it.gfn < end:
+        if it.level <= 3 and is_shadow_present_pte(it.old_spte) and \
+                not is_last_spte(it.old_spte, it.level) and \
+                start <= it.gfn and it.gfn < end and \
+                kvm_mmu_max_mapping_level(slot, it.gfn, kvm.max_level) >= it.level:
+            if tdp_mmu_zap_spte_atomic(kvm, st, &it):
+                continue                    # retry: it.old_spte holds what was found
+        tdp_iter_next(&it)
+
+
+# -- MMU notifier unmap (spec §3.10) -----------------------------------------------------------
+
+cdef bint kvm_tdp_mmu_unmap_gfn_range(kvm_t* kvm, mmu_stats_t* st, gfn_t start,
+                                      gfn_t end) noexcept nogil:
+    """kvm_tdp_mmu_unmap_gfn_range: tdp_mmu_zap_leafs over every root, valid or not (a
+    flush only for what valid roots mapped)."""
+    cdef bint flush = False
+    cdef int i
+    for i in range(kvm.nr_roots - 1, -1, -1):
+        flush |= tdp_mmu_zap_leafs(kvm, st, kvm.roots[i], start, end)
+    return flush

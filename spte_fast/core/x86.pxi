@@ -45,8 +45,22 @@ cdef inline int vcpu_enter(kvm_vcpu_t* vcpu) noexcept nogil:
     return r
 
 
+cdef void vmx_flush_pml_buffer(kvm_vcpu_t* vcpu) noexcept nogil:
+    """vmx_flush_pml_buffer: every logged gfn marked dirty (kvm_vcpu_mark_page_dirty, a
+    no-op for a slot without dirty logging), the log emptied."""
+    cdef int i
+    cdef gfn_t gfn
+    for i in range(vcpu.pml_count):
+        gfn = vcpu.pml_buf[i]
+        mark_page_dirty_in_slot(vcpu.kvm, &vcpu.stat, kvm_vcpu_gfn_to_memslot(vcpu, gfn), gfn)
+    vcpu.pml_count = 0
+
+
 cdef inline void vcpu_exit(kvm_vcpu_t* vcpu) noexcept nogil:
-    """Leave: mmu_lock, the vCPU's mutex, then free what the grace period released."""
+    """Leave: mmu_lock, the vCPU's mutex, then free what the grace period released.  A
+    return to the VMM is a VM exit, which flushes the PML buffer (__vmx_handle_exit)."""
+    if vcpu.pml_count:
+        vmx_flush_pml_buffer(vcpu)
     kvm_mmu_read_unlock(vcpu.kvm, vcpu.vcpu_idx)
     pthread_mutex_unlock(&vcpu.mmu_shadow_page_cache.lock)
     rcu_reclaim_pending(vcpu.kvm)
@@ -153,6 +167,14 @@ cdef int kvm_access_one(kvm_vcpu_t* vcpu, gfn_t gfn, int acc,
         ex = hw_tdp_walk(vcpu, gfn, acc, &leaf_present)
         if ex == HW_HIT:
             return r
+        if vcpu.pml_count:                  # every VM exit flushes the PML buffer first
+            vmx_flush_pml_buffer(vcpu)
+        if ex == HW_PML_FULL:               # handle_pml_full: nothing else, re-execute
+            vcpu.stat.exits_pml_full += 1
+            reexec += 1
+            if reexec == RETRY_CHECK:
+                return ACCESS_INTERRUPTED
+            continue
         if ex == HW_VIOLATION:
             vcpu.stat.exits_ept_violation += 1
         else:
@@ -236,3 +258,46 @@ cdef int vcpu_access_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* a
             return BATCH_INTERRUPTIBLE
     done[0] = i
     return r if r < 0 else 0
+
+
+# -- dirty logging (x86.c) ---------------------------------------------------------------
+
+cdef void kvm_arch_sync_dirty_log(kvm_t* kvm, kvm_vcpu_t** vcpus, int n) noexcept nogil:
+    """kvm_arch_sync_dirty_log (mmu_lock held for write here): kicking every vCPU out of the
+    guest flushes its PML buffer into the dirty bitmaps."""
+    cdef int i
+    if not kvm.enable_pml:
+        return
+    for i in range(n):
+        if vcpus[i].pml_count:
+            vmx_flush_pml_buffer(vcpus[i])
+
+
+cdef void kvm_mmu_slot_apply_flags(kvm_t* kvm, mmu_stats_t* st, kvm_memory_slot_t* slot,
+                                   bint log_dirty_pages) noexcept nogil:
+    """kvm_mmu_slot_apply_flags for a KVM_MR_FLAGS_ONLY change that toggled dirty logging
+    on a writable slot (the caller checked).  Takes mmu_lock for read as KVM does.
+
+    Off: zap the collapsible SPTEs so that huge pages come back.  On: nothing with manual
+    protect + initially-all-set; else eager split to 4K, then with PML clear D on the leaves
+    and write-protect from 2M, without PML write-protect from 4K; then one memslot flush,
+    unconditionally."""
+    kvm_mmu_read_lock(kvm, VM_READER)
+    if not log_dirty_pages:
+        kvm_mmu_zap_collapsible_sptes(kvm, st, slot)
+        kvm_mmu_read_unlock(kvm, VM_READER)
+        rcu_reclaim_pending(kvm)
+        return
+    if kvm.manual_dirty_log_protect and kvm.dirty_log_initially_set:
+        kvm_mmu_read_unlock(kvm, VM_READER)
+        return
+    if kvm.eager_page_split:
+        kvm_mmu_try_split_huge_pages(kvm, st, slot.base_gfn, slot.base_gfn + slot.npages, 1,
+                                     True)
+    if kvm.enable_pml:
+        kvm_mmu_slot_leaf_clear_dirty(kvm, st, slot)
+        kvm_mmu_slot_remove_write_access(kvm, st, slot, 2)
+    else:
+        kvm_mmu_slot_remove_write_access(kvm, st, slot, 1)
+    kvm_mmu_read_unlock(kvm, VM_READER)
+    st.tlb_flushes_ranged += 1              # kvm_flush_remote_tlbs_memslot

@@ -32,6 +32,12 @@ static inline int i64_dec_if_positive_relaxed(int64_t *p) {   /* 1 if it was pos
     return 0;
 }
 
+/* Dirty bitmaps: vCPUs set bits (u64_or_relaxed, set_bit_le), the harvester takes whole
+ * words (xchg) or clears the bits userspace names (fetch_andnot), as KVM's ioctls do. */
+static inline uint64_t bitmap_xchg_word(uint64_t *p, uint64_t v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+static inline uint64_t bitmap_fetch_andnot_word(uint64_t *p, uint64_t m) { return __atomic_fetch_and(p, ~m, __ATOMIC_SEQ_CST); }
+static inline void bitmap_store_word(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+
 /* The grace period's epochs: seq_cst, because a reader's published epoch and a remover's
  * check of it must be ordered against each other (store -> load across threads). */
 static inline uint64_t u64_load_seq_cst(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }

@@ -26,6 +26,7 @@ KVM_STATS = (
     "tables_allocated", "tables_freed",
     "tlb_flushes", "tlb_flushes_ranged", "cas_failures",
     "spte_changes", "nx_lpage_splits", "mmio_sptes_created",
+    "huge_pages_split", "nx_huge_pages_recovered",
 )
 
 #: Per-vCPU counters, in ``vcpu.stats`` order: the result of every fault (KVM's
@@ -33,7 +34,7 @@ KVM_STATS = (
 #: hardware's work: walks, accessed/dirty bits it set, and its exits by reason.
 VCPU_STATS = ("faults_fixed", "faults_spurious", "faults_retry", "faults_emulate",
               "faults_fast", "hw_walks", "hw_ad_sets", "exits_ept_violation",
-              "exits_misconfig")
+              "exits_misconfig", "exits_pml_full", "pml_logged", "dirty_pages_marked")
 
 KVM_MAX_VCPUS = 256
 
@@ -160,4 +161,6 @@ STATS_ORDER = (
     "tlb_flushes", "tlb_flushes_ranged", "cas_failures", "warnings",
     "spte_changes", "nx_lpage_splits", "mmio_sptes_created",
     "hw_walks", "hw_ad_sets", "exits_ept_violation", "exits_misconfig",
+    "exits_pml_full", "pml_logged", "dirty_pages_marked", "huge_pages_split",
+    "nx_huge_pages_recovered",
 )

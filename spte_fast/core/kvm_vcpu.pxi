@@ -1,0 +1,200 @@
+# =====================================================================================
+# core/kvm_vcpu.pxi: the vCPU as a Python object (≈ kvm_main.c's vCPU ioctls: KVM_RUN
+# stands for a batch of faults or accesses)
+# =====================================================================================
+
+cdef cnp.ndarray _error_code_array(object a, Py_ssize_t n):
+    """fault_batch's ``error_codes``: 1-D integers of n entries, each a 32-bit error code."""
+    arr = _int_array(a, "error_codes")
+    if arr.shape[0] != n:
+        raise ValueError(f"error_codes has {arr.shape[0]} entries, gfns has {n}")
+    if arr.size and int(arr.max()) > 0xFFFFFFFF:
+        raise ValueError("error_codes values must be 32-bit error codes (0 .. 2**32 - 1)")
+    return np.ascontiguousarray(arr, dtype=np.uint64)
+
+
+cdef cnp.ndarray _hw_access_array(object a, Py_ssize_t n):
+    """access_batch's ``access``: 0 read, 1 write, 2 instruction fetch."""
+    arr = _int_array(a, "access")
+    if arr.shape[0] != n:
+        raise ValueError(f"access has {arr.shape[0]} entries, gfns has {n}")
+    if arr.size and int(arr.max()) > ACC_FETCH:
+        raise ValueError("access values must be 0..2 (0 read, 1 write, 2 fetch; a fetch is "
+                         "never a write)")
+    return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+@cython.final
+cdef class Vcpu:
+    """A vCPU: its own shadow-page cache (topped up before every fault) and counters."""
+
+    def __cinit__(self, Vm vm not None):
+        self.vm = vm
+        self.cache = MemoryCache(vm.pool, init_value=vm.layout.m.shadow_nonpresent_value,
+                                 capacity=KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE)
+        memset(&self.vcpu, 0, sizeof(kvm_vcpu_t))
+        self.vcpu.kvm = &vm.kvm
+        self.vcpu.mmu_shadow_page_cache = &self.cache.mc
+        self.vcpu.stat.rcu_reader = -1
+        self.vcpu.root = -1                 # INVALID_PAGE until its first entry
+        vm._register_vcpu(self)         # Vcpu(vm) and vm.vcpu() are the same thing
+
+    @property
+    def root(self):
+        """Pool index of the root this vCPU has loaded (mmu->root.hpa), or None."""
+        return None if self.vcpu.root < 0 else self.vcpu.root
+
+    def fault(self, gfn, write=False, exec=False, *, error_code=None):
+        """One exit delivered to the MMU (kvm_mmu_page_fault) -> PF.FIXED / SPURIOUS /
+        RETRY / EMULATE.  ``write``/``exec`` alone: a not-present fault; ``error_code``: the
+        full PFERR_* error code instead (then write and exec must be False)."""
+        cdef gfn_t g = self.vm._gfn(gfn, "gfn")
+        cdef bint w = bool(write)
+        cdef bint x = bool(exec)
+        cdef u64 ec
+        cdef int r
+        if error_code is None:
+            ec = fault_error_code(w, x)
+        else:
+            ec = <u64>_as_int(error_code, "error_code", 0, 0xFFFFFFFF)
+            if w or x:
+                raise ValueError("pass either write/exec or error_code, not both")
+        with nogil:
+            r = vcpu_fault_error_code(&self.vcpu, g, ec)
+        self.vm._raise_fatal()
+        _check_rc(r, f"fault(gfn={g:#x})", self.cache.mc.last_warn)
+        return PF(r)
+
+    def fault_batch(self, gfns, access=None, out=None, *, error_codes=None):
+        """Fault every gfn in order, in C with the GIL released.
+
+        ``gfns``: 1-D integer array; ``access``: None or 1-D integers (bit 0 write,
+        bit 1 exec); ``error_codes``: None or 1-D 32-bit error codes (instead of
+        ``access``); ``out``: None or a writable int8 array receiving each final PF.
+        RETRY results are faulted again (counted in "retry").  Returns the counts.
+        """
+        cdef cnp.ndarray g_arr = _gfn_array(gfns, "gfns", self.vm.kvm.gfn_limit)
+        cdef Py_ssize_t n = g_arr.shape[0]
+        cdef cnp.ndarray a_arr = None
+        cdef cnp.ndarray e_arr = None
+        cdef cnp.ndarray o_arr = None
+        cdef int8_t[:] o_view = None
+        cdef const uint8_t* a = NULL
+        cdef const u64* e = NULL
+        cdef int8_t* o = NULL
+        if access is not None and error_codes is not None:
+            raise ValueError("pass either access or error_codes, not both")
+        if access is not None:
+            a_arr = _access_array(access, n)
+            a = <const uint8_t*>cnp.PyArray_DATA(a_arr)
+        if error_codes is not None:
+            e_arr = _error_code_array(error_codes, n)
+            e = <const u64*>cnp.PyArray_DATA(e_arr)
+        if out is not None:
+            o_view = _out_view(out, n)      # length, strides from the buffer protocol
+            o_arr = _out_scratch(o_view)    # a strided view: filled here, copied back below
+            o = <int8_t*>cnp.PyArray_DATA(o_arr) if o_arr is not None else _out_ptr(o_view)
+        cdef const gfn_t* g = <const gfn_t*>cnp.PyArray_DATA(g_arr)
+        cdef int64_t counts[NR_BATCH_COUNTS]
+        cdef Py_ssize_t done = 0
+        cdef int rc = BATCH_INTERRUPTIBLE
+        memset(counts, 0, sizeof(counts))
+        try:
+            while rc == BATCH_INTERRUPTIBLE:
+                with nogil:
+                    rc = vcpu_fault_batch(&self.vcpu, g, a, e, o, n, counts, &done)
+                if rc == BATCH_INTERRUPTIBLE:
+                    PyErr_CheckSignals()    # KeyboardInterrupt propagates from here
+        finally:
+            if o_arr is not None:
+                _out_copy_back(o_view, o_arr, done)
+        self.vm._raise_fatal()
+        _check_rc(rc, f"fault_batch: stopped after {done} of {n} faults",
+                  self.cache.mc.last_warn, done,
+                  f"gfns[{done}] changed under the batch to a gfn beyond the address width")
+        return {"fixed": counts[RET_PF_FIXED], "spurious": counts[RET_PF_SPURIOUS],
+                "retry": counts[RET_PF_RETRY], "emulate": counts[RET_PF_EMULATE],
+                "fast": counts[COUNT_FAST]}
+
+    def access(self, gfn, write=False, exec=False):
+        """One guest access as the CPU makes it: the EPT/NPT walk (setting A, and D on a
+        write), and the exits it raises until the access completes.  None if no exit
+        happened, else the PF of the last exit (EMULATE: the emulator did the access)."""
+        cdef gfn_t g = self.vm._gfn(gfn, "gfn")
+        cdef bint w = bool(write)
+        cdef bint x = bool(exec)
+        cdef int r = ACCESS_INTERRUPTED
+        if w and x:
+            raise ValueError("an access is a read, a write or an instruction fetch, not both")
+        while r == ACCESS_INTERRUPTED:
+            with nogil:
+                r = vcpu_access(&self.vcpu, g, w, x)
+            if r == ACCESS_INTERRUPTED:
+                PyErr_CheckSignals()
+        self.vm._raise_fatal()
+        _check_rc(r, f"access(gfn={g:#x})", self.cache.mc.last_warn)
+        return None if r == 0 else PF(r)
+
+    def access_batch(self, gfns, access=None, out=None):
+        """The CPU's accesses to ``gfns`` in order, in C with the GIL released.
+
+        ``access``: None (reads) or 1-D integers 0 read, 1 write, 2 fetch; ``out``: None or
+        a writable int8 array receiving per access ACCESS_HIT (0) or the PF of its last
+        exit.  Returns {"hits", "fixed", "spurious", "retry", "emulate", "fast"}: accesses
+        without an exit, then the exits by result.
+        """
+        cdef cnp.ndarray g_arr = _gfn_array(gfns, "gfns", self.vm.kvm.gfn_limit)
+        cdef Py_ssize_t n = g_arr.shape[0]
+        cdef cnp.ndarray a_arr = None
+        cdef cnp.ndarray o_arr = None
+        cdef int8_t[:] o_view = None
+        cdef const uint8_t* a = NULL
+        cdef int8_t* o = NULL
+        if access is not None:
+            a_arr = _hw_access_array(access, n)
+            a = <const uint8_t*>cnp.PyArray_DATA(a_arr)
+        if out is not None:
+            o_view = _out_view(out, n)
+            o_arr = _out_scratch(o_view)
+            o = <int8_t*>cnp.PyArray_DATA(o_arr) if o_arr is not None else _out_ptr(o_view)
+        cdef const gfn_t* g = <const gfn_t*>cnp.PyArray_DATA(g_arr)
+        cdef int64_t counts[NR_BATCH_COUNTS]
+        cdef Py_ssize_t done = 0
+        cdef int rc = BATCH_INTERRUPTIBLE
+        memset(counts, 0, sizeof(counts))
+        try:
+            while rc == BATCH_INTERRUPTIBLE:
+                with nogil:
+                    rc = vcpu_access_batch(&self.vcpu, g, a, o, n, counts, &done)
+                if rc == BATCH_INTERRUPTIBLE:
+                    PyErr_CheckSignals()
+        finally:
+            if o_arr is not None:
+                _out_copy_back(o_view, o_arr, done)
+        self.vm._raise_fatal()
+        _check_rc(rc, f"access_batch: stopped after {done} of {n} accesses",
+                  self.cache.mc.last_warn, done,
+                  f"gfns[{done}] or access[{done}] changed under the batch to a bad value")
+        return {"hits": counts[0], "fixed": counts[RET_PF_FIXED],
+                "spurious": counts[RET_PF_SPURIOUS], "retry": counts[RET_PF_RETRY],
+                "emulate": counts[RET_PF_EMULATE], "fast": counts[COUNT_FAST]}
+
+    @property
+    def stats(self):
+        """This vCPU's own counters: faults by result and its hardware view."""
+        cdef mmu_stats_t* st = &self.vcpu.stat
+        return {"faults_fixed": st.faults[RET_PF_FIXED],
+                "faults_spurious": st.faults[RET_PF_SPURIOUS],
+                "faults_retry": st.faults[RET_PF_RETRY],
+                "faults_emulate": st.faults[RET_PF_EMULATE],
+                "faults_fast": st.faults_fast, "hw_walks": st.hw_walks,
+                "hw_ad_sets": st.hw_ad_sets, "exits_ept_violation": st.exits_ept_violation,
+                "exits_misconfig": st.exits_misconfig, "exits_pml_full": st.exits_pml_full,
+                "pml_logged": st.pml_logged, "dirty_pages_marked": st.dirty_pages_marked}
+
+
+cdef kvm_vcpu_t* vcpu_handle(object vcpu) except NULL:
+    """The kvm_vcpu_t of a Python Vcpu (the embedding API; see README "Embedding")."""
+    if not isinstance(vcpu, Vcpu):
+        raise TypeError(f"expected a spte_fast.Vcpu, not {type(vcpu).__name__}")
+    return &(<Vcpu>vcpu).vcpu

@@ -321,7 +321,7 @@ def test_trace_width_follows_the_root_level(tmp_path):
 def test_bad_compressed_trace(tmp_path, name, data):
     path = tmp_path / name
     if data is None:
-        data = lzma.compress(np.arange(1 << 16, dtype="<u8").tobytes() * 4)
+        data = lzma.compress((np.arange(1 << 16, dtype="<u8") << 2).tobytes() * 4)
         data = data[:len(data) // 2]
     path.write_bytes(data)
     line = run_cli("simulate", "--trace", path).error_line()

@@ -12,7 +12,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _LINE = re.compile(r"^(I | L| S| M) ([0-9a-fA-F]+),(\d+)$")
-_KIND = {"I ": 2, " L": 0, " S": 1, " M": 1}
+_KIND = {"I ": (2,), " L": (0,), " S": (1,), " M": (0, 1)}    # M: a load, then a store
 
 
 class Result:
@@ -54,9 +54,10 @@ def oracle_records(text, tlb=None):
             continue
         m = _LINE.match(line)
         assert m, line
-        rec = (int(m.group(2), 16) >> 12) << 2 | _KIND[m.group(1)]
-        if not out or out[-1] != rec:
-            out.append(rec)
+        for kind in _KIND[m.group(1)]:
+            rec = (int(m.group(2), 16) >> 12) << 2 | kind
+            if not out or out[-1] != rec:
+                out.append(rec)
     if tlb is None:
         return out
     fifo, kept = [], []

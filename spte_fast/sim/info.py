@@ -17,7 +17,7 @@ the index of its last access), never by the length of the trace.
 """
 import numpy as np
 
-from .readers import open_trace
+from .readers import TraceReader, open_trace
 
 BINS_PER_OCTAVE = 8
 _NBINS = 64 * BINS_PER_OCTAVE + 1
@@ -71,10 +71,13 @@ class PageTracker:
 
 
 def trace_info(path, format=None, allow_partial=False, progress=None):
-    """The summary of a trace (see the module docstring) as a JSON-ready dict."""
+    """The summary of a trace (see the module docstring) as a JSON-ready dict.  ``path``: a
+    path (``-``: stdin) or an open ``readers.TraceReader``; ``progress(raw_bytes)`` is
+    called per chunk."""
     kinds = np.zeros(4, dtype=np.int64)
     tracker = PageTracker()
-    with open_trace(path, format, allow_partial) as reader:
+    reader = path if isinstance(path, TraceReader) else open_trace(path, format, allow_partial)
+    with reader:
         for recs in reader:
             kinds += np.bincount((recs & np.uint64(3)).astype(np.intp), minlength=4)
             tracker.add(recs >> np.uint64(2))
@@ -101,3 +104,37 @@ def trace_info(path, format=None, allow_partial=False, progress=None):
                       "p90_interval": tracker.quantile(0.9)},
             "partial": reader.partial,
         }
+
+
+def _bytes(n):
+    from .report import format_bytes
+    return format_bytes(n)
+
+
+def format_info(info, seconds=None):
+    """The text ``spte-fast trace info`` prints for ``trace_info``'s dict."""
+    k, r = info["kinds"], info["reuse"]
+    unit = next(u for u in ("lines", "records", "instructions") if u in info)
+    comp = f", {info['compression']}" if info["compression"] else ""
+    rows = [
+        ("format", f"{info['format']}{comp}: {info[unit]:,} {unit}"),
+        ("records", f"{info['records']:,}   reads {k['read']:,}   writes {k['write']:,}   "
+                    f"fetches {k['exec']:,}"),
+        ("distinct", f"4K pages {info['distinct_pages']:,} "
+                     f"({_bytes(4096 * info['distinct_pages'])})   2M regions "
+                     f"{info['distinct_2m']:,}   1G regions {info['distinct_1g']:,}"),
+    ]
+    if info["distinct_pages"]:
+        rows.append(("addresses", f"{info['lowest_address']:#x} .. "
+                                  f"{info['highest_address']:#x} "
+                                  f"(span {_bytes(info['span_bytes'])})"))
+    med, p90 = r["median_interval"], r["p90_interval"]
+    rows.append(("reuse", f"{100 * r['retouch_fraction']:.2f} % of accesses go to a page "
+                          f"touched before" +
+                 (f"; reuse interval (accesses since that page's previous access) median "
+                  f"<= {med:,}, 90th percentile <= {p90:,}" if med is not None else "")))
+    if info["partial"]:
+        rows.append(("partial", f"dropped at the end: {info['partial']}"))
+    if seconds is not None:
+        rows.append(("read in", f"{seconds:.2f} s"))
+    return f"{info['trace']}\n" + "".join(f"  {a:<11}{b}\n" for a, b in rows)

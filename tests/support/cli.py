@@ -25,15 +25,23 @@ class Result:
         """The one JSON document stdout must hold (json.loads refuses anything extra)."""
         return json.loads(self.out)
 
-    def error_line(self):
-        """Assert the bad-input contract (status 2, one stderr line, nothing on stdout)."""
+    def error_line(self, usage=None):
+        """Assert the bad-input contract (status 2, nothing on stdout, no traceback; on
+        stderr one error line, after the command's usage when the command line itself
+        was wrong) and return the error line.  ``usage``: True/False insists on it."""
         assert self.rc == 2, (self.rc, self.err)
         assert self.out == ""
-        lines = self.err.splitlines()
-        assert len(lines) == 1, self.err
-        assert lines[0].startswith("spte-fast: error: "), lines[0]
         assert "Traceback" not in self.err
-        return lines[0]
+        lines = self.err.splitlines()
+        assert lines, self.err
+        head = lines[:-1]
+        if head:
+            assert head[0].startswith("usage: spte-fast"), self.err
+            assert all(line.startswith(" ") for line in head[1:]), self.err
+        if usage is not None:
+            assert bool(head) is usage, self.err
+        assert lines[-1].startswith("spte-fast: error: "), lines[-1]
+        return lines[-1]
 
 
 def run_cli(*args, env=None, stderr=subprocess.PIPE, timeout=120):

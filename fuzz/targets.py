@@ -601,7 +601,12 @@ def cli(data):
         if rc not in (0, 1, 2):
             raise Finding(f"{argv}: status {rc!r}")
         lines = err.getvalue().splitlines()
-        if rc == 2 and (len(lines) != 1 or not lines[0].startswith("spte-fast: error: ")):
+        # status 2: one error line, after the command's usage lines when the command line
+        # itself was wrong
+        usage_ok = not lines[:-1] or (lines[0].startswith("usage: spte-fast") and
+                                      all(x.startswith(" ") for x in lines[1:-1]))
+        if rc == 2 and (not lines or not usage_ok or
+                        not lines[-1].startswith("spte-fast: error: ")):
             raise Finding(f"{argv}: status 2 with stderr {err.getvalue()!r}")
         if "Traceback" in err.getvalue():
             raise Finding(f"{argv}: a traceback")

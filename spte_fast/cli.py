@@ -1,19 +1,22 @@
 """The ``spte-fast`` command (also ``python -m spte_fast``): parsing and printing only.
 
-``spte-fast simulate``       push millions of guest faults through the TDP MMU model, from a
-                             built-in workload (``spte_fast.sim.workloads``) or a binary trace,
-                             with optional interleaved zaps and vCPU threads; print a summary
-                             table or (``--json``) one JSON document; ``--plot`` draws the run.
-``spte-fast trace convert``  turn a valgrind lackey log into the binary trace format
-                             (``spte_fast.sim.trace``).
-``spte-fast demo``           the two initialisation paths of KVM 6.10's memory cache, side by
-                             side (also what ``python -m spte_fast`` alone runs).
+``spte-fast simulate``       run guest accesses through the TDP MMU model, from a built-in
+                             workload (``spte_fast.sim.workloads``) or a trace of any format
+                             (``spte_fast.sim.readers``; ``-`` for stdin), with optional
+                             interleaved zaps and vCPU threads, under one layout or several
+                             (``--layout a,b``: one comparison table); print a summary table or
+                             (``--json``) one JSON document; ``-o DIR`` writes stats.json and
+                             samples.csv, ``--plot`` draws the run.
+``spte-fast trace convert``  any trace -> the binary trace format (file or stdout).
+``spte-fast trace info``     what a trace holds: records, kinds, pages, regions, reuse.
+``spte-fast demo``           the two initialisation paths of KVM 6.10's memory cache.
 
-The work is done by ``spte_fast.sim`` (``engine.run``, ``report``, ``demo``).  Bad input (an
-unknown option value, a missing or malformed file, a trace beyond the address width: the
-parser's errors, ``sim.InputError``, ``OSError``) prints one line ``spte-fast: error: ...``
-on stderr and exits with status 2; a run that fails (``sim.RunError``: the page-table pool
-ran out, not enough host memory, the audit) prints one such line and exits with status 1.
+A bare ``spte-fast`` prints the help on stdout and exits 0; ``--version`` prints the version.
+The work is done by ``spte_fast.sim``.  A wrong command line (the parser's errors, a missing
+file: ``CliError``) prints the command's usage and one line ``spte-fast: error: ...`` on
+stderr, status 2; bad input content (``sim.InputError``, ``OSError``) prints the line alone,
+status 2; a run that fails (``sim.RunError``: the page-table pool ran out, not enough host
+memory, the audit, records lost) prints one such line and exits with status 1.
 """
 import argparse
 import contextlib

@@ -396,7 +396,7 @@ def _api(data):
 # ---------------------------------------------------------------------------------------
 
 _LACKEY_LINE = re.compile(rb"(I | L| S| M) ([0-9a-fA-F]{1,16}),([0-9]+)")
-_LACKEY_KIND = {b"I ": 2, b" L": 0, b" S": 1, b" M": 1}
+_LACKEY_KIND = {b"I ": (2,), b" L": (0,), b" S": (1,), b" M": (0, 1)}  # M: load, store
 _TEMPLATES = [b"I  04001000,3", b" L 1ffefff8a0,8", b" S 0804a010,4", b" M 0804a018,4",
               b"==42== Lackey", b"", b"I  ffffffffffffffff,1", b" L 0,0", b"I  1234,",
               b" X 1,1", b"I  12345678901234567,4", b"I 1,1", b" L 1,2,3"]
@@ -411,9 +411,10 @@ def _lackey_oracle(text, tlb):
         m = _LACKEY_LINE.fullmatch(line)
         if not m:
             return None
-        rec = (int(m.group(2), 16) >> 12) << 2 | _LACKEY_KIND[m.group(1)]
-        if not out or out[-1] != rec:
-            out.append(rec)
+        for kind in _LACKEY_KIND[m.group(1)]:
+            rec = (int(m.group(2), 16) >> 12) << 2 | kind
+            if not out or out[-1] != rec:
+                out.append(rec)
     if tlb is None:
         return out
     fifo, kept = [], []
@@ -474,7 +475,8 @@ def trace(data):
             chunk = r.pick([1, 3, 1 << 20])
             try:
                 with tempfile.TemporaryFile() as spool:
-                    s = tr.scan_trace(path, limit, levels=4, chunk=chunk, spool=spool)
+                    s = tr.scan_trace(path, limit, levels=4, chunk=chunk, spool=spool,
+                                      format="binary")
                     back = np.concatenate(list(tr.read_spool(spool, chunk)) or [np.zeros(0, np.uint64)])
             except tr.TraceError:
                 recs = np.frombuffer(raw[:len(raw) // 8 * 8], dtype="<u8")
@@ -599,7 +601,12 @@ def cli(data):
         if rc not in (0, 1, 2):
             raise Finding(f"{argv}: status {rc!r}")
         lines = err.getvalue().splitlines()
-        if rc == 2 and (len(lines) != 1 or not lines[0].startswith("spte-fast: error: ")):
+        # status 2: one error line, after the command's usage lines when the command line
+        # itself was wrong
+        usage_ok = not lines[:-1] or (lines[0].startswith("usage: spte-fast") and
+                                      all(x.startswith(" ") for x in lines[1:-1]))
+        if rc == 2 and (not lines or not usage_ok or
+                        not lines[-1].startswith("spte-fast: error: ")):
             raise Finding(f"{argv}: status 2 with stderr {err.getvalue()!r}")
         if "Traceback" in err.getvalue():
             raise Finding(f"{argv}: a traceback")

@@ -5,6 +5,8 @@ checked against what each option means (counts, stats, configuration), never tim
 A simulation runs each record as an access of the CPU (the hardware view, issue 10): a hit,
 or an exit that kvm_mmu_page_fault handles; ``--mode fault`` delivers each as a fault.
 """
+import csv
+import json
 import lzma
 import os
 import subprocess
@@ -12,6 +14,9 @@ import sys
 
 import numpy as np
 import pytest
+
+import spte_fast as sf
+from spte_fast.sim import report as sim_report
 
 from support.cli import ROOT, run_cli
 
@@ -173,13 +178,100 @@ def test_seed_decides_the_run():
 
 
 def test_json_keeps_the_samples():
-    doc = simulate("--faults", 40_000, "--chunk", 10_000, "--root-level", 5)
+    doc = simulate("--faults", 40_000, "--chunk", 10_000, "--root-level", 5,
+                   "--stats-interval", 10_000)
     samples = doc["samples"]
     assert [s["accesses"] for s in samples] == [10_000, 20_000, 30_000, 40_000]
     assert all(set(s) == {"accesses", "faults", "seconds", "accesses_per_s", "faults_per_s",
-                          "pt_pages"} for s in samples)
+                          "results", "leaves", "pt_pages", "pt_bytes", "working_set"}
+               for s in samples)
     assert samples[-1]["faults"] == doc["faults"]
     assert samples[-1]["pt_pages"] == [doc["stats"][f"pt_pages_l{lvl}"] for lvl in range(1, 6)]
+    assert samples[-1]["results"] == doc["results"]
+    assert samples[-1]["working_set"] == doc["stats"]["pages_4k"]     # random, 4K, no zaps
+    # the default: about 200 samples per run
+    doc = simulate("--faults", 40_000)
+    assert doc["config"]["stats_interval"] == 200 and len(doc["samples"]) == 200
+
+
+def test_output_dir_holds_stats_samples_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "m5out" 
+    r = run_cli("simulate", "--workload", "seq", "--guest-size", "16M", "--faults", 10_000,
+                "--stats-interval", 1000, "-o", out, "--plot")
+    assert r.rc == 0, r.err
+    assert f"{out}/ (stats.json, samples.csv)" in r.out
+    doc = json.loads((out / "stats.json").read_text())
+    assert doc["accesses"] == 10_000 and doc["plot"] == str(out / "plot.png")
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(out / "samples.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["accesses"]) for row in rows] == list(range(1000, 10_001, 1000))
+    # seq over 4096 pages: one first touch (a fault, FIXED) per access up to 4096
+    assert [int(row["fixed"]) for row in rows] == [min(n, 4096) for n in
+                                                   range(1000, 10_001, 1000)]
+    assert [int(row["working_set_pages"]) for row in rows] == \
+        [int(row["leaves_4k"]) for row in rows]
+    last = rows[-1]
+    assert int(last["hits"]) == 10_000 - 4096
+    assert int(last["tables_l1"]) == 8 and int(last["tables_l4"]) == 1
+    assert int(last["pt_bytes"]) == 4096 * doc["stats"]["pt_pages"]
+    assert float(last["accesses_per_s"]) > 0
+    assert rows[0].keys() == set(sim_report.csv_columns(4))
+
+
+def test_several_layouts_print_one_comparison(tmp_path):
+    r = run_cli("simulate", "--layout", "ept,npt,legacy", "--workload", "seq",
+                "--guest-size", "16M", "--faults", 5000)
+    assert r.rc == 0, r.err
+    head = [line for line in r.out.splitlines() if line.strip().startswith("layout")]
+    assert head and head[0].split() == ["layout", "ept", "npt", "legacy"]
+    fills = [line for line in r.out.splitlines() if line.strip().startswith("cache fills")]
+    assert fills[0].split()[-1] == "0"                  # legacy: the GFP_ZERO path
+    assert all(x != "0" for x in fills[0].split()[2:-1])
+    # the same records under each: the same faults, the JSON holds every run
+    doc = run_cli("simulate", "--layout", "ept,npt,legacy", "--workload", "mixed",
+                  "--faults", 5000, "--json", "-o", tmp_path / "o").json()
+    runs = doc["runs"]
+    assert [d["config"]["layout"] for d in runs] == ["ept", "npt", "legacy"]
+    assert len({(d["results"]["fixed"], d["results"]["emulate"]) for d in runs}) == 1
+    for lay in ("ept", "npt", "legacy"):
+        assert json.loads((tmp_path / "o" / lay / "stats.json").read_text())[
+            "config"]["layout"] == lay
+    assert "legacy" in (tmp_path / "o" / "comparison.txt").read_text()
+
+
+def test_version():
+    r = run_cli("--version")
+    assert r.rc == 0 and r.out.strip() == f"spte-fast {sf.__version__}"
+
+
+def test_bare_command_prints_help_and_succeeds():
+    r = run_cli()
+    assert r.rc == 0 and r.err == ""
+    assert r.out.startswith("usage: spte-fast")
+    for word in ("simulate", "trace", "demo", "--version"):
+        assert word in r.out
+
+
+def test_errors_show_the_usage_of_the_command():
+    r = run_cli("simulate", "--layout", "ept,bogus")
+    line = r.error_line(usage=True)
+    assert "invalid choice: 'bogus'" in line
+    assert r.err.startswith("usage: spte-fast simulate")
+    r = run_cli("trace", "info", "no-such-file")
+    assert "no such file" in r.error_line(usage=True)
+    assert r.err.startswith("usage: spte-fast trace info")
+
+
+def test_plot_hint_names_the_real_extra():
+    import tomllib
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    from spte_fast import cli
+    name, extra = cli.PLOT_EXTRA.rstrip("]").split("[")
+    assert name == project["name"]
+    assert any(d.startswith("matplotlib") for d in project["optional-dependencies"][extra])
 
 
 def test_human_summary():
@@ -238,13 +330,13 @@ def test_plot_without_matplotlib(tmp_path):
     (fake / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
     env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), ROOT])}
     r = run_cli("simulate", "--faults", 1000, "--plot", tmp_path / "x.png", env=env)
-    assert "matplotlib" in r.error_line()
+    line = r.error_line()
+    assert "matplotlib" in line and "pip install 'spte_fast[plot]'" in line
     assert not (tmp_path / "x.png").exists()
 
 
-@pytest.mark.parametrize("argv", [[], ["demo"]])
-def test_demo(argv):
-    r = run_cli(*argv)
+def test_demo():
+    r = run_cli("demo")
     assert r.rc == 0, r.err
     assert "GFP_ZERO" in r.out and "memset64 fill" in r.out
     assert r.out.count("M faults/s") == 3
@@ -267,6 +359,10 @@ def _trace(tmp_path, name, records):
 @pytest.mark.parametrize("argv, message", [
     (["simulate", "--workload", "nope"], "invalid choice: 'nope'"),
     (["simulate", "--layout", "ept2"], "invalid choice: 'ept2'"),
+    (["simulate", "--layout", "ept,ept"], "a layout named twice"),
+    (["simulate", "--plot", "--faults", "10"], "--plot without a file name needs -o DIR"),
+    (["simulate", "--stats-interval", "0"], "at least 1"),
+    (["simulate", "--trace", "t.bin", "--trace-format", "pcap"], "invalid choice: 'pcap'"),
     (["simulate", "--root-level", "3"], "invalid choice: 3"),
     (["simulate", "--max-level", "512g"], "invalid choice: '512g'"),
     (["simulate", "--faults", "0"], "at least 1"),
@@ -321,7 +417,7 @@ def test_trace_width_follows_the_root_level(tmp_path):
 def test_bad_compressed_trace(tmp_path, name, data):
     path = tmp_path / name
     if data is None:
-        data = lzma.compress(np.arange(1 << 16, dtype="<u8").tobytes() * 4)
+        data = lzma.compress((np.arange(1 << 16, dtype="<u8") << 2).tobytes() * 4)
         data = data[:len(data) // 2]
     path.write_bytes(data)
     line = run_cli("simulate", "--trace", path).error_line()

@@ -80,10 +80,10 @@ def test_fault_mode_delivers_every_record_as_a_not_present_fault(faults):
 
 
 def test_samples_follow_the_run():
-    res = sim.run(SimConfig(chunk=3000, zap_every=2500),
+    res = sim.run(SimConfig(chunk=3000, zap_every=2500, stats_interval=3000),
                   sim.workload("random", 20_000, 64 << 20, seed=3))
     accesses = [s.accesses for s in res.samples]
-    assert accesses == [3000, 6000, 9000, 12000, 15000, 18000, 20000]   # one per chunk
+    assert accesses == [3000, 6000, 9000, 12000, 15000, 18000, 20000]   # and the end
     assert accesses[-1] == res.accesses == 20_000
     faults = [s.faults for s in res.samples]
     assert all(a <= b for a, b in zip(faults, faults[1:]))
@@ -91,9 +91,53 @@ def test_samples_follow_the_run():
     seconds = [s.seconds for s in res.samples]
     assert seconds == sorted(seconds)
     assert all(len(s.pt_pages) == 4 for s in res.samples)
-    last = res.samples[-1].pt_pages
-    assert list(last) == [res.stats[f"pt_pages_l{lvl}"] for lvl in range(1, 5)]
+    last = res.samples[-1]
+    assert list(last.pt_pages) == [res.stats[f"pt_pages_l{lvl}"] for lvl in range(1, 5)]
+    assert last.pt_bytes == 4096 * res.stats["pt_pages"]
+    assert last.leaves == (res.stats["pages_4k"], 0, 0)
+    assert last.results == res.results
     assert res.zaps["gfn_range"] == 20_000 // 2500
+
+
+def test_samples_default_to_about_two_hundred_and_count_the_working_set():
+    # seq over 16 MiB (4096 pages), 10 000 accesses: the working set grows by one page per
+    # access up to 4096, then stays; with no zap every touched page stays mapped.
+    res = sim.run(SimConfig(chunk=999), sim.workload("seq", 10_000, 16 << 20))
+    assert res.stats_interval == 50 and len(res.samples) == 200
+    assert [s.accesses for s in res.samples] == list(range(50, 10_001, 50))
+    assert [s.working_set for s in res.samples] == [min(n, PAGES_16M) for n in
+                                                    range(50, 10_001, 50)]
+    assert all(s.leaves[0] == s.working_set for s in res.samples)
+    assert res.to_dict()["config"]["stats_interval"] == 50
+    doc = res.samples[-1].to_dict()
+    assert doc["leaves"] == {"4k": 4096, "2m": 0, "1g": 0} and doc["working_set"] == 4096
+
+
+def test_trace_zaps_hit_the_regions_the_trace_touched(tmp_path):
+    # A trace over two 2M regions far apart in a 4 GiB guest (8192 pages past page 0
+    # would be unlikely to be picked at random): every zap that finds leaves flushes, so
+    # with zaps among touched regions every zap but one (a region zapped twice in a row
+    # between its accesses) flushes; over the whole guest almost none would.
+    pages = np.concatenate([np.arange(0, 512), np.arange(1 << 19, (1 << 19) + 512)] * 20)
+    path = _write_trace(tmp_path / "t.bin", _records(pages, np.zeros(pages.size)))
+    with sim.trace_source(path, guest_bytes=4 << 30) as src:
+        res = sim.run(SimConfig(zap_every=1000, seed=4), src)
+    assert res.zaps["gfn_range"] == pages.size // 1000
+    assert res.zaps["gfn_range_flushed"] >= res.zaps["gfn_range"] - 2
+    assert res.stats["tlb_flushes_ranged"] == res.zaps["gfn_range_flushed"]
+
+
+def test_every_record_read_is_replayed(tmp_path):
+    recs = _records(np.arange(3000) % 700, np.arange(3000) % 3)
+    path = _write_trace(tmp_path / "t.bin.xz", recs)
+    with sim.trace_source(path) as src:
+        res = sim.run(SimConfig(chunk=256), src)
+        assert res.accesses == 3000 == res.to_dict()["config"]["trace_records"]
+        # the replay refuses to end with fewer records than the source promised
+        short = dataclasses.replace(src, faults=3001)
+        with pytest.raises(sim.RunError, match="replayed 3,000 records where the source "
+                                               "had 3,001"):
+            sim.run(SimConfig(), short)
 
 
 def test_to_dict_is_the_json_document_and_round_trips():
@@ -115,7 +159,7 @@ def test_to_dict_is_the_json_document_and_round_trips():
             c["max_level"], c["vcpus"], c["chunk"]) == \
         ("workload", "mixed", "legacy", "0x0", 5, "4k", 2, 5000)
     assert [s["readonly"] for s in c["memslots"]] == [False, True]
-    assert [s["accesses"] for s in doc["samples"]] == [5000, 10000, 12000]
+    assert [s["accesses"] for s in doc["samples"]] == list(range(60, 12_001, 60))
     assert len(doc["samples"][0]["pt_pages"]) == 5
     assert doc["stats"] == res.stats and doc["stats"]["pt_pages_l5"] == 1
 
@@ -180,7 +224,7 @@ def test_trace_run_opens_and_decompresses_its_input_once(tmp_path, count_opens):
     with sim.trace_source(path) as src:
         assert count_opens(path) == 1
         os.remove(path)                 # the replay must not need the file any more
-        res = sim.run(SimConfig(chunk=999), src)
+        res = sim.run(SimConfig(chunk=999, stats_interval=999), src)
     assert count_opens(path) == 1
     distinct = np.unique(pages).size
     # Each page's first access exits and is FIXED; every other access hits (a fetch of a

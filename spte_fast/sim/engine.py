@@ -32,6 +32,7 @@ from .report import format_bytes
 from .workloads import PAGES_2M, pool_pages
 
 DEFAULT_CHUNK = 1 << 20
+SAMPLES = 200                        # samples per run unless stats_interval says otherwise
 MAX_VCPUS = 256
 
 LAYOUTS = {
@@ -60,11 +61,12 @@ class SimConfig:
     root_level: int = 4              # 4 (gfn < 1 << 36) or 5 (gfn < 1 << 45)
     max_level: int = None            # largest mapping, 1..3 (PG_LEVEL_*); None: the source's
     vcpus: int = 1                   # threads, one Vcpu each; every chunk is split between them
-    zap_every: int = None            # zap a random 2M-aligned range every N faults
-    zap_all_every: int = None        # zap_all every N faults
+    zap_every: int = None            # zap a random 2M-aligned range every N records
+    zap_all_every: int = None        # zap_all every N records
     seed: int = 0                    # the zaps' random ranges (a workload has its own seed)
-    chunk: int = DEFAULT_CHUNK       # records per source chunk (one sample each)
+    chunk: int = DEFAULT_CHUNK       # records per source chunk
     mode: str = "access"             # a key of MODES
+    stats_interval: int = None       # a sample every N accesses; None: about SAMPLES per run
 
     def __post_init__(self):
         def count(name, value, low=1, high=None, optional=False):
@@ -86,6 +88,7 @@ class SimConfig:
         count("zap_every", self.zap_every, optional=True)
         count("zap_all_every", self.zap_all_every, optional=True)
         count("chunk", self.chunk)
+        count("stats_interval", self.stats_interval, optional=True)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise InputError(f"seed must be a non-negative int, not {self.seed!r}")
 
@@ -97,18 +100,70 @@ class SimConfig:
 
 @dataclass
 class Sample:
-    """The state after one source chunk."""
+    """The state after ``accesses`` records (every ``stats_interval``, and at the end)."""
     faults: int                      # faults (exits handled by KVM) so far
     seconds: float                   # since the run started
-    faults_per_s: float              # of this chunk, in the batch calls alone
+    faults_per_s: float              # since the previous sample, in the batch calls alone
     pt_pages: tuple                  # tables per level, L1 first (pt_pages_l1, ...)
     accesses: int = 0                # records done so far
-    accesses_per_s: float = 0.0      # of this chunk, in the batch calls alone
+    accesses_per_s: float = 0.0      # since the previous sample, in the batch calls alone
+    results: dict = None             # hits, fixed, spurious, emulate, retry, fast so far
+    leaves: tuple = (0, 0, 0)        # present leaves: 4K, 2M, 1G (pages_4k, ...)
+    working_set: int = 0             # distinct 4K pages accessed so far
+
+    @property
+    def pt_bytes(self):
+        return 4096 * sum(self.pt_pages)
 
     def to_dict(self):
         return {"accesses": self.accesses, "faults": self.faults, "seconds": self.seconds,
                 "accesses_per_s": self.accesses_per_s, "faults_per_s": self.faults_per_s,
-                "pt_pages": list(self.pt_pages)}
+                "results": dict(self.results or {}),
+                "leaves": {"4k": self.leaves[0], "2m": self.leaves[1], "1g": self.leaves[2]},
+                "pt_pages": list(self.pt_pages), "pt_bytes": self.pt_bytes,
+                "working_set": self.working_set}
+
+
+class Distinct:
+    """The distinct values (below ``limit``) of a stream of uint64 chunks: a byte per
+    value when ``limit`` is at most ``DENSE_LIMIT`` (allocated lazily by the OS, so
+    committed only where values fall), else a sorted array.  ``values()`` lists them in
+    the order first seen (dense) or sorted (sparse)."""
+
+    DENSE_LIMIT = 1 << 30
+
+    def __init__(self, limit):
+        self._seen = np.zeros(limit, dtype=bool) if limit <= self.DENSE_LIMIT else None
+        self._buf = np.zeros(1024, dtype=np.uint64)
+        self.count = 0
+
+    def add(self, x):
+        if self._seen is not None:
+            new = x[~self._seen[x]]
+            if not new.size:
+                return
+            new = np.unique(new)
+            self._seen[new] = True
+        else:
+            u = np.unique(x)
+            have = self._buf[:self.count]
+            pos = np.searchsorted(have, u)
+            hit = pos < self.count
+            hit[hit] = have[pos[hit]] == u[hit]
+            if hit.all():
+                return
+            merged = np.insert(have, pos[~hit], u[~hit])
+            self._buf, self.count = merged, merged.size
+            return
+        if self.count + new.size > self._buf.size:
+            grown = np.zeros(max(2 * self._buf.size, self.count + new.size), dtype=np.uint64)
+            grown[:self.count] = self._buf[:self.count]
+            self._buf = grown
+        self._buf[self.count:self.count + new.size] = new
+        self.count += new.size
+
+    def values(self):
+        return self._buf[:self.count]
 
 
 @dataclass
@@ -129,10 +184,11 @@ class SimResult:
     zaps: dict                       # gfn_range, gfn_range_flushed, all, all_flushed
     stats: dict                      # vm.stats at the end
     audit: str                       # "passed" (a failed audit raises AuditFailed)
-    samples: list                    # [Sample], one per source chunk
+    samples: list                    # [Sample], every stats_interval records and the end
     accesses: int = 0                # records run
     accesses_per_s: float = 0.0      # accesses / fault_s
     overall_accesses_per_s: float = 0.0
+    stats_interval: int = 0          # the sampling period used, in accesses
 
     @property
     def hardware(self):
@@ -149,7 +205,7 @@ class SimResult:
                 "root_level": c.root_level, "max_level": LEVEL_NAMES[c.max_level],
                 "vcpus": c.vcpus, "zap_every": c.zap_every, "zap_all_every": c.zap_all_every,
                 "seed": c.seed, "chunk": c.chunk, "max_pt_pages": self.max_pt_pages,
-                "mode": c.mode,
+                "mode": c.mode, "stats_interval": self.stats_interval,
             },
             "accesses": self.accesses,
             "faults": self.faults,
@@ -212,9 +268,13 @@ def _run_parallel(executor, vcpus, mode, gfns, access):
 def run(config, source, progress=None):
     """Run ``source`` (a ``workloads.Source``) through a new Vm under ``config``.
 
-    Every ``zap_every`` faults a random 2M-aligned range of the guest is zapped with
-    ``zap_gfn_range``, every ``zap_all_every`` faults everything with ``zap_all`` (between
-    fault segments, with no fault in flight).  ``progress(n)`` is called per segment.
+    Every ``zap_every`` records a random 2M-aligned range is zapped with ``zap_gfn_range``
+    -- of the guest for a workload, among the 2M regions touched so far for a trace
+    (``source.zap_touched``) -- and every ``zap_all_every`` records everything with
+    ``zap_all`` (between segments, with no fault in flight).  A ``Sample`` is taken every
+    ``stats_interval`` records (default: about ``SAMPLES`` per run) and at the end.  The
+    records run must be the source's ``faults`` (else ``RunError``).  ``progress(n)`` is
+    called per segment.
     Returns a ``SimResult``; raises ``InputError`` (nothing ran) or ``RunError``.
     """
     check(config, source)
@@ -235,7 +295,7 @@ def _new_vm(config, source):
         for s in source.slots:
             vm.add_memslot(s.base_gfn, s.npages, s.pfn, readonly=s.readonly)
     except ValueError as e:         # memslots that the engine refuses (width, pfn field)
-        raise InputError(str(e)) from e
+        raise InputError(f"{e}{source.fit_hint}") from e
     return vm, pt_pages
 
 
@@ -244,52 +304,76 @@ def _run(config, source, progress):
     vm, pt_pages = _new_vm(c, source)
     cpus = [vm.vcpu() for _ in range(c.vcpus)]
     zap_rng = np.random.default_rng(np.random.SeedSequence(c.seed).spawn(2)[1])
-    periods = [p for p in (c.zap_every, c.zap_all_every) if p]
+    interval = c.stats_interval or max(1, -(-source.faults // SAMPLES))
+    periods = [p for p in (c.zap_every, c.zap_all_every, interval) if p]
     zap_regions = max(1, -(-source.guest_pages // PAGES_2M))
+    touched = Distinct(source.span)                       # the working set
+    touched_2m = (Distinct(-(-source.span // PAGES_2M))
+                  if source.zap_touched and c.zap_every else None)
     results = ({"hits": 0} if c.mode == "access" else {})
     results.update({"fixed": 0, "spurious": 0, "emulate": 0, "retry": 0, "fast": 0})
     zaps = {"gfn_range": 0, "gfn_range_flushed": 0, "all": 0, "all_flushed": 0}
     samples, done, fault_s, zap_s = [], 0, 0.0, 0.0
+    last = {"accesses": 0, "faults": 0, "fault_s": 0.0}
+
+    def sample():
+        st = vm.stats
+        dt = fault_s - last["fault_s"]
+        faults = _exits(results)
+        samples.append(Sample(
+            faults=faults, seconds=time.perf_counter() - t_start,
+            faults_per_s=(faults - last["faults"]) / dt if dt else 0.0,
+            pt_pages=tuple(st[f"pt_pages_l{lvl}"] for lvl in range(1, c.root_level + 1)),
+            accesses=done, accesses_per_s=(done - last["accesses"]) / dt if dt else 0.0,
+            results=dict(results), leaves=(st["pages_4k"], st["pages_2m"], st["pages_1g"]),
+            working_set=touched.count))
+        last.update(accesses=done, faults=faults, fault_s=fault_s)
+
     t_start = time.perf_counter()
     with (concurrent.futures.ThreadPoolExecutor(c.vcpus, thread_name_prefix="vcpu")
           if c.vcpus > 1 else contextlib.nullcontext()) as executor:
         for gfns, access in source.chunks(c.chunk):
             if c.mode == "access":
                 access = hw_access_codes(access)
-            chunk_fault_s, pos = 0.0, 0
-            exits_before = _exits(results)
+            pos = 0
             while pos < gfns.size:
-                # Segments end where a zap is due.
-                end = min([gfns.size] + [(done + pos) // p * p + p - done for p in periods])
+                # Segments end where a zap or a sample is due.
+                end = min([gfns.size] + [pos + (done + p) // p * p - done for p in periods])
+                seg = gfns[pos:end]
                 t0 = time.perf_counter()
-                for r in _run_parallel(executor, cpus, c.mode, gfns[pos:end],
+                for r in _run_parallel(executor, cpus, c.mode, seg,
                                        None if access is None else access[pos:end]):
                     for k in results:
                         results[k] += r[k]
-                chunk_fault_s += time.perf_counter() - t0
+                fault_s += time.perf_counter() - t0
                 if progress:
                     progress(end - pos)
+                touched.add(seg)
+                if touched_2m is not None:
+                    touched_2m.add(seg >> np.uint64(9))
+                done += end - pos
                 pos = end
                 t0 = time.perf_counter()
-                if c.zap_every and (done + pos) % c.zap_every == 0:
-                    start = int(zap_rng.integers(zap_regions)) * PAGES_2M
+                if c.zap_every and done % c.zap_every == 0:
+                    if touched_2m is not None:
+                        regions = touched_2m.values()
+                        start = int(regions[zap_rng.integers(regions.size)]) * PAGES_2M
+                    else:
+                        start = int(zap_rng.integers(zap_regions)) * PAGES_2M
                     zaps["gfn_range"] += 1
                     zaps["gfn_range_flushed"] += vm.zap_gfn_range(start, start + PAGES_2M)
-                if c.zap_all_every and (done + pos) % c.zap_all_every == 0:
+                if c.zap_all_every and done % c.zap_all_every == 0:
                     zaps["all"] += 1
                     zaps["all_flushed"] += vm.zap_all()
                 zap_s += time.perf_counter() - t0
-            done += gfns.size
-            fault_s += chunk_fault_s
-            st = vm.stats
-            chunk_faults = _exits(results) - exits_before
-            samples.append(Sample(
-                faults=_exits(results), seconds=time.perf_counter() - t_start,
-                faults_per_s=chunk_faults / chunk_fault_s if chunk_fault_s else 0.0,
-                pt_pages=tuple(st[f"pt_pages_l{lvl}"] for lvl in range(1, c.root_level + 1)),
-                accesses=done,
-                accesses_per_s=gfns.size / chunk_fault_s if chunk_fault_s else 0.0))
+                if done % interval == 0:
+                    sample()
+    if not samples or samples[-1].accesses != done:
+        sample()
     elapsed = time.perf_counter() - t_start
+    if done != source.faults:
+        raise RunError(f"replayed {done:,} records where the source had {source.faults:,}: "
+                       f"the input changed under the run")
     try:
         vm.audit()
     except sf.AuditError as e:
@@ -302,7 +386,7 @@ def _run(config, source, progress):
         overall_faults_per_s=faults / elapsed if elapsed else 0.0, zaps=zaps, stats=vm.stats,
         audit="passed", samples=samples, accesses=done,
         accesses_per_s=done / fault_s if fault_s else 0.0,
-        overall_accesses_per_s=done / elapsed if elapsed else 0.0)
+        overall_accesses_per_s=done / elapsed if elapsed else 0.0, stats_interval=interval)
 
 
 def _exits(results):

@@ -1,8 +1,10 @@
 """Reports of a ``SimResult``: the text summary, the JSON document and the plot.
 
 ``summary(result)`` is the table ``spte-fast simulate`` prints, ``to_json(result)`` the
-document of ``--json`` (``result.to_dict()``, indented), ``plot(result, path)`` the PNG of
-``--plot`` (needs matplotlib, the optional ``[plot]`` extra; imported only here).
+document of ``--json`` (``result.to_dict()``, indented), ``samples_csv(result, f)`` the time
+series of ``-o DIR``'s ``samples.csv``, ``comparison(results)`` the table of ``--layout a,b``
+and ``plot(result, path)`` the image of ``--plot`` (needs matplotlib, the optional
+``[plot]`` extra; imported only here).
 """
 import json
 
@@ -40,6 +42,13 @@ def summary(result, title=TITLE):
                            f"({res['fault_s']:.3f} s); {res['overall_faults_per_s'] / 1e6:.2f} "
                            f"M/s overall ({res['elapsed_s']:.3f} s wall)"),
         ]
+    if c["source"] == "trace":
+        (unit, units), = c["trace_units"].items()
+        rows.insert(0, ("trace", f"{c['trace_format']}: {units:,} {unit} -> "
+                                 f"{c['trace_records']:,} records read, "
+                                 f"{res['accesses']:,} replayed" +
+                                 (f" (dropped at the end: {c['trace_partial']})"
+                                  if c.get("trace_partial") else "")))
     rows += [
         ("faults", f"fixed {r['fixed']:,}   fast {r['fast']:,}   spurious {r['spurious']:,}   "
                    f"emulate {r['emulate']:,}   retries {r['retry']:,}"),
@@ -76,30 +85,124 @@ def to_json(result, **extra):
     return json.dumps({**result.to_dict(), **extra}, indent=2)
 
 
+def csv_columns(root_level):
+    """The columns of ``samples_csv`` for a ``root_level``-level run."""
+    return (["accesses", "seconds", "faults", "hits", "fixed", "fast", "spurious", "emulate",
+             "retry", "leaves_4k", "leaves_2m", "leaves_1g"] +
+            [f"tables_l{lvl}" for lvl in range(1, root_level + 1)] +
+            ["pt_bytes", "working_set_pages", "accesses_per_s", "faults_per_s"])
+
+
+def samples_csv(result, f):
+    """Write the time series (one row per sample, ``csv_columns``) to the text file ``f``."""
+    import csv
+    w = csv.writer(f, lineterminator="\n")
+    w.writerow(csv_columns(result.config.root_level))
+    for p in result.samples:
+        r = p.results or {}
+        w.writerow([p.accesses, f"{p.seconds:.6f}", p.faults, r.get("hits", 0),
+                    r.get("fixed", 0), r.get("fast", 0), r.get("spurious", 0),
+                    r.get("emulate", 0), r.get("retry", 0), *p.leaves, *p.pt_pages,
+                    p.pt_bytes, p.working_set, f"{p.accesses_per_s:.1f}",
+                    f"{p.faults_per_s:.1f}"])
+
+
+COMPARISON_ROWS = (
+    ("non-present", lambda d: d["config"]["nonpresent_value"]),
+    ("accesses", lambda d: f"{d['accesses']:,}"),
+    ("hits", lambda d: f"{d['results'].get('hits', 0):,}"),
+    ("faults", lambda d: f"{d['faults']:,}"),
+    ("  fixed", lambda d: f"{d['results']['fixed']:,}"),
+    ("  fast", lambda d: f"{d['results']['fast']:,}"),
+    ("  spurious", lambda d: f"{d['results']['spurious']:,}"),
+    ("  emulate", lambda d: f"{d['results']['emulate']:,}"),
+    ("A/D set by CPU", lambda d: f"{d['hardware']['hw_ad_sets']:,}"),
+    ("leaves 4K", lambda d: f"{d['stats']['pages_4k']:,}"),
+    ("leaves 2M", lambda d: f"{d['stats']['pages_2m']:,}"),
+    ("leaves 1G", lambda d: f"{d['stats']['pages_1g']:,}"),
+    ("page tables", lambda d: f"{d['stats']['pt_pages']:,}"),
+    ("  bytes", lambda d: format_bytes(4096 * d["stats"]["pt_pages"])),
+    ("cache fills", lambda d: f"{d['stats']['cache_fills']:,}"),
+    ("zero-inits", lambda d: f"{d['stats']['cache_zero_inits']:,}"),
+    ("init bytes", lambda d: format_bytes(d["stats"]["init_bytes_written"])),
+    ("M accesses/s", lambda d: f"{d['accesses_per_s'] / 1e6:.2f}"),
+    ("M faults/s", lambda d: f"{d['faults_per_s'] / 1e6:.2f}"),
+    ("audit", lambda d: d["audit"]),
+)
+
+
+def comparison(results, title=TITLE):
+    """One table of several runs of the same input, a column per run (its layout)."""
+    docs = [r.to_dict() for r in results]
+    c = docs[0]["config"]
+    what = f"trace {c['trace']}" if c["source"] == "trace" else f"{c['workload']} workload"
+    head = (f"{title}: {what}, {docs[0]['accesses']:,} records, "
+            f"{format_bytes(c['guest_bytes'])} guest, {c['root_level']}-level root, max "
+            f"level {c['max_level'].upper()}, {c['vcpus']} vCPU(s), mode {c['mode']}\n\n")
+    cols = [[d["config"]["layout"]] + [fn(d) for _, fn in COMPARISON_ROWS] for d in docs]
+    widths = [max(len(x) for x in col) for col in cols]
+    names = ["layout"] + [name for name, _ in COMPARISON_ROWS]
+    lw = max(len(n) for n in names)
+    lines = []
+    for i, name in enumerate(names):
+        lines.append(f"  {name:<{lw}}  " + "  ".join(f"{col[i]:>{w}}"
+                                                   for col, w in zip(cols, widths)))
+    return head + "\n".join(lines) + "\n"
+
+
+def run_name(result):
+    """The trace's file name, or the workload's name."""
+    import os
+    src = result.source
+    return os.path.basename(src["trace"]) if src.get("source") == "trace" else \
+        f"{src['workload']} workload"
+
+
 def plot(result, path):
-    """Page-table pages per level and the fault rate, per chunk, over the run, as a PNG."""
+    """Growth over the run -- the working set and the leaves, the page tables per level,
+    the access and fault rates -- against the records done, as an image (PNG, SVG, PDF
+    by ``path``'s extension)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
     s, c = result.samples, result.config
-    x = [p.faults for p in s]
-    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(8, 6))
-    for i in range(c.root_level - 1, -1, -1):
-        top.plot(x, [p.pt_pages[i] for p in s], marker=".", label=f"L{i + 1}")
-    top.set_yscale("symlog")
-    top.set_ylabel("page-table pages")
-    top.legend(loc="lower right", ncol=5, fontsize="small")
     x = [p.accesses for p in s]
+    fig, (top, mid, bottom) = plt.subplots(3, 1, sharex=True, figsize=(10, 8.5))
+    legend = dict(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
+                  fontsize="small", frameon=False)
+    top.plot(x, [p.working_set for p in s], color="black", lw=2,
+             label="working set\n(4K pages accessed)")
+    for i, (name, colour) in enumerate((("4K", "C0"), ("2M", "C1"), ("1G", "C2"))):
+        ys = [p.leaves[i] for p in s]
+        if any(ys):
+            top.plot(x, ys, color=colour, label=f"{name} leaves")
+    top.set_yscale("symlog", linthresh=1)
+    top.set_ylabel("pages")
+    top.set_title("working set and mapped leaves", fontsize="medium", loc="left")
+    top.legend(**legend)
+    for i in range(c.root_level - 1, -1, -1):
+        mid.plot(x, [p.pt_pages[i] for p in s], label=f"L{i + 1} tables")
+    mid.set_yscale("symlog", linthresh=1)
+    mid.set_ylabel("page-table pages")
+    mid.set_title(f"page tables (total at the end {format_bytes(s[-1].pt_bytes)})",
+                  fontsize="medium", loc="left")
+    mid.legend(**legend)
     if c.mode == "access":
-        bottom.plot(x, [p.accesses_per_s / 1e6 for p in s], marker=".", label="accesses")
-    bottom.plot(x, [p.faults_per_s / 1e6 for p in s], marker=".", label="faults")
-    bottom.set_ylabel("M/s (per chunk)")
-    bottom.set_xlabel("records")
-    bottom.legend(loc="lower right", fontsize="small")
+        bottom.plot(x, [p.accesses_per_s / 1e6 for p in s], label="accesses")
+    bottom.plot(x, [p.faults_per_s / 1e6 for p in s], label="faults (exits)")
+    bottom.set_ylabel("M per second")
+    bottom.set_title(f"rates in the batch calls, per {result.stats_interval:,} records",
+                     fontsize="medium", loc="left")
+    bottom.set_xlabel("records (accesses) replayed")
+    bottom.xaxis.set_major_formatter(EngFormatter())
+    bottom.legend(**legend)
     bottom.set_ylim(bottom=0)
+    for ax in (top, mid, bottom):
+        ax.grid(True, alpha=0.3)
     level = {1: "4K", 2: "2M", 3: "1G"}[c.max_level]
-    fig.suptitle(f"spte-fast: {result.source['workload']} ({c.layout}, {c.root_level}-level, "
-                 f"max {level}, {c.vcpus} vCPU)")
+    fig.suptitle(f"spte-fast: {run_name(result)} -- {c.layout}, {c.root_level}-level, "
+                 f"max {level}, {c.vcpus} vCPU(s), {result.accesses:,} records")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=100)
     plt.close(fig)

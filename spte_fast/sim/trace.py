@@ -1,8 +1,11 @@
-"""Memory-access traces: the valgrind lackey converter and the binary trace reader.
+"""Memory-access traces: reading them (any format), the binary trace format, converting.
 
-``scan_trace`` reads a trace once, front to back (so it may come from a pipe): it
-validates it, summarises what sizing a VM takes, and can spool the raw records to a plain
-file that ``read_spool`` replays.
+Readers for every input format -- spte-fast's binary records, valgrind lackey logs, Pin
+pinatrace text, ChampSim traces; gzip or xz; ``-`` for stdin -- are in
+``spte_fast.sim.readers`` (``open_trace``).  ``scan_trace`` reads a trace once, front to
+back (so it may come from a pipe): it validates it, summarises what sizing a VM takes, and
+can spool the records to a plain file that ``read_spool`` replays.  ``convert`` writes any
+trace as a compact binary one.
 
 Binary trace format
 -------------------
@@ -12,26 +15,30 @@ A file of little-endian ``uint64`` records and nothing else (no header)::
 
 ``page_number`` is the 4 KiB page of the access (``address >> 12``); ``kind`` is
 
-* 0 read  -- lackey ``L`` (load),
-* 1 write -- lackey ``S`` (store) and ``M`` (modify: a read-modify-write, recorded as a write),
-* 2 exec  -- lackey ``I`` (instruction fetch),
+* 0 read  -- lackey ``L`` (load), pinatrace ``R``, a ChampSim source operand,
+* 1 write -- lackey ``S`` (store), pinatrace ``W``, a ChampSim destination operand,
+* 2 exec  -- lackey ``I`` (instruction fetch), a ChampSim instruction's ``ip``,
 * 3 is invalid.
 
-The kind doubles as ``Vcpu.fault_batch``'s access bits (bit 0 write, bit 1 exec), so a
-decoded chunk is faulted as ``fault_batch(records >> 2, access=records & 3)``.  The length
-of a file must be a multiple of 8.  Files are compressed by their name: ``.gz`` (gzip),
-``.xz`` (xz/LZMA), anything else plain.  Everything here streams in bounded chunks: neither
-a lackey log nor a trace is ever held in memory whole.
+A lackey ``M`` (modify) is a load and a store: a read record, then a write record.  The
+kind doubles as ``Vcpu.fault_batch``'s access bits (bit 0 write, bit 1 exec), so a decoded
+chunk is faulted as ``fault_batch(records >> 2, access=records & 3)``.  The length of a
+file must be a multiple of 8.  Compression is recognised by the magic numbers when reading
+and chosen by the name when writing: ``.gz`` (gzip), ``.xz`` (xz/LZMA), anything else
+plain.  Everything streams in bounded chunks: no input is ever held in memory whole.
 
-Converting a lackey log (``valgrind --tool=lackey --trace-mem=yes``)
---------------------------------------------------------------------
-Records are the lines ``I  addr,size``, `` L addr,size``, `` S addr,size`` and
-`` M addr,size`` (``addr`` hexadecimal, ``size`` decimal); valgrind's ``==pid==`` lines
-and empty lines are skipped, and any other line is an error naming its line number.
-Consecutive duplicate records are dropped.  With a TLB of N entries only the misses of a
-FIFO TLB keyed by the record itself (page and kind: a read, a write and an instruction
-fetch of one page are three entries, so the first write to a page that was only read is
-kept) are written.
+Converting (``spte-fast trace convert``)
+----------------------------------------
+Any input format (detected by content, or ``--trace-format``) from a file or stdin (``-``)
+to a binary trace in a file or on stdout (``-o -``, uncompressed).  Lackey records are the
+lines ``I  addr,size``, `` L addr,size``, `` S addr,size`` and `` M addr,size`` (``addr``
+hexadecimal, ``size`` decimal); valgrind's ``==pid==`` lines and empty lines are skipped,
+and any other line is an error naming its line number.  Consecutive duplicate records are
+dropped.  With a TLB of N entries only the misses of a FIFO TLB keyed by the record itself
+(page and kind: a read, a write and an instruction fetch of one page are three entries, so
+the first write to a page that was only read is kept) are written.  ``--allow-partial``
+keeps what precedes a cut-off end (a last line without its newline that does not parse, a
+compressed stream without its end marker, a last partial binary record).
 """
 import collections
 import contextlib
@@ -39,20 +46,21 @@ import gzip
 import lzma
 import os
 import stat
+import sys
 import tempfile
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
+from . import readers as _readers
 from .errors import TraceError
+from .readers import KIND_EXEC, KIND_READ, KIND_WRITE, open_trace  # noqa: F401
 
-KIND_READ, KIND_WRITE, KIND_EXEC = 0, 1, 2
 KIND_NAMES = ("read", "write", "exec")
-CHUNK_RECORDS = 1 << 20          # records per chunk when reading a trace (8 MiB)
-LACKEY_BLOCK = 4 << 20           # bytes of lackey text parsed at a time
-MAX_LACKEY_LINE = 64 << 10       # longest line a lackey log may have (its records: < 40)
-_PAGE_DIGITS = 13                # hex digits of an address above the 3 of the page offset
+CHUNK_RECORDS = _readers.CHUNK_RECORDS     # records per chunk when reading a trace (8 MiB)
+LACKEY_BLOCK = _readers.TEXT_BLOCK         # bytes of text parsed at a time
+MAX_LACKEY_LINE = _readers.MAX_LINE        # longest line a text trace may have
+MAX_GFN_5LEVEL = 1 << 45
 
 
 def open_compressed(path, mode):
@@ -66,61 +74,51 @@ def open_compressed(path, mode):
 
 
 # ---------------------------------------------------------------------------------------
-# Reading binary traces
+# Reading traces
 # ---------------------------------------------------------------------------------------
 
-def iter_records(path, gfn_limit=None, chunk=CHUNK_RECORDS):
-    """Yield the records of a trace as uint64 arrays of at most ``chunk`` records.
+def _reader(source, format=None, allow_partial=False, chunk=CHUNK_RECORDS):
+    """(reader, close?) of a path or an open ``TraceReader``."""
+    if isinstance(source, _readers.TraceReader):
+        return source, False
+    return open_trace(source, format, allow_partial, chunk), True
 
-    Checks as it goes: a length that is not a multiple of 8, a record of kind 3 and (with
-    ``gfn_limit``) a page number ``>= gfn_limit`` raise ``TraceError``.  ``path`` is opened
-    once and read front to back, so it may be a FIFO.
+
+def check_width(recs, done, gfn_limit, name):
+    """Raise ``TraceError`` for the first record whose page is ``>= gfn_limit`` (the
+    address width of the root), saying what would make it fit."""
+    over = np.flatnonzero((recs >> np.uint64(2)) >= np.uint64(gfn_limit))
+    if not over.size:
+        return
+    page = int(recs[over[0]] >> np.uint64(2))
+    if gfn_limit < MAX_GFN_5LEVEL and page < MAX_GFN_5LEVEL:
+        hint = "; --root-level 5 gives the guest 57-bit physical addresses"
+    elif page >= MAX_GFN_5LEVEL:
+        hint = ("; no x86 guest-physical address is that high: it looks guest-virtual, and "
+                "guest paging (which would translate it) is not modelled yet")
+    else:
+        hint = ""
+    raise TraceError(f"{name}: record {done + int(over[0])}: page number {page:#x} is "
+                     f"beyond the address width (page < {gfn_limit:#x}, address "
+                     f"{page << 12:#x}){hint}")
+
+
+def iter_records(path, gfn_limit=None, chunk=CHUNK_RECORDS, format=None,
+                 allow_partial=False):
+    """Yield the records of a trace (any format) as uint64 arrays of at most ``chunk``.
+
+    Checks as it goes: a malformed input (a binary length that is not a multiple of 8, a
+    record of kind 3, a line that does not parse) and (with ``gfn_limit``) a page number
+    ``>= gfn_limit`` raise ``TraceError``.  ``path`` is opened once and read front to
+    back, so it may be a FIFO (or ``-``, stdin).
     """
-    done = 0
-    with open_compressed(path, "rb") as f:
-        while True:
-            buf = _read_full(f, chunk * 8, path)
-            if not buf:
-                return
-            if len(buf) % 8:
-                raise TraceError(f"{path}: truncated trace: {done * 8 + len(buf)} bytes is "
-                                 f"not a whole number of 8-byte records")
-            recs = np.frombuffer(buf, dtype="<u8").astype(np.uint64, copy=False)
-            bad = np.flatnonzero((recs & 3) == 3)
-            if bad.size:
-                raise TraceError(f"{path}: record {done + bad[0]}: unknown kind 3 "
-                                 f"(value {int(recs[bad[0]]):#x})")
+    with open_trace(path, format, allow_partial, chunk) as reader:
+        done = 0
+        for recs in reader:
             if gfn_limit is not None:
-                over = np.flatnonzero((recs >> 2) >= gfn_limit)
-                if over.size:
-                    raise TraceError(
-                        f"{path}: record {done + over[0]}: page number "
-                        f"{int(recs[over[0]] >> 2):#x} is beyond the address width "
-                        f"(page < {gfn_limit:#x})")
+                check_width(recs, done, gfn_limit, reader.name)
             done += recs.size
             yield recs
-
-
-def _read_full(f, n, path):
-    """Read up to n bytes, looping over short reads (decompressors return less).
-
-    A corrupt or cut compressed stream raises ``TraceError`` naming ``path``; an OSError
-    of the read itself (``/proc/self/mem``: EIO) names ``path`` too."""
-    parts, got = [], 0
-    while got < n:
-        try:
-            b = f.read(n - got)
-        except (EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile) as e:
-            raise TraceError(f"{path}: corrupt compressed data: {e}") from None
-        except OSError as e:
-            if e.filename is not None or not e.errno:
-                raise
-            raise OSError(e.errno, e.strerror, os.fspath(path)) from None
-        if not b:
-            break
-        parts.append(b)
-        got += len(b)
-    return b"".join(parts)
 
 
 @dataclass
@@ -130,33 +128,48 @@ class TraceSummary:
     max_page: int                # -1 for an empty trace
     kinds: tuple                 # records per kind (read, write, exec)
     regions: tuple               # distinct 512^l-page regions touched, for l = 1, 2, ...
+    format: str = "binary"       # the input format (readers.FORMATS)
+    units: int = 0               # input units read: lines, records or instructions
+    unit: str = "records"
+    partial: str = None          # what --allow-partial dropped at the end, or None
+    name: str = ""
 
 
-def scan_trace(path, gfn_limit, levels=4, chunk=CHUNK_RECORDS, spool=None, spool_limit=None):
+def scan_trace(path, gfn_limit, levels=4, chunk=CHUNK_RECORDS, spool=None, spool_limit=None,
+               format=None, allow_partial=False):
     """Validate a whole trace and summarise it, reading it once (``regions``: ``levels`` entries).
 
-    With ``spool`` (a binary file open for writing) the records are also written to it as
-    they are read, raw little-endian ``uint64``: all of them, or the first ``spool_limit``.
-    Reading back the spool (``read_spool``) then replays the trace without opening or
-    decompressing ``path`` again.  Memory stays bounded by ``chunk`` records plus the
-    distinct 2M regions (``RegionCounter``); time is linear in the records.
+    ``path``: a path (``-``: stdin) or an open ``readers.TraceReader``.  With ``spool`` (a
+    binary file open for writing) the records are also written to it as they are read, raw
+    little-endian ``uint64``: all of them, or the first ``spool_limit``.  Reading back the
+    spool (``read_spool``) then replays the trace without opening or decompressing ``path``
+    again.  Memory stays bounded by ``chunk`` records plus the distinct 2M regions
+    (``RegionCounter``); time is linear in the records.
     """
-    n, max_page = 0, -1
-    kinds = np.zeros(4, dtype=np.int64)
-    regions = RegionCounter(gfn_limit)
-    left = spool_limit
-    for recs in iter_records(path, gfn_limit, chunk):
-        pages = recs >> 2
-        n += recs.size
-        max_page = max(max_page, int(pages.max()))
-        kinds += np.bincount((recs & 3).astype(np.intp), minlength=4)
-        regions.add(pages)
-        if spool is not None and left != 0:
-            keep = recs if left is None else recs[:left]
-            spool.write(keep.astype("<u8", copy=False).data)
-            if left is not None:
-                left -= keep.size
-    return TraceSummary(n, max_page, tuple(int(k) for k in kinds[:3]), regions.counts(levels))
+    reader, close = _reader(path, format, allow_partial, chunk)
+    try:
+        n, max_page = 0, -1
+        kinds = np.zeros(4, dtype=np.int64)
+        regions = RegionCounter(gfn_limit)
+        left = spool_limit
+        for recs in reader:
+            check_width(recs, n, gfn_limit, reader.name)
+            pages = recs >> np.uint64(2)
+            n += recs.size
+            max_page = max(max_page, int(pages.max()))
+            kinds += np.bincount((recs & np.uint64(3)).astype(np.intp), minlength=4)
+            regions.add(pages)
+            if spool is not None and left != 0:
+                keep = recs if left is None else recs[:left]
+                spool.write(keep.astype("<u8", copy=False).data)
+                if left is not None:
+                    left -= keep.size
+    finally:
+        if close:
+            reader.close()
+    return TraceSummary(n, max_page, tuple(int(k) for k in kinds[:3]), regions.counts(levels),
+                        format=reader.format, units=reader.units, unit=reader.unit,
+                        partial=reader.partial, name=reader.name)
 
 
 def read_spool(f, chunk=CHUNK_RECORDS):
@@ -235,72 +248,8 @@ class RegionCounter:
 
 
 # ---------------------------------------------------------------------------------------
-# Converting lackey logs
+# Converting
 # ---------------------------------------------------------------------------------------
-
-def _byte_table(chars, values=None):
-    t = np.zeros(256, dtype=np.uint8)
-    for i, c in enumerate(chars.encode()):
-        t[c] = 1 if values is None else values[i]
-    return t
-
-
-_IS_HEX = _byte_table("0123456789abcdefABCDEF")
-_HEX_VALUE = _byte_table("0123456789abcdefABCDEF", list(range(16)) + list(range(10, 16)))
-_IS_DEC = _byte_table("0123456789")
-_DATA_KIND = _byte_table("LSM", [KIND_READ + 1, KIND_WRITE + 1, KIND_WRITE + 1])  # kind + 1
-
-
-def parse_lackey(text, first_line=1, name="<lackey>"):
-    """The records (uint64, before duplicate dropping) of complete lackey lines.
-
-    ``text`` is bytes ending in a newline; ``first_line`` is the line number of its first
-    line, for error messages.  Vectorised: no Python per line.
-    """
-    a = np.frombuffer(text, dtype=np.uint8)
-    ends = np.flatnonzero(a == 10)                     # the newline ending each line
-    starts = np.empty_like(ends)
-    starts[:1] = 0
-    starts[1:] = ends[:-1] + 1
-    length = ends - starts
-    first = a[starts]                                  # the newline itself when empty
-    second = a[np.minimum(starts + 1, ends)]
-    skip = (length == 0) | ((first == ord("=")) & (second == ord("=")))
-    s, e = starts[~skip], ends[~skip]
-    lines = np.flatnonzero(~skip)                      # index of each record line
-    third = a[np.minimum(s + 2, e)]
-    first, second = first[~skip], second[~skip]
-    data_kind = _DATA_KIND[second]
-    instr = (first == ord("I")) & (second == ord(" "))
-    ok = (instr | ((first == ord(" ")) & (data_kind > 0))) & (third == ord(" ")) & (e - s >= 6)
-    # Exactly one comma per line, with 1..16 hex digits before it and decimal after it.
-    commas = np.flatnonzero(a == ord(","))
-    ci = np.searchsorted(commas, s)
-    ok &= np.searchsorted(commas, e) - ci == 1
-    comma = commas[np.minimum(ci, commas.size - 1)] if commas.size else e
-    bad_hex = np.zeros(a.size + 1, dtype=np.int32)      # prefix counts of non-hex bytes
-    np.cumsum(_IS_HEX[a] ^ 1, out=bad_hex[1:])
-    bad_dec = np.zeros(a.size + 1, dtype=np.int32)
-    np.cumsum(_IS_DEC[a] ^ 1, out=bad_dec[1:])
-    addr0 = s + 3
-    comma = np.where(ok, comma, e)
-    ok &= (comma - addr0 >= 1) & (comma - addr0 <= 16) & (e - comma >= 2)
-    ok &= (bad_hex[comma] - bad_hex[np.minimum(addr0, comma)] == 0)
-    ok &= (bad_dec[e] - bad_dec[np.minimum(comma + 1, e)] == 0)
-    if not ok.all():
-        i = int(np.flatnonzero(~ok)[0])
-        line = bytes(a[s[i]:e[i]]).decode("utf-8", "replace")
-        raise TraceError(f"{name}:{first_line + int(lines[i])}: not a lackey record: "
-                         f"{line[:60]!r}")
-    # page = the address's hex digits left of the last three, right-aligned, 13 at most.
-    page = np.zeros(s.size, dtype=np.uint64)
-    for k in range(_PAGE_DIGITS, 0, -1):
-        pos = comma - 3 - k
-        digit = _HEX_VALUE[a[np.maximum(pos, 0)]].astype(np.uint64)
-        page = (page << np.uint64(4)) | np.where(pos >= addr0, digit, np.uint64(0))
-    kind = np.where(instr, KIND_EXEC, data_kind.astype(np.int64) - 1).astype(np.uint64)
-    return (page << np.uint64(2)) | kind
-
 
 def drop_duplicates(recs, previous=None):
     """Drop records equal to the one before them (``previous``: the last of the last chunk)."""
@@ -343,24 +292,48 @@ class FifoTlb:
 
 @dataclass
 class ConvertStats:
-    lines: int = 0               # lines read
-    accesses: int = 0            # lackey records parsed
+    lines: int = 0               # input units read (lines of a text trace, else records)
+    accesses: int = 0            # records read
     records: int = 0             # records written
     bytes_out: int = 0           # uncompressed bytes written
+    format: str = ""             # the input format
+    unit: str = "lines"          # what ``lines`` counts: lines, records or instructions
+    partial: str = None          # what --allow-partial dropped at the end, or None
 
 
-def convert_lackey(src, dst, tlb=None, block=LACKEY_BLOCK):
-    """Convert the lackey log ``src`` into the binary trace ``dst`` (streaming).
-
-    ``tlb``: None, or the entries of a FIFO TLB whose misses alone are kept.
-    Returns a ``ConvertStats``.  Raises ``TraceError`` on an unparsable line or a line
-    longer than ``MAX_LACKEY_LINE``.  ``dst`` is written as ``output_file`` writes: it
-    never holds a partial trace, and a failure (also an interrupt) leaves it as it was.
-    """
-    fifo = FifoTlb(tlb) if tlb is not None else None
-    with open_compressed(src, "rb") as fin:
+def convert_lackey(src, dst, tlb=None, block=LACKEY_BLOCK, allow_partial=False):
+    """Convert the lackey log ``src`` into the binary trace ``dst`` (``convert`` with the
+    format forced to lackey; ``block``: bytes of text parsed at a time)."""
+    with open_trace(src, "lackey", allow_partial) as reader:
+        reader.block = block
         with output_file(dst) as fout:
-            return _convert_lackey(fin, fout, fifo, block, src)
+            return convert(reader, fout, tlb)
+
+
+def convert(reader, fout, tlb=None, progress=None):
+    """Write the records of ``reader`` (a ``readers.TraceReader``) to the binary file
+    ``fout``, consecutive duplicates dropped, only the misses of an N-entry FIFO TLB with
+    ``tlb``.  ``progress(raw_bytes_so_far)`` is called per chunk.  Returns a
+    ``ConvertStats``; raises ``TraceError`` on malformed input."""
+    fifo = FifoTlb(tlb) if tlb is not None else None
+    stats = ConvertStats(format=reader.format, unit=reader.unit)
+    previous = None
+    for recs in reader:
+        stats.accesses += recs.size
+        recs = drop_duplicates(recs, previous)
+        if recs.size:
+            previous = recs[-1]
+        if fifo is not None:
+            recs = fifo.misses(recs)
+        out = recs.astype("<u8", copy=False).tobytes()
+        fout.write(out)
+        stats.records += recs.size
+        stats.bytes_out += len(out)
+        if progress is not None:
+            progress(reader.raw_bytes())
+    stats.lines = reader.units
+    stats.partial = reader.partial
+    return stats
 
 
 def _umask():
@@ -371,7 +344,8 @@ def _umask():
 
 @contextlib.contextmanager
 def output_file(dst):
-    """A binary file to write ``dst`` through, compressed by its name (``.gz``, ``.xz``).
+    """A binary file to write ``dst`` through, compressed by its name (``.gz``, ``.xz``);
+    ``-`` is standard output (never compressed).
 
     A regular file (or a new one) is written as a temporary file beside it (beside the
     file a symbolic link names), renamed over ``dst`` when the block succeeds, and removed
@@ -381,6 +355,11 @@ def output_file(dst):
     or removed.  The new file gets the old one's permission bits, else 0666 less umask.
     """
     dst = os.fspath(dst)
+    if dst == "-":                              # standard output, uncompressed
+        out = sys.stdout.buffer
+        yield out
+        out.flush()
+        return
     try:
         st = os.stat(dst)
     except FileNotFoundError:
@@ -411,39 +390,3 @@ def output_file(dst):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
-
-
-def _convert_lackey(fin, fout, fifo, block, src):
-    stats = ConvertStats()
-    previous, carry = None, b""
-    while True:
-        buf = _read_full(fin, block, src)
-        text = carry + buf
-        if not buf:                                # end of file: the last line
-            if not text:
-                break
-            text, carry = text + (b"" if text.endswith(b"\n") else b"\n"), b""
-        else:
-            cut = text.rfind(b"\n") + 1
-            text, carry = text[:cut], text[cut:]
-            if len(carry) > MAX_LACKEY_LINE:        # memory stays bounded by the block
-                lineno = stats.lines + text.count(b"\n") + 1
-                raise TraceError(f"{os.fspath(src)}:{lineno}: a line longer than "
-                                 f"{MAX_LACKEY_LINE:,} bytes: not a lackey log")
-            if not text:
-                continue
-        recs = parse_lackey(text, stats.lines + 1, os.fspath(src))
-        stats.lines += text.count(b"\n")
-        stats.accesses += recs.size
-        recs = drop_duplicates(recs, previous)
-        if recs.size:
-            previous = recs[-1]
-        if fifo is not None:
-            recs = fifo.misses(recs)
-        out = recs.astype("<u8", copy=False).tobytes()
-        fout.write(out)
-        stats.records += recs.size
-        stats.bytes_out += len(out)
-        if not buf:
-            break
-    return stats

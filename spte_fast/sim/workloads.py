@@ -28,12 +28,14 @@ mixed    60 % reads, 30 % writes, 10 % exec: 94 % over the RAM, 3 % over a 1 MiB
 
 Trace replay
 ------------
-``--trace FILE`` (format in ``spte_fast.sim.trace``): each record faults its page with the
-record's kind as access; the guest is one memslot from gfn 0 over the trace's highest page
+``--trace FILE`` (any format of ``spte_fast.sim.readers``: binary records, a lackey log,
+pinatrace, ChampSim; ``-`` for stdin): each record is an access of its page with the
+record's kind; the guest is one memslot from gfn 0 over the trace's highest page
 rounded up to 2M (or ``--guest-size``: pages beyond it then fault as MMIO, EMULATE).  The
 file is read once: validated and summarised while its records are spooled, uncompressed,
 to an anonymous temporary file (8 bytes per replayed record, in ``TMPDIR``), from which
-the replay reads them back.
+the replay reads them back.  ``--zap-every`` zaps 2M ranges chosen among those the trace
+has touched so far.
 """
 import math
 import tempfile
@@ -76,6 +78,8 @@ class Source:
     table_bound: object = None     # callable(level) -> max tables at that level, or None
     extra: dict = field(default_factory=dict)   # reported in the JSON configuration
     closer: object = None          # callable() releasing what the source holds, or None
+    zap_touched: bool = False      # zaps pick among the 2M regions touched so far (traces)
+    fit_hint: str = ""             # appended to the error when its memslots do not fit
 
     def close(self):
         """Release what the source holds (a trace's spool file); idempotent."""
@@ -181,8 +185,10 @@ def workload(name, faults, guest_bytes=None, seed=0):
                   chunks=_chunked(_generator(name, g, rng), faults))
 
 
-def trace_source(path, root_level=4, faults=None, guest_bytes=None):
-    """Replay of a binary trace as a ``Source``, for a ``root_level``-level VM.
+def trace_source(path, root_level=4, faults=None, guest_bytes=None, format=None,
+                 allow_partial=False):
+    """Replay of a trace (any format of ``spte_fast.sim.readers``; ``-`` is stdin) as a
+    ``Source``, for a ``root_level``-level VM.
 
     Reads ``path`` once, here: every record is validated (``trace.TraceError`` for a
     malformed trace or pages beyond the address width, also past ``faults``) and the first
@@ -194,15 +200,21 @@ def trace_source(path, root_level=4, faults=None, guest_bytes=None):
     try:
         # Regions for every table level of a 5-level VM: the counts are cheap once the
         # distinct 2M regions are known, and the source then fits either root level.
-        info = _trace.scan_trace(path, gfn_limit, levels=4, spool=spool, spool_limit=faults)
+        info = _trace.scan_trace(path, gfn_limit, levels=4, spool=spool, spool_limit=faults,
+                                 format=format, allow_partial=allow_partial)
         if info.records == 0:
-            raise _trace.TraceError(f"{path}: empty trace")
+            raise _trace.TraceError(f"{info.name}: empty trace (no records)")
     except BaseException:
         spool.close()
         raise
     total = info.records if faults is None else min(faults, info.records)
     g = (guest_bytes >> 12) if guest_bytes else (info.max_page + PAGES_2M) // PAGES_2M * PAGES_2M
     g = min(g, gfn_limit)
+    fit_hint = "" if guest_bytes else (
+        f" -- the guest spans gfn 0 to the trace's highest page {info.max_page:#x} "
+        f"(address {info.max_page << 12:#x}); give a smaller --guest-size (pages above it "
+        f"fault as MMIO), or replay guest-physical addresses (guest paging, which would "
+        f"translate virtual ones, is not modelled yet)")
 
     def chunks(chunk):
         for recs in _trace.read_spool(spool, chunk):
@@ -211,9 +223,12 @@ def trace_source(path, root_level=4, faults=None, guest_bytes=None):
     return Source(name="trace", faults=total, guest_pages=g, slots=[Slot(0, g, RAM_PFN)],
                   span=info.max_page + 1, max_level=1, chunks=chunks,
                   table_bound=lambda level: info.regions[level - 1],
-                  extra={"trace": str(path), "trace_records": info.records,
-                         "trace_kinds": dict(zip(_trace.KIND_NAMES, info.kinds))},
-                  closer=spool.close)
+                  extra={"trace": info.name, "trace_format": info.format,
+                         "trace_records": info.records,
+                         "trace_units": {info.unit: info.units},
+                         "trace_kinds": dict(zip(_trace.KIND_NAMES, info.kinds)),
+                         "trace_partial": info.partial},
+                  closer=spool.close, zap_touched=True, fit_hint=fit_hint)
 
 
 def pool_pages(source, root_level, vcpus, cache_capacity=40):

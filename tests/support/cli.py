@@ -12,7 +12,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _LINE = re.compile(r"^(I | L| S| M) ([0-9a-fA-F]+),(\d+)$")
-_KIND = {"I ": 2, " L": 0, " S": 1, " M": 1}
+_KIND = {"I ": (2,), " L": (0,), " S": (1,), " M": (0, 1)}    # M: a load, then a store
 
 
 class Result:
@@ -25,15 +25,23 @@ class Result:
         """The one JSON document stdout must hold (json.loads refuses anything extra)."""
         return json.loads(self.out)
 
-    def error_line(self):
-        """Assert the bad-input contract (status 2, one stderr line, nothing on stdout)."""
+    def error_line(self, usage=None):
+        """Assert the bad-input contract (status 2, nothing on stdout, no traceback; on
+        stderr one error line, after the command's usage when the command line itself
+        was wrong) and return the error line.  ``usage``: True/False insists on it."""
         assert self.rc == 2, (self.rc, self.err)
         assert self.out == ""
-        lines = self.err.splitlines()
-        assert len(lines) == 1, self.err
-        assert lines[0].startswith("spte-fast: error: "), lines[0]
         assert "Traceback" not in self.err
-        return lines[0]
+        lines = self.err.splitlines()
+        assert lines, self.err
+        head = lines[:-1]
+        if head:
+            assert head[0].startswith("usage: spte-fast"), self.err
+            assert all(line.startswith(" ") for line in head[1:]), self.err
+        if usage is not None:
+            assert bool(head) is usage, self.err
+        assert lines[-1].startswith("spte-fast: error: "), lines[-1]
+        return lines[-1]
 
 
 def run_cli(*args, env=None, stderr=subprocess.PIPE, timeout=120):
@@ -54,9 +62,10 @@ def oracle_records(text, tlb=None):
             continue
         m = _LINE.match(line)
         assert m, line
-        rec = (int(m.group(2), 16) >> 12) << 2 | _KIND[m.group(1)]
-        if not out or out[-1] != rec:
-            out.append(rec)
+        for kind in _KIND[m.group(1)]:
+            rec = (int(m.group(2), 16) >> 12) << 2 | kind
+            if not out or out[-1] != rec:
+                out.append(rec)
     if tlb is None:
         return out
     fifo, kept = [], []

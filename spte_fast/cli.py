@@ -30,6 +30,7 @@ import spte_fast as sf
 from .sim import demo as _demo
 from .sim import engine as _engine
 from .sim import report as _report
+from .sim import sweep as _sweep
 from .sim import trace as _trace
 from .sim import workloads as _workloads
 from .sim.errors import HostMemoryError, InputError, RunError
@@ -330,6 +331,7 @@ def build_parser():
                    help="plot page-table pages per level and the fault rate over the run "
                         "(needs matplotlib: pip install 'spte_fast[plot]')")
     s.set_defaults(func=cmd_simulate)
+    _sweep.add_parser(sub)
 
     t = sub.add_parser("trace", help="trace tools", formatter_class=fmt)
     tsub = t.add_subparsers(dest="trace_command", metavar="COMMAND", parser_class=_Parser,

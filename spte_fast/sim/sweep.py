@@ -381,7 +381,7 @@ def _client(scheduler, workers, memory_limit):
             raise InputError(f"--scheduler {scheduler}: cannot connect ({e})") from None
     cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1,
                                        processes=True, memory_limit=memory_limit,
-                                       dashboard_address=None)
+                                       dashboard_address=":0")
     return distributed.Client(cluster), cluster
 
 
@@ -495,6 +495,8 @@ def cmd_sweep(args):
     points = load_grid(args.grid)
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise InputError(f"-o {args.output}: is not a directory")
+    for p in points:
+        check_point(p)
     if args.metric not in metric_columns():
         raise InputError(f"--metric {args.metric}: not a numeric column of the results "
                          f"(e.g. accesses_per_s, faults, results.hits, stats.pt_pages)")

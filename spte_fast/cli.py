@@ -36,6 +36,7 @@ from .sim import engine as _engine
 from .sim import info as _info
 from .sim import readers as _readers
 from .sim import report as _report
+from .sim import sweep as _sweep
 from .sim import trace as _trace
 from .sim import workloads as _workloads
 from .sim.errors import HostMemoryError, InputError, RunError
@@ -505,6 +506,7 @@ def build_parser():
                         "rates): to FILE (.png, .svg, .pdf), or DIR/plot.png with -o "
                         f"(needs matplotlib: pip install '{PLOT_EXTRA}')")
     s.set_defaults(func=cmd_simulate)
+    _sweep.add_parser(sub)
 
     t = sub.add_parser("trace", help="trace tools: convert, info", formatter_class=fmt)
     tsub = t.add_subparsers(dest="trace_command", metavar="COMMAND", parser_class=_Parser,

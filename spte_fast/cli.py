@@ -30,6 +30,7 @@ import spte_fast as sf
 from .sim import demo as _demo
 from .sim import engine as _engine
 from .sim import report as _report
+from .sim import selftests
 from .sim import trace as _trace
 from .sim import workloads as _workloads
 from .sim.errors import HostMemoryError, InputError, RunError
@@ -353,6 +354,7 @@ def build_parser():
 
     d = sub.add_parser("demo", help="the two cache initialisation paths, side by side")
     d.set_defaults(func=cmd_demo)
+    selftests.add_parsers(sub)
     return p
 
 

@@ -658,30 +658,40 @@ def run_dirty_log(vcpus=1, vcpu_bytes=DEFAULT_PER_VCPU_MEM_SIZE, backing=DEFAULT
             def spin(i, vcpu, _p=passes):
                 gfns, access = _p[i]
                 total = {k: 0 for k in _RESULT_KEYS}
-                while not stop.is_set():
+                total["accesses"] = 0
+                running[i].set()
+                while True:         # the guest is in a pass when the disabling starts
                     for a in range(0, gfns.size, 4096):
                         r = vcpu.access_batch(gfns[a:a + 4096], access[a:a + 4096])
-                        for k in total:
+                        for k in _RESULT_KEYS:
                             total[k] += r[k]
+                        total["accesses"] += min(4096, gfns.size - a)
                         if stop.is_set():
                             break
+                    if stop.is_set():
+                        break
                 return total
+            running = [threading.Event() for _ in ms.vcpus]
             busy = [ms.pool.submit(spin, i, v) for i, v in enumerate(ms.vcpus)]
+            for r in running:
+                r.wait()
         before = ms.snapshot()
         t0 = time.perf_counter_ns()
         for sid, _, _ in ms.slots:
             vm.set_memslot_flags(sid, dirty_log=False)
         ns = time.perf_counter_ns() - t0
-        res = None
+        res, accesses = None, 0
         if busy:
             stop.set()
             res = {k: 0 for k in _RESULT_KEYS}
             for f in busy:
-                for k, v in f.result().items():
-                    res[k] += v
+                r = f.result()
+                accesses += r["accesses"]
+                for k in _RESULT_KEYS:
+                    res[k] += r[k]
         line = f"Disabling dirty logging time: {_ts(ns)}"
         phase = ms.record("Disabling dirty logging", ns, line, before, res,
-                          accesses=(sum(res.values()) - res["fast"]) if res else 0)
+                          accesses=accesses)
         say(line)
         say(model_line(phase))
 
@@ -722,6 +732,36 @@ def _with_usage(parser):
         base(f"{message}\n{parser.format_usage().rstrip()}")
     parser.error = error
     return parser
+
+
+class _NotModelled(argparse.Action):
+    """A selftest option the model has no counterpart for: refused with the usage."""
+
+    def __init__(self, *args, what, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.what = what
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} ({self.what}) is not modelled")
+
+
+def _not_modelled(p, options):
+    for opt, nargs, what in options:
+        p.add_argument(opt, nargs=nargs, action=_NotModelled, what=what,
+                       help=argparse.SUPPRESS)
+
+
+def _unknown_with_usage(p):
+    """Unknown options are refused by this command's parser (with its usage), not by the
+    top-level one: parse_args of a sub-parser collects extras into the namespace."""
+    parse_known = p.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        ns, extras = parse_known(args, namespace)
+        if extras:
+            p.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns, extras
+    p.parse_known_args = parse_known_args
 
 
 def _common(p, what):
@@ -798,6 +838,11 @@ def add_parsers(subparsers):
                     "page of its\nregion once; the total time and the per-vCPU and overall "
                     "demand paging rates."))
     _common(p, "demand paged")
+    _not_modelled(p, [("-u", 1, "userfaultfd"), ("-a", 0, "a single userfaultfd"),
+                      ("-d", 1, "the userfaultfd delay"),
+                      ("-r", 1, "userfaultfd reader threads"), ("-c", 1, "vCPU pinning"),
+                      ("-m", 1, "guest modes")])
+    _unknown_with_usage(p)
     p.set_defaults(func=cmd_demand_paging)
 
     p = _with_usage(subparsers.add_parser(
@@ -808,6 +853,8 @@ def add_parsers(subparsers):
                     "vm.age_gfn_range), write idle memory,\nmark idle again, read idle "
                     "memory."))
     _common(p, "dirtied")
+    _not_modelled(p, [("-m", 1, "guest modes")])
+    _unknown_with_usage(p)
     p.set_defaults(func=cmd_access_tracking)
 
     p = _with_usage(subparsers.add_parser(
@@ -847,4 +894,7 @@ def add_parsers(subparsers):
     p.add_argument("--pml", type=_on_off, default=None, metavar="on|off",
                    help="VMX's enable_pml (default: the model's, on where the layout has "
                         "A/D bits)")
+    _not_modelled(p, [("-c", 1, "vCPU pinning"), ("-m", 1, "guest modes"),
+                      ("-n", 0, "nested mode"), ("-p", 1, "the GPA offset")])
+    _unknown_with_usage(p)
     p.set_defaults(func=cmd_dirty_log)

@@ -398,9 +398,9 @@ def model_line(phase):
     return "    [model] " + "; ".join(parts)
 
 
-def _emit(lines, out):
-    for line in lines:
-        out.write(line + "\n")
+def _public(phases):
+    """The phases as the result reports them (without the model line's display hints)."""
+    return [{k: v for k, v in p.items() if k != "notes"} for p in phases]
 
 
 # ---------------------------------------------------------------------------------------
@@ -440,7 +440,7 @@ def run_demand_paging(vcpus=1, vcpu_bytes=DEFAULT_PER_VCPU_MEM_SIZE, backing=DEF
         say(f"Overall demand paging rate:\t{per_vcpu * vcpus:f} pgs/sec")
         audit = ms.audit()
         return {"test": "demand_paging_test", "command": "demand-paging",
-                "config": ms.config(), "lines": lines, "phases": ms.phases,
+                "config": ms.config(), "lines": lines, "phases": _public(ms.phases),
                 "total_ns": ns, "per_vcpu_pages_per_s": per_vcpu,
                 "overall_pages_per_s": per_vcpu * vcpus, "pages_touched": touched,
                 "stats": ms.vm.stats, "audit": audit}
@@ -525,7 +525,7 @@ def run_access_tracking(vcpus=1, vcpu_bytes=DEFAULT_PER_VCPU_MEM_SIZE, backing=D
         access("Reading from idle memory", False)
         audit = ms.audit()
         return {"test": "access_tracking_perf_test", "command": "access-tracking-perf",
-                "config": ms.config(), "lines": lines, "phases": ms.phases,
+                "config": ms.config(), "lines": lines, "phases": _public(ms.phases),
                 "stats": ms.vm.stats, "audit": audit}
 
 
@@ -708,7 +708,7 @@ def run_dirty_log(vcpus=1, vcpu_bytes=DEFAULT_PER_VCPU_MEM_SIZE, backing=DEFAULT
                    dirty_log_initially_set=manual_protect, eager_page_split=eager_split,
                    pml=pml, run_vcpus_while_disabling=run_while_disabling)
         return {"test": "dirty_log_perf_test", "command": "dirty-log-perf", "config": cfg,
-                "lines": lines, "phases": ms.phases, "get_dirty_log_ns": get_total,
+                "lines": lines, "phases": _public(ms.phases), "get_dirty_log_ns": get_total,
                 "clear_dirty_log_ns": clear_total if manual_protect else None,
                 "stats": vm.stats, "audit": audit}
 

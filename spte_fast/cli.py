@@ -36,6 +36,7 @@ from .sim import engine as _engine
 from .sim import info as _info
 from .sim import readers as _readers
 from .sim import report as _report
+from .sim import selftests
 from .sim import sweep as _sweep
 from .sim import trace as _trace
 from .sim import workloads as _workloads
@@ -543,6 +544,7 @@ def build_parser():
 
     d = sub.add_parser("demo", help="the two cache initialisation paths, side by side")
     d.set_defaults(func=cmd_demo)
+    selftests.add_parsers(sub)
     return p
 
 

@@ -8,7 +8,7 @@ contract is docs/API.md; every check raises TypeError / ValueError before anythi
 """
 import numpy as np
 
-from . import aging, audit, hw, memslots, mmu, tdp_mmu, tdp_mmu_roots
+from . import aging, audit, hw, memslots, mmu, notifiers, tdp_mmu, tdp_mmu_roots
 from ._checks import check_int, check_int_array, check_out_array
 from .kvm_host import (KVM_MAX_VCPUS, Kvm, kvm_flush_remote_tlbs, kvm_stats,
                        kvm_vm_ioctl_create_vcpu,
@@ -192,6 +192,21 @@ class Vm:
         """MMU notifier test_young: whether a leaf in [start, end) is accessed."""
         start, end = self._age_range(start, end)
         return aging.kvm_tdp_mmu_handle_gfn(self._kvm, start, end, aging.test_age_gfn)
+
+    def unmap_gfn_range(self, start, end):
+        """MMU notifier unmap of [start, end) (kvm_unmap_gfn_range): zap leaves in every
+        root per intersecting memslot; one full flush if needed.  Returns the flush flag."""
+        start, end = self._age_range(start, end)
+        return notifiers.kvm_unmap_gfn_range(self._kvm, start, end)
+
+    def write_protect_gfn(self, gfn, min_level=PG_LEVEL_4K):
+        """kvm_write_track_add_gfn: clear W and MMU-writable on the leaves mapping gfn at
+        >= min_level in the valid root; a full flush if changed.  Returns changed."""
+        gfn = self._check_gfn(gfn)
+        min_level = check_int("min_level", min_level, PG_LEVEL_4K, PG_LEVEL_1G + 1)
+        if memslots.gfn_to_memslot(self._kvm, gfn) is None:
+            raise ValueError(f"gfn {gfn:#x} is in no memslot")
+        return notifiers.kvm_write_track_add_gfn(self._kvm, gfn, min_level)
 
     def zap_all(self):
         """Zap every root (kvm_mmu_zap_all); True when anything was zapped.  No TLB flush

@@ -188,6 +188,10 @@ cdef int fast_page_fault(kvm_vcpu_t* vcpu, kvm_page_fault_t* fault,
             new_spte = restore_acc_track_spte(m, new_spte)
         if fault.write and is_mmu_writable_spte(m, spte):
             new_spte |= PT_WRITABLE_MASK
+            # Never make a huge SPTE writable in a dirty-logged slot: only its first page
+            # would be logged.  The slow path maps the page at 4K instead.
+            if it.level > 1 and kvm_slot_dirty_track_enabled(fault.slot):
+                break
         if new_spte == spte or not is_access_allowed(m, fault, new_spte):
             break
         if fast_pf_fix_direct_spte(vcpu, fault, it, new_spte):

@@ -725,12 +725,8 @@ def _all_set(npages):
 # ---------------------------------------------------------------------------------------
 
 def _with_usage(parser):
-    """Errors of these commands end with their usage line, as the selftests print help()."""
-    base = parser.error
-
-    def error(message):
-        base(f"{message}\n{parser.format_usage().rstrip()}")
-    parser.error = error
+    """Errors of these commands show their usage: the CLI's parser class prints it before
+    the error line (cli.CliError), as for every other command."""
     return parser
 
 

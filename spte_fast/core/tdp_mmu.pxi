@@ -180,7 +180,7 @@ cdef int tdp_mmu_zap_spte_atomic(kvm_t* kvm, mmu_stats_t* st, tdp_iter_t* it) no
 
 # -- the fault path's map (spec §3.9) ----------------------------------------------------------
 
-cdef int tdp_mmu_link_sp(kvm_t* kvm, mmu_stats_t* st, tdp_iter_t* it, kvm_mmu_page_t* sp,
+cdef inline int tdp_mmu_link_sp(kvm_t* kvm, mmu_stats_t* st, tdp_iter_t* it, kvm_mmu_page_t* sp,
                          bint shared) noexcept nogil:
     """tdp_mmu_link_sp: the entry at `it` becomes a non-leaf pointing to sp's table (CAS when
     shared: -SPTE_EBUSY if it lost); the table is accounted."""
@@ -425,6 +425,8 @@ cdef bint tdp_mmu_zap_leafs(kvm_t* kvm, mmu_stats_t* st, int64_t root, gfn_t sta
     """tdp_mmu_zap_leafs (exclusive): present leaves in [start, end); no table is freed."""
     cdef tdp_iter_t it
     cdef bint flush = False
+    # Zapping SPTEs of an invalid root needs no TLB flush (6.10): no vCPU uses it.
+    cdef bint valid = not pool_sp(kvm.pool, root).role_invalid
     end = min(end, tdp_mmu_max_gfn_exclusive(kvm))
     if start >= end:
         return False
@@ -432,9 +434,7 @@ cdef bint tdp_mmu_zap_leafs(kvm_t* kvm, mmu_stats_t* st, int64_t root, gfn_t sta
     while it.valid and it.gfn < end:
         if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level):
             tdp_mmu_iter_set_spte(kvm, st, &it, kvm.m.shadow_nonpresent_value)
-            # Zapping SPTEs of an invalid root needs no TLB flush (6.10): no vCPU uses it.
-            if not pool_sp(kvm.pool, root).role_invalid:
-                flush = True
+            flush |= valid
         tdp_iter_next(&it)
     return flush
 

@@ -39,7 +39,7 @@ cdef kvm_memory_slot_t* search_memslots(kvm_t* kvm, gfn_t gfn) noexcept nogil:
     return NULL
 
 
-cdef kvm_memory_slot_t* kvm_vcpu_gfn_to_memslot(kvm_vcpu_t* vcpu, gfn_t gfn) noexcept nogil:
+cdef inline kvm_memory_slot_t* kvm_vcpu_gfn_to_memslot(kvm_vcpu_t* vcpu, gfn_t gfn) noexcept nogil:
     """The slot holding gfn, trying the vCPU's last-used slot first (vcpu->last_used_slot)."""
     cdef kvm_t* kvm = vcpu.kvm
     cdef int i = vcpu.last_used_slot

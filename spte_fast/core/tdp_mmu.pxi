@@ -153,7 +153,7 @@ cdef inline int __tdp_mmu_set_spte_atomic(kvm_t* kvm, mmu_stats_t* st, tdp_iter_
     return 0
 
 
-cdef int tdp_mmu_set_spte_atomic(kvm_t* kvm, mmu_stats_t* st, tdp_iter_t* it,
+cdef inline int tdp_mmu_set_spte_atomic(kvm_t* kvm, mmu_stats_t* st, tdp_iter_t* it,
                                  u64 new_spte) noexcept nogil:
     """Shared-mode setter (spec §3.4).
 

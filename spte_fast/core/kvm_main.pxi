@@ -540,7 +540,7 @@ cdef class Vm:
         """KVM_MR_FLAGS_ONLY: turn KVM_MEM_LOG_DIRTY_PAGES on or off (one memslot swap),
         then kvm_mmu_slot_apply_flags.  Unchanged flags: nothing happens."""
         cdef int64_t sid_wanted = _as_int(slot_id, "slot_id", INT64_MIN, INT64_MAX)
-        if not isinstance(dirty_log, (bool, int)) or isinstance(dirty_log, float):
+        if not isinstance(dirty_log, int):     # bool is an int; a float is not
             raise TypeError(f"dirty_log must be a bool, not {type(dirty_log).__name__}")
         with self._slots_lock:
             self._set_memslot_flags(sid_wanted, bool(dirty_log))

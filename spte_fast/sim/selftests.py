@@ -403,6 +403,18 @@ def _public(phases):
     return [{k: v for k, v in p.items() if k != "notes"} for p in phases]
 
 
+def _printer(out):
+    """(lines, say): a command's printed lines, kept for --json and written to ``out`` (if
+    any) as they come."""
+    lines = []
+
+    def say(line):
+        lines.append(line)
+        if out:
+            out.write(line + "\n")
+    return lines, say
+
+
 # ---------------------------------------------------------------------------------------
 # demand_paging_test
 # ---------------------------------------------------------------------------------------
@@ -412,12 +424,7 @@ def run_demand_paging(vcpus=1, vcpu_bytes=DEFAULT_PER_VCPU_MEM_SIZE, backing=DEF
     """demand_paging_test without -u: every vCPU writes each page of its range once
     (``memstress_guest_code`` at 100 % writes, one pass: the vCPU worker runs the guest to
     its first GUEST_SYNC).  Returns the result dict; ``out`` gets the lines as they come."""
-    lines = []
-
-    def say(line):
-        lines.append(line)
-        if out:
-            out.write(line + "\n")
+    lines, say = _printer(out)
     with Memstress(vcpus, vcpu_bytes, backing, partition, layout=layout) as ms:
         for line in ms.preamble:
             say(line)
@@ -470,12 +477,7 @@ def run_access_tracking(vcpus=1, vcpu_bytes=DEFAULT_PER_VCPU_MEM_SIZE, backing=D
     ``mmu_notifier_clear_young`` -> ``kvm_mmu_notifier_clear_young`` -> ``kvm_age_gfn`` with
     no TLB flush, here ``vm.age_gfn_range`` over each vCPU's range from its thread (with -o
     only vCPU 0 marks, as ``mark_vcpu_memory_idle`` returns early for the others)."""
-    lines = []
-
-    def say(line):
-        lines.append(line)
-        if out:
-            out.write(line + "\n")
+    lines, say = _printer(out)
     with Memstress(vcpus, vcpu_bytes, backing, partition, layout=layout) as ms:
         for line in ms.preamble:
             say(line)
@@ -563,12 +565,7 @@ def run_dirty_log(vcpus=1, vcpu_bytes=DEFAULT_PER_VCPU_MEM_SIZE, backing=DEFAULT
     if not hasattr(sf.Vm, "get_dirty_log"):
         raise RunError("dirty-log-perf needs the dirty-log API (Vm.set_memslot_flags, "
                        "get_dirty_log, clear_dirty_log), which this build does not have yet")
-    lines = []
-
-    def say(line):
-        lines.append(line)
-        if out:
-            out.write(line + "\n")
+    lines, say = _printer(out)
     say(f"Test iterations: {iterations}")
     opts = {"manual_dirty_log_protect": manual_protect,
             "dirty_log_initially_set": manual_protect, "eager_page_split": eager_split}

@@ -109,6 +109,38 @@ def _zap_range(n):
     return run
 
 
+def _dirty_vm(n):
+    import numpy as np
+    import spte_fast as sf
+    vm = sf.Vm(sf.SpteLayout.ept(), max_level=sf.PG_LEVEL_4K, max_pt_pages=n // 512 + 256,
+               pml=False)
+    slot = vm.add_memslot(0, n, pfn=0x100000)
+    vcpu = vm.vcpu()
+    gfns = np.arange(n, dtype=np.uint64)
+    writes = np.ones(n, dtype=np.uint8)
+    vcpu.fault_batch(gfns, writes)
+    return vm, slot, vcpu, gfns, writes
+
+
+def _wrprot_slot(n):
+    vm, slot, *_ = _dirty_vm(n)
+
+    def run():
+        vm.set_memslot_flags(slot, dirty_log=True)
+        assert not vm.lookup(n - 1)[0] & 2
+    return run
+
+
+def _fast_pf_wrprot(n):
+    vm, slot, vcpu, gfns, writes = _dirty_vm(n)
+    vm.set_memslot_flags(slot, dirty_log=True)
+
+    def run():
+        vcpu.access_batch(gfns, writes)
+        assert vm.stats["faults_fast"] == n
+    return run
+
+
 #: name -> (callgrind function pattern, nominal items, unit, what, prepare(items of work))
 ITEMS = {
     "fill": ("__pyx_pw_9spte_fast_6_bench_*fill_repeat", FILL_PAGES * FILL_REPS, "page",
@@ -124,6 +156,12 @@ ITEMS = {
                     _access_hits),
     "zap_range": ("__pyx_pw_9spte_fast_5_core_2Vm_*zap_gfn_range", N, "leaf",
                   f"Vm.zap_gfn_range over {N} 4K leaves", _zap_range),
+    "wrprot_slot": ("__pyx_pw_9spte_fast_5_core_2Vm_*set_memslot_flags", N, "leaf",
+                    f"Vm.set_memslot_flags(dirty_log=True) without PML: {N} writable 4K "
+                    f"leaves write-protected", _wrprot_slot),
+    "fast_pf_wrprot": ("__pyx_pw_9spte_fast_5_core_4Vcpu_*access_batch", N, "write",
+                       f"Vcpu.access_batch: {N} writes to write-protected 4K leaves, each "
+                       f"fixed by the fast page fault", _fast_pf_wrprot),
 }
 
 

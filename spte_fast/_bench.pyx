@@ -13,9 +13,9 @@ from libc.stdint cimport INT64_MAX, int64_t
 
 from spte_fast._core cimport (
     SHADOW_NONPRESENT_VALUE, SPTE_BASE_ADDR_MASK, SPTE_ENT_PER_PAGE, SPTE_MMU_PRESENT_MASK,
-    _as_int, _as_u64, _gfn_array, _page_arena, _pages_array, _u64_array, count_present_kernel,
-    fill_pages_kernel, spte_load_acquire, spte_memset64, spte_store_relaxed,
-    spte_try_cmpxchg_seq_cst, u64,
+    Vm, __builtin_ctzll, _as_int, _as_u64, _gfn_array, _page_arena, _pages_array, _u64_array, count_present_kernel,
+    bitmap_fetch_andnot_word, fill_pages_kernel, kvm_t, spte_fetch_and_seq_cst,
+    spte_load_acquire, spte_memset64, spte_store_relaxed, spte_try_cmpxchg_seq_cst, u64,
 )
 
 from spte_fast.errors import OutOfMemory
@@ -232,3 +232,59 @@ cdef class BareTdp:
                     table = self.pages + ((e & SPTE_BASE_ADDR_MASK) >> 12) * SPTE_ENT_PER_PAGE
                 acc += e
         return acc
+
+
+def bare_clear_dirty(Vm vm, object base_gfn, object bitmap, object bit):
+    """Bench baseline for KVM_CLEAR_DIRTY_LOG: for every set bit of ``bitmap`` (uint64 words,
+    page i of the slot at ``base_gfn`` is bit i % 64 of word i // 64), clear the bit in the
+    dirty bitmap word and ``bit`` in the 4K leaf in ``vm``'s valid root, with the same
+    atomics the engine uses (fetch-and-not of the word, fetch-and of each leaf), walking to
+    each 64-page table once per word.  No memslot checks, no stats, no handle_changed_spte:
+    the physical limit of clearing those bits in those tables.  Returns the leaves changed.
+
+    The tables must be 4K mappings of the slot (a bench precondition: no checks per level
+    beyond presence, which is what makes it bare); the root must be valid."""
+    cdef kvm_t* kvm = &vm.kvm
+    if kvm.nr_roots < 1:
+        raise ValueError("the VM has no root yet")
+    cdef cnp.ndarray b_arr = _u64_array(bitmap, "bitmap", False)
+    cdef const u64* bm = <const u64*>cnp.PyArray_DATA(b_arr)
+    cdef Py_ssize_t nwords = b_arr.shape[0]
+    cdef u64 base = _as_u64(base_gfn, "base_gfn")
+    cdef u64 clear = ~(<u64>1 << _as_int(bit, "bit", 0, 63))
+    cdef u64* pages = kvm.pool.pages
+    cdef int64_t root = kvm.roots[kvm.nr_roots - 1]
+    cdef int root_level = kvm.root_level
+    cdef u64 mask, gfn, e, old
+    cdef u64* table
+    cdef u64* dirty = NULL
+    cdef Py_ssize_t w
+    for w in range(kvm.nslots):
+        if kvm.slots[w].base_gfn == base and kvm.slots[w].dirty_bitmap != NULL:
+            dirty = kvm.slots[w].dirty_bitmap
+            if <u64>nwords * 64 > kvm.slots[w].npages + 63:
+                raise ValueError("bitmap is longer than the slot's dirty bitmap")
+    if dirty == NULL:
+        raise ValueError("no dirty-logged memslot starts at base_gfn")
+    cdef int level, k
+    cdef int64_t changed = 0
+    with nogil:
+        for w in range(nwords):
+            mask = bm[w]
+            if mask == 0:
+                continue
+            bitmap_fetch_andnot_word(dirty + w, mask)
+            gfn = base + <u64>w * 64
+            table = pages + root * SPTE_ENT_PER_PAGE
+            for level in range(root_level, 1, -1):
+                e = spte_load_acquire(table + ((gfn >> (9 * (level - 1))) & 511))
+                if not (e & SPTE_MMU_PRESENT_MASK):
+                    break
+                table = pages + ((e & SPTE_BASE_ADDR_MASK) >> 12) * SPTE_ENT_PER_PAGE
+            else:
+                while mask:
+                    k = __builtin_ctzll(mask)
+                    mask &= mask - 1
+                    old = spte_fetch_and_seq_cst(table + ((gfn + k) & 511), clear)
+                    changed += (old & ~clear) != 0
+    return changed

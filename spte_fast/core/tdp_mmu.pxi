@@ -57,8 +57,9 @@ cdef inline void handle_changed_spte(kvm_t* kvm, mmu_stats_t* st, gfn_t gfn, u64
     """Bookkeeping for one SPTE change (spec §3.7).
 
     The common fault case -- the non-present value becomes a present entry -- needs only
-    the counters; it is decided here, inline, and everything else goes to
-    _handle_changed_spte_slow.
+    the counters; it is decided here, inline.  A present leaf that is zapped or keeps its
+    pfn (write protection, dirty clearing) goes to the short _handle_changed_leaf,
+    everything else to _handle_changed_spte_slow.
     """
     if old_spte == kvm.m.shadow_nonpresent_value and is_shadow_present_pte(new_spte) and \
             level >= 1 and level <= PT64_ROOT_MAX_LEVEL and \
@@ -69,7 +70,36 @@ cdef inline void handle_changed_spte(kvm_t* kvm, mmu_stats_t* st, gfn_t gfn, u64
                 kvm_mmu_warn(st, WARN_SPTE_WRITABLE_INVARIANTS)
             st.pages[level] += 1
         return
+    if is_shadow_present_pte(old_spte) and is_last_spte(old_spte, level) and \
+            level >= 1 and level <= PT64_ROOT_MAX_LEVEL and \
+            not (gfn & (pages_per_level(level) - 1)):
+        if new_spte == kvm.m.shadow_nonpresent_value or (
+                is_shadow_present_pte(new_spte) and is_last_spte(new_spte, level) and
+                not ((old_spte ^ new_spte) & SPTE_BASE_ADDR_MASK)):
+            _handle_changed_leaf(kvm, st, old_spte, new_spte, level)
+            return
     _handle_changed_spte_slow(kvm, st, gfn, old_spte, new_spte, level, shared)
+
+
+cdef void _handle_changed_leaf(kvm_t* kvm, mmu_stats_t* st, u64 old_spte, u64 new_spte,
+                               int level) noexcept nogil:
+    """handle_changed_spte for the two common changes of a present leaf: it is zapped (the
+    non-present value), or it keeps its pfn and changes permission or A/D bits (write
+    protection, dirty clearing).  What is left of the general case: the page stats, the
+    writable invariants, and pushing a dropped D or A to the host page."""
+    cdef const spte_masks_t* m = &kvm.m
+    cdef bint is_present = new_spte != m.shadow_nonpresent_value
+    st.spte_changes += 1
+    if old_spte == new_spte:
+        return
+    if not is_present:
+        st.pages[level] -= 1
+    elif not spte_writable_invariants_ok(m, new_spte):
+        kvm_mmu_warn(st, WARN_SPTE_WRITABLE_INVARIANTS)
+    if is_dirty_spte(m, old_spte) and (not is_present or not is_dirty_spte(m, new_spte)):
+        kvm_set_pfn_dirty(kvm, spte_to_pfn(old_spte))
+    if is_accessed_spte(m, old_spte) and (not is_present or not is_accessed_spte(m, new_spte)):
+        kvm_set_pfn_accessed(kvm, spte_to_pfn(old_spte))
 
 
 cdef void _handle_changed_spte_slow(kvm_t* kvm, mmu_stats_t* st, gfn_t gfn, u64 old_spte,

@@ -154,12 +154,16 @@ cdef int vcpu_fault_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* ac
 
 # -- the hardware view: accesses ----------------------------------------------------------
 
-cdef int kvm_access_one(kvm_vcpu_t* vcpu, gfn_t gfn, int acc,
-                        int64_t* counts) noexcept nogil:
+cdef int kvm_access_one(kvm_vcpu_t* vcpu, gfn_t gfn, int acc, int64_t* counts,
+                        const hw_tlb_fill_t* f) noexcept nogil:
     """One access inside the read side, to completion: walk; on an exit hand the error code
     to kvm_mmu_page_fault and, unless it was emulated, let the guest re-execute (walk
     again).  0 (no exit) or the RET_PF_* of the last exit; -SPTE_E* from a fault;
-    ACCESS_INTERRUPTED after RETRY_CHECK re-executions."""
+    ACCESS_INTERRUPTED after RETRY_CHECK re-executions.
+
+    ``f`` (NULL for none): the section's hit walker.  A re-execution tries it first: a walk
+    that finds the fault's fix complete (A/D already set) changes nothing, so the hit walk
+    stands for hw_tdp_walk exactly (one walk counted), and anything else walks in full."""
     cdef int ex, r = 0
     cdef int64_t reexec = 0
     cdef bint leaf_present = False
@@ -188,6 +192,9 @@ cdef int kvm_access_one(kvm_vcpu_t* vcpu, gfn_t gfn, int acc,
         reexec += 1
         if reexec == RETRY_CHECK:
             return ACCESS_INTERRUPTED
+        if f != NULL and hw_walk_hits(f, gfn, acc):
+            vcpu.stat.hw_walks += 1
+            return r
 
 
 cdef int vcpu_access(kvm_vcpu_t* vcpu, gfn_t gfn, bint write, bint exec) noexcept nogil:
@@ -197,7 +204,7 @@ cdef int vcpu_access(kvm_vcpu_t* vcpu, gfn_t gfn, bint write, bint exec) noexcep
     memset(counts, 0, sizeof(counts))
     r = vcpu_enter(vcpu)
     if r == 0:
-        r = kvm_access_one(vcpu, gfn, acc, counts)
+        r = kvm_access_one(vcpu, gfn, acc, counts, NULL)
         vcpu_exit(vcpu)
     return r
 
@@ -241,7 +248,7 @@ cdef int vcpu_access_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* a
                 hits += 1
                 r = 0
             else:
-                r = kvm_access_one(vcpu, gfn, acc, counts)
+                r = kvm_access_one(vcpu, gfn, acc, counts, &f)
                 if r < 0 or r == ACCESS_INTERRUPTED:
                     break
                 if r == 0:

@@ -4,10 +4,17 @@ Figures are ratios taken side by side in one run (these machines are small and
 noisy): `python bench/ratios.py RESULT.json` prints them from
 `--benchmark-json=RESULT.json`.
 """
-import numpy as np
-import pytest
+import os
 
-import spte_fast as sf
+# numpy's OpenBLAS starts a thread pool whose servers spin after any BLAS call; on a 2-core
+# machine they steal a core from the vCPU threads (perf showed blas_thread_server at ~12 %).
+# The benchmarks need no BLAS threads; set before numpy loads, an explicit setting wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import spte_fast as sf  # noqa: E402
 
 GIB_PAGES = 1 << 18          # 4 KiB pages per GiB
 

@@ -8,7 +8,8 @@ contract is docs/API.md; every check raises TypeError / ValueError before anythi
 """
 import numpy as np
 
-from . import aging, audit, hw, memslots, mmu, notifiers, tdp_mmu, tdp_mmu_roots
+from . import aging, audit, huge_pages, hw, memslots, mmu, notifiers, tdp_mmu, tdp_mmu_roots
+from . import dirty_log as dirty_log_mod
 from ._checks import check_int, check_int_array, check_out_array
 from .kvm_host import (KVM_MAX_VCPUS, Kvm, kvm_flush_remote_tlbs, kvm_stats,
                        kvm_vm_ioctl_create_vcpu,
@@ -30,7 +31,9 @@ class Vm:
     """
 
     def __init__(self, layout, root_level=4, max_level=PG_LEVEL_1G, max_pt_pages=1 << 20,
-                 nx_huge_pages=False, poison=None, host_maxphyaddr=46):
+                 nx_huge_pages=False, poison=None, host_maxphyaddr=46, *,
+                 manual_dirty_log_protect=False, dirty_log_initially_set=False, pml=None,
+                 eager_page_split=True, nx_huge_pages_recovery_ratio=60):
         if not isinstance(layout, SpteLayout):
             raise TypeError(f"layout must be a SpteLayout, not {type(layout).__name__}")
         root_level = check_int("root_level", root_level)
@@ -39,8 +42,24 @@ class Vm:
         max_level = check_int("max_level", max_level, PG_LEVEL_4K, PG_LEVEL_1G + 1)
         max_pt_pages = check_int("max_pt_pages", max_pt_pages, 2)
         host_maxphyaddr = check_int("host_maxphyaddr", host_maxphyaddr, 36, 53)
+        # nx_huge_pages_recovery_ratio: KVM caps the period it derives at ratio 3600.
+        ratio = check_int("nx_huge_pages_recovery_ratio", nx_huge_pages_recovery_ratio, 0, 3601)
+        if dirty_log_initially_set and not manual_dirty_log_protect:
+            raise ValueError("dirty_log_initially_set needs manual_dirty_log_protect "
+                             "(KVM_DIRTY_LOG_INITIALLY_SET is a flag of "
+                             "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)")
+        # PML is a VMX feature that logs the D bits the CPU sets: EPT with A/D bits only.
+        has_pml = layout.mode == "ept" and layout.accessed_mask != 0
+        if pml is None:
+            pml = has_pml
+        elif pml and not has_pml:
+            raise ValueError("pml=True needs an EPT layout with A/D bits")
         self._kvm = Kvm(layout, root_level, max_level, max_pt_pages, bool(nx_huge_pages),
-                        poison, host_maxphyaddr)
+                        poison, host_maxphyaddr,
+                        manual_dirty_log_protect=bool(manual_dirty_log_protect),
+                        dirty_log_initially_set=bool(dirty_log_initially_set),
+                        enable_pml=bool(pml), eager_page_split=bool(eager_page_split),
+                        nx_huge_pages_recovery_ratio=ratio)
         self._vcpus = []  # the Vcpu objects, in the order of self._kvm.vcpus
 
     # --- read-only attributes -------------------------------------------------------------------
@@ -54,6 +73,11 @@ class Vm:
     gfn_limit = property(lambda self: self._kvm.gfn_limit)
     host_maxphyaddr = property(lambda self: self._kvm.host_maxphyaddr)
     max_gfn = property(lambda self: self._kvm.max_gfn)
+    manual_dirty_log_protect = property(lambda self: self._kvm.manual_dirty_log_protect)
+    dirty_log_initially_set = property(lambda self: self._kvm.dirty_log_initially_set)
+    pml = property(lambda self: self._kvm.enable_pml)
+    eager_page_split = property(lambda self: self._kvm.eager_page_split)
+    nx_huge_pages_recovery_ratio = property(lambda self: self._kvm.nx_huge_pages_recovery_ratio)
 
     def _valid_root(self):
         return tdp_mmu_roots.kvm_tdp_mmu_valid_root(self._kvm)
@@ -88,11 +112,82 @@ class Vm:
 
     # --- memslots and host pages ----------------------------------------------------------------
 
-    def add_memslot(self, base_gfn, npages, pfn, readonly=False):
+    def add_memslot(self, base_gfn, npages, pfn, readonly=False, dirty_log=False):
         base_gfn = check_int("base_gfn", base_gfn, 0)
         npages = check_int("npages", npages, 1)
         pfn = check_int("pfn", pfn, 0)
-        return memslots.kvm_create_memslot(self._kvm, base_gfn, npages, pfn, bool(readonly))
+        return memslots.kvm_create_memslot(self._kvm, base_gfn, npages, pfn, bool(readonly),
+                                           bool(dirty_log))
+
+    # --- dirty logging ----------------------------------------------------------------------
+
+    def _slot(self, slot_id):
+        slot = self._kvm.memslots.get(check_int("slot_id", slot_id))
+        if slot is None:
+            raise ValueError(f"no memslot with id {slot_id!r}")
+        return slot
+
+    def _dirty_logged_slot(self, slot_id):
+        slot = self._slot(slot_id)
+        if slot.dirty_bitmap is None:
+            raise ValueError(f"memslot {slot_id} has no dirty log (-ENOENT)")
+        return slot
+
+    def set_memslot_flags(self, slot_id, dirty_log):
+        """KVM_MR_FLAGS_ONLY: KVM_MEM_LOG_DIRTY_PAGES on or off, then
+        kvm_mmu_slot_apply_flags.  The same flags: nothing happens."""
+        slot_id = check_int("slot_id", slot_id)
+        if not isinstance(dirty_log, int):      # bool is an int; a float is not
+            raise TypeError(f"dirty_log must be a bool, not {type(dirty_log).__name__}")
+        dirty_log_mod.kvm_set_memslot_flags(self._kvm, self._slot(slot_id), bool(dirty_log))
+
+    def get_dirty_log(self, slot_id):
+        """KVM_GET_DIRTY_LOG -> uint64 words (page i: bit i % 64 of word i // 64)."""
+        slot = self._dirty_logged_slot(slot_id)
+        return np.array(dirty_log_mod.kvm_get_dirty_log_protect(self._kvm, slot),
+                        dtype=np.uint64)
+
+    def clear_dirty_log(self, slot_id, first_page, num_pages, bitmap):
+        """KVM_CLEAR_DIRTY_LOG (manual protect only) for pages [first_page, first_page +
+        num_pages), `bitmap` in uint64 words from first_page."""
+        slot_id = check_int("slot_id", slot_id)
+        first_page = check_int("first_page", first_page, 0, 1 << 64)
+        num_pages = check_int("num_pages", num_pages, 0, 1 << 64)
+        if not self._kvm.manual_dirty_log_protect:
+            raise ValueError("clear_dirty_log needs manual_dirty_log_protect (-EINVAL)")
+        words = np.asarray(bitmap)
+        if words.ndim != 1 or (words.size and words.dtype.kind not in "ui"):
+            raise TypeError("bitmap must be a 1-D array of uint64 words")
+        slot = self._dirty_logged_slot(slot_id)
+        if first_page % 64:
+            raise ValueError(f"first_page {first_page} is not a multiple of 64 (-EINVAL)")
+        rest = slot.npages - first_page
+        if first_page > slot.npages or num_pages > rest or (num_pages < rest and num_pages % 64):
+            raise ValueError(f"pages [{first_page}, {first_page + num_pages}) do not fit the "
+                             f"{slot.npages}-page slot in 64-page words (-EINVAL)")
+        n = -(-num_pages // 64)
+        if len(words) < n:
+            raise ValueError(f"bitmap has {len(words)} words, {n} needed")
+        user = [int(w) for w in words[:n].astype(np.uint64)]
+        dirty_log_mod.kvm_clear_dirty_log_protect(self._kvm, slot, first_page, user)
+
+    # --- huge pages ----------------------------------------------------------------------------
+
+    def split_huge_pages(self, start, end, target_level=PG_LEVEL_4K):
+        """Eager split of the huge leaves in [start, end) to target_level -> pages split."""
+        start, end = self._age_range(start, end)
+        target_level = check_int("target_level", target_level, PG_LEVEL_4K, PG_LEVEL_1G)
+        return huge_pages.kvm_mmu_try_split_huge_pages(self._kvm, start, end, target_level)
+
+    def recover_nx_huge_pages(self):
+        """One run of the NX recovery thread -> tables zapped."""
+        return huge_pages.kvm_recover_nx_huge_pages(self._kvm)
+
+    def set_nx_huge_pages(self, on):
+        """The nx_huge_pages module parameter at run time (a change zaps all roots fast)."""
+        if not isinstance(on, int):
+            raise TypeError(f"on must be a bool, not {type(on).__name__}")
+        huge_pages.set_nx_huge_pages(self._kvm, bool(on))
 
     def delete_memslot(self, slot_id):
         memslots.kvm_delete_memslot(self._kvm, check_int("slot_id", slot_id))
@@ -326,7 +421,7 @@ class Vcpu:
         gfn = self._vm._check_gfn(gfn)
         if write and exec:
             raise ValueError("an access is a write or an instruction fetch, not both")
-        return hw.kvm_vcpu_access(self._vcpu, gfn, bool(write), bool(exec))
+        return hw.kvm_vcpu_access_one(self._vcpu, gfn, bool(write), bool(exec))
 
     def access_batch(self, gfns, access=None, out=None):
         """Every access in order -> {"hits", "fixed", "spurious", "retry", "emulate",

@@ -13,7 +13,8 @@ comment), so only the leaf's permissions are checked.
 """
 from ..errors import OutOfMemory
 from ..pf import PF
-from . import mmu
+from . import dirty_log, mmu
+from .dirty_log import PML_ENTITY_NUM
 from .mmu import (PFERR_FETCH_MASK, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_USER_MASK,
                   PFERR_WRITE_MASK, PF_STATS)
 from .spte import (PG_LEVEL_4K, PT_PAGE_SIZE_MASK, PT_PRESENT_MASK, PT_WRITABLE_MASK,
@@ -94,19 +95,30 @@ def hw_walk(vcpu, gfn, write, exec):  # noqa: A002
         return WALK_VIOLATION, sptep, spte
 
 
-def hw_set_accessed_dirty(vcpu, sptep, spte, write):
+def hw_set_accessed_dirty(vcpu, gfn, sptep, spte, write):
     """The CPU sets A (and D on a write) in a leaf that uses hardware A/D bits: one atomic
-    OR, only when a bit is missing.  KVM sees nothing of it (no handle_changed_spte)."""
+    OR, only when a bit is missing.  KVM sees nothing of it (no handle_changed_spte).
+
+    Page-modification logging (SDM vol. 3 "Page-Modification Logging"; on while a memslot
+    is dirty-logged): setting a clear D first logs the access's 4K-aligned guest-physical
+    address; with the 512-entry log full nothing is set and the CPU exits instead
+    (returns False: a PML-full exit)."""
     kvm = vcpu.kvm
     L = kvm.layout
     if not L.accessed_mask or not L.spte_ad_enabled(spte):
-        return
+        return True
     want = L.accessed_mask | (L.dirty_mask if write else 0)
     if spte & want == want:
-        return
+        return True
+    if write and not spte & L.dirty_mask and kvm.enable_pml and kvm.nr_memslots_dirty_logging:
+        if len(vcpu.pml_buf) == PML_ENTITY_NUM:
+            return False
+        vcpu.pml_buf.append(gfn)
+        vcpu.stat["pml_logged"] += 1
     # atomic OR (single-threaded: read, or, store)
     _kvm_tdp_mmu_write_spte(kvm.pool, sptep, kvm_tdp_mmu_read_spte(kvm.pool, sptep) | want)
     vcpu.stat["hw_ad_sets"] += 1
+    return True
 
 
 def hw_exit_error_code(kvm, outcome, spte, write, exec):  # noqa: A002
@@ -145,8 +157,13 @@ def kvm_vcpu_access(vcpu, gfn, write, exec, counts=None):  # noqa: A002
         vcpu.stat["hw_walks"] += 1
         outcome, sptep, spte = hw_walk(vcpu, gfn, write, exec)
         if outcome == WALK_PERMITTED:
-            hw_set_accessed_dirty(vcpu, sptep, spte, write)
-            return last
+            if hw_set_accessed_dirty(vcpu, gfn, sptep, spte, write):
+                return last
+            dirty_log.vmx_flush_pml_buffer(vcpu)    # every exit flushes the log first
+            vcpu.stat["exits_pml_full"] += 1        # handle_pml_full: re-execute
+            continue
+        if vcpu.pml_buf:
+            dirty_log.vmx_flush_pml_buffer(vcpu)
         if outcome == WALK_MISCONFIG:
             vcpu.stat["exits_misconfig"] += 1
         else:
@@ -171,10 +188,23 @@ def kvm_vcpu_access_batch(vcpu, gfns, accesses, out):
                 mmu.kvm_vcpu_enter_guest(vcpu)
             ret = kvm_vcpu_access(vcpu, gfn, bool(access & 1), bool(access & 2), counts)
         except OutOfMemory as e:
+            dirty_log.vmx_flush_pml_buffer(vcpu)    # the return to the VMM is an exit
             raise OutOfMemory(f"page pool exhausted after {k} accesses ({e})",
                               completed=k) from e
+        if (k + 1) % mmu.KVM_BATCH_CHUNK == 0:
+            dirty_log.vmx_flush_pml_buffer(vcpu)    # each chunk ends with a return to the VMM
         if ret is None:
             counts["hits"] += 1
         if out is not None:
             out[k] = ACCESS_HIT if ret is None else int(ret)
+    dirty_log.vmx_flush_pml_buffer(vcpu)
     return counts
+
+
+def kvm_vcpu_access_one(vcpu, gfn, write, exec):  # noqa: A002
+    """vcpu.access: one access, then the return to the VMM (an exit: the PML log is
+    flushed), also when the access failed."""
+    try:
+        return kvm_vcpu_access(vcpu, gfn, write, exec)
+    finally:
+        dirty_log.vmx_flush_pml_buffer(vcpu)

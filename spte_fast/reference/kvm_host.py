@@ -47,7 +47,8 @@ class Kvm:
     """
 
     def __init__(self, layout, root_level, max_level, max_pt_pages, nx_huge_pages, poison,
-                 host_maxphyaddr):
+                 host_maxphyaddr, manual_dirty_log_protect=False, dirty_log_initially_set=False,
+                 enable_pml=False, eager_page_split=True, nx_huge_pages_recovery_ratio=60):
         self.layout = layout                  # the SPTE masks of the paging mode
         self.root_level = root_level          # 4 or 5 (the roots' role.level)
         self.max_level = max_level            # KVM_MAX_HUGEPAGE_LEVEL of this model
@@ -79,6 +80,16 @@ class Kvm:
         self.stat = dict.fromkeys(KVM_STATS, 0)
         self.warnings = dict.fromkeys(WARN_REASONS, 0)  # the VM's own WARN_ON_ONCEs
         self.cas_failures_to_inject = 0       # test hook: CASes that lose their race
+        # Dirty logging (spec §3.12): KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 and its
+        # KVM_DIRTY_LOG_INITIALLY_SET flag (kvm->manual_dirty_log_protect), the enable_pml,
+        # eager_page_split and nx_huge_pages_recovery_ratio module parameters, and
+        # kvm->nr_memslots_dirty_logging (which turns the CPU's PML on while non-zero).
+        self.manual_dirty_log_protect = manual_dirty_log_protect
+        self.dirty_log_initially_set = dirty_log_initially_set
+        self.enable_pml = enable_pml
+        self.eager_page_split = eager_page_split
+        self.nx_huge_pages_recovery_ratio = nx_huge_pages_recovery_ratio
+        self.nr_memslots_dirty_logging = 0
 
 
 class KvmVcpu:
@@ -94,6 +105,7 @@ class KvmVcpu:
         self.root = None                      # vcpu->arch.mmu->root: a kvm_mmu_page or None
         self.mmio_gfn = 0                     # vcpu->arch.mmio_gfn (0: nothing cached)
         self.mmio_gen = 0                     # vcpu->arch.mmio_gen
+        self.pml_buf = []                     # the page-modification log: gfns, <= 512
         self.stat = dict.fromkeys(VCPU_STATS, 0)
 
 

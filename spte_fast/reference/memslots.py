@@ -35,9 +35,10 @@ def is_error_noslot_pfn(pfn):
 
 class KvmMemorySlot:
     """``struct kvm_memory_slot``: gfns [base_gfn, base_gfn + npages) backed by host pfns
-    [pfn, pfn + npages); ``readonly`` is KVM_MEM_READONLY."""
+    [pfn, pfn + npages); ``readonly`` is KVM_MEM_READONLY.  ``dirty_bitmap`` is None, or
+    (KVM_MEM_LOG_DIRTY_PAGES) a list of 64-page words: page i is bit i % 64 of word i // 64."""
 
-    __slots__ = ("id", "base_gfn", "npages", "pfn", "readonly")
+    __slots__ = ("id", "base_gfn", "npages", "pfn", "readonly", "dirty_bitmap")
 
     def __init__(self, slot_id, base_gfn, npages, pfn, readonly):
         self.id = slot_id
@@ -45,6 +46,7 @@ class KvmMemorySlot:
         self.npages = npages
         self.pfn = pfn
         self.readonly = readonly
+        self.dirty_bitmap = None
 
     def has_gfn(self, gfn):
         return self.base_gfn <= gfn < self.base_gfn + self.npages
@@ -92,6 +94,49 @@ def gfn_to_pfn_memslot(slot, gfn, write_fault):
     return slot.gfn_to_pfn(gfn), not slot.readonly
 
 
+# --- dirty bitmaps (kvm_main.c; the MMU's side of dirty logging is dirty_log.py)
+
+#: Bits of a bitmap word (unsigned long).
+BITS_PER_LONG = 64
+
+
+def dirty_bitmap_words(npages):
+    return (npages + BITS_PER_LONG - 1) // BITS_PER_LONG
+
+
+def kvm_alloc_dirty_bitmap(kvm, npages):
+    """A zeroed bitmap, or under manual protect + initially-set every page of the slot set
+    (bitmap_set of npages bits: none beyond the slot's end)."""
+    words = [0] * dirty_bitmap_words(npages)
+    if kvm.manual_dirty_log_protect and kvm.dirty_log_initially_set:
+        full, rest = divmod(npages, BITS_PER_LONG)
+        words[:full] = [(1 << BITS_PER_LONG) - 1] * full
+        if rest:
+            words[full] = (1 << rest) - 1
+    return words
+
+
+def kvm_slot_dirty_track_enabled(slot):
+    """KVM_MEM_LOG_DIRTY_PAGES (no external page-track users in this model)."""
+    return slot is not None and slot.dirty_bitmap is not None
+
+
+def mark_page_dirty_in_slot(stat, slot, gfn):
+    """Set the gfn's bit in the slot's bitmap (no dirty ring); nothing for a slot without a
+    dirty log.  ``stat``: the counters of the vCPU that dirtied the page."""
+    if not kvm_slot_dirty_track_enabled(slot) or not slot.has_gfn(gfn):
+        return
+    page = gfn - slot.base_gfn
+    slot.dirty_bitmap[page // BITS_PER_LONG] |= 1 << (page % BITS_PER_LONG)
+    stat["dirty_pages_marked"] += 1
+
+
+def dirty_pages(slot):
+    """The slot's dirty pages (offsets), lowest first: for tests and the audit."""
+    return [w * BITS_PER_LONG + b for w, word in enumerate(slot.dirty_bitmap or [])
+            for b in range(BITS_PER_LONG) if word >> b & 1]
+
+
 # --- host page flags -------------------------------------------------------------------------
 # Accessed/dirty are flags of host pages (struct page in KVM), not of memslots: they outlive
 # the slot that set them, and a slot that maps the page again sees them.
@@ -137,10 +182,12 @@ def _check_max_gfn(kvm, base_gfn, npages):
                          f"MAXPHYADDR (max gfn {kvm.max_gfn:#x})")
 
 
-def kvm_create_memslot(kvm, base_gfn, npages, pfn, readonly):
+def kvm_create_memslot(kvm, base_gfn, npages, pfn, readonly, dirty_log=False):
     """KVM_MR_CREATE -> the new slot's id: one swap.  ValueError before anything changes
     when the gfn range is refused, when the host has no such pfns (pfn + npages above
-    1 << (host_maxphyaddr - 12)), or when the pfns overlap another slot's."""
+    1 << (host_maxphyaddr - 12)), or when the pfns overlap another slot's.  With
+    `dirty_log` the slot gets its bitmap (kvm_alloc_dirty_bitmap) and counts in
+    nr_memslots_dirty_logging; no SPTE exists yet, so nothing else is done."""
     _check_new_range(kvm, base_gfn, npages)
     _check_max_gfn(kvm, base_gfn, npages)
     host_pfn_limit = 1 << (kvm.host_maxphyaddr - 12)
@@ -152,8 +199,13 @@ def kvm_create_memslot(kvm, base_gfn, npages, pfn, readonly):
             raise ValueError(f"pfn range overlaps memslot {slot.id}")
     slot_id = kvm.next_slot_id
     kvm.next_slot_id += 1
-    kvm.memslots[slot_id] = KvmMemorySlot(slot_id, base_gfn, npages, pfn, readonly)
+    slot = KvmMemorySlot(slot_id, base_gfn, npages, pfn, readonly)
+    if dirty_log:
+        slot.dirty_bitmap = kvm_alloc_dirty_bitmap(kvm, npages)
+    kvm.memslots[slot_id] = slot
     kvm_swap_active_memslots(kvm)
+    if dirty_log:                   # kvm_commit_memory_region
+        kvm.nr_memslots_dirty_logging += 1
     return slot_id
 
 
@@ -174,6 +226,8 @@ def kvm_delete_memslot(kvm, slot_id):
     kvm_invalidate_memslot(kvm, slot)
     del kvm.memslots[slot_id]
     kvm_swap_active_memslots(kvm)
+    if slot.dirty_bitmap is not None:
+        kvm.nr_memslots_dirty_logging -= 1
 
 
 def kvm_move_memslot(kvm, slot_id, new_base_gfn):

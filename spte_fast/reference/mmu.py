@@ -220,9 +220,11 @@ def is_access_allowed(layout, fault, spte):
 
 
 def fast_pf_fix_direct_spte(vcpu, fault, sptep, old_spte, new_spte):
-    """The CAS; a W newly set would mark the gfn dirty in the slot's bitmap
-    (mark_page_dirty_in_slot: no dirty logging modelled yet)."""
+    """The CAS; a W newly set marks the gfn dirty in the slot's bitmap
+    (mark_page_dirty_in_slot): how dirty logging by write-protection learns of a write."""
     ok, _observed = tdp_mmu._try_cmpxchg64(vcpu.kvm, sptep, old_spte, new_spte)
+    if ok and new_spte & PT_WRITABLE_MASK and not old_spte & PT_WRITABLE_MASK:
+        memslots.mark_page_dirty_in_slot(vcpu.stat, fault.slot, fault.gfn)
     return ok
 
 
@@ -249,7 +251,10 @@ def fast_page_fault(vcpu, fault):
             new_spte = L.restore_acc_track_spte(new_spte)
         if fault.write and L.is_mmu_writable_spte(spte):
             new_spte |= PT_WRITABLE_MASK
-            # (A huge SPTE in a dirty-logged slot would give up here: no dirty logging yet.)
+            # Never a writable huge SPTE in a dirty-logged slot: only its first page would
+            # be logged.  The slow path maps the page at 4K instead.
+            if level > PG_LEVEL_4K and memslots.kvm_slot_dirty_track_enabled(fault.slot):
+                break
         if new_spte == spte or not is_access_allowed(L, fault, new_spte):
             break
         if fast_pf_fix_direct_spte(vcpu, fault, sptep, spte, new_spte):
@@ -330,7 +335,8 @@ def kvm_mmu_hugepage_adjust(vcpu, fault):
         return
     if memslots.is_error_noslot_pfn(fault.pfn):
         return
-    # (Dirty logging, which would force 4K, is not modelled.)
+    if memslots.kvm_slot_dirty_track_enabled(fault.slot):
+        return                          # dirty logging tracks writes at 4K
     fault.req_level = kvm_mmu_max_mapping_level(vcpu.kvm, fault.slot, fault.gfn,
                                                 fault.max_level)
     if fault.req_level == PG_LEVEL_4K or fault.huge_page_disallowed:

@@ -18,6 +18,7 @@ from . import tdp_mmu_roots  # the roots' part of tdp_mmu.c; resolved at call ti
 from .kvm_host import kvm_flush_remote_tlbs_gfn, kvm_warn
 from .mmu_cache import kvm_mmu_memory_cache_alloc
 from .spte import (ACC_ALL, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, PT64_ROOT_MAX_LEVEL,
+                   PT_WRITABLE_MASK,
                    SPTE_ENT_PER_PAGE, is_large_pte, is_last_spte, is_mmio_spte,
                    is_shadow_present_pte, make_mmio_spte, pages_per_hpage, spte_to_pfn)
 from .tdp_iter import (_kvm_tdp_mmu_write_spte, for_each_tdp_pte, for_each_tdp_pte_min_level,
@@ -371,6 +372,10 @@ def tdp_mmu_map_handle_target_level(vcpu, fault, it):
             fault.pfn, it.level, ACC_ALL, prefetch=fault.prefetch,
             host_writable=fault.map_writable, nx_huge_pages=kvm.nx_huge_pages,
             old_spte=it.old_spte)
+        # make_spte's last step: a writable SPTE in a dirty-logged slot marks the page
+        # dirty, before it is installed (whatever the CAS then does).
+        if new_spte & PT_WRITABLE_MASK:
+            memslots.mark_page_dirty_in_slot(vcpu.stat, fault.slot, it.gfn)
 
     installed = False
     if new_spte == it.old_spte:

@@ -419,8 +419,10 @@ cdef void kvm_arch_mmu_enable_log_dirty_pt_masked(kvm_t* kvm, mmu_stats_t* st,
         if kvm.eager_page_split:
             kvm_mmu_try_split_huge_pages(kvm, st, start, end + 1, 1, False)
         kvm_mmu_slot_gfn_write_protect(kvm, st, start, 2)
-        # Cross two large pages?
-        if (start >> 9) != (end >> 9):
+        # "Cross two large pages?" -- 6.10 compares ALIGN(gfn << PAGE_SHIFT, PMD_SIZE), the
+        # gfns rounded *up* to 2M: a last bit on the first page of the next 2M page rounds
+        # like the first bit below it, and that huge page is left writable (kept as is).
+        if ((start + 511) >> 9) != ((end + 511) >> 9):
             kvm_mmu_slot_gfn_write_protect(kvm, st, end, 2)
     for i in range(kvm.nr_roots - 1, -1, -1):
         if _root_valid(kvm, i):

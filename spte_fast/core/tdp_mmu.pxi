@@ -725,6 +725,7 @@ cdef int64_t tdp_mmu_split_huge_pages_root(kvm_t* kvm, mmu_stats_t* st, int64_t 
                 # blocks, so the model allocates in place.
                 sp_idx = tdp_mmu_alloc_sp_for_split(kvm, st)
                 if sp_idx < 0:
+                    st.huge_pages_split += split    # what was split stays split
                     return -SPTE_ENOMEM
             tdp_mmu_init_child_sp(kvm, sp_idx, &it, False)
             if tdp_mmu_split_huge_page(kvm, st, &it, pool_sp(kvm.pool, sp_idx), shared):

@@ -42,6 +42,8 @@ def normalise(value):
         return int(value)
     if isinstance(value, dict):
         return {k: normalise(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):           # a dirty bitmap
+        return (value.dtype.str, value.tolist())
     return value
 
 
@@ -257,12 +259,13 @@ class VmSide:
     """One implementation's Vm and two vCPUs."""
 
     def __init__(self, mod, kind, nonpresent, root_level, max_level, nx, poisoned, pages,
-                 host_maxphyaddr):
+                 host_maxphyaddr, dirty):
         self.mod = mod
         self.layout = make_layout(mod, kind, nonpresent)
         self.vm = mod.Vm(self.layout, root_level=root_level, max_level=max_level,
                          max_pt_pages=pages, nx_huge_pages=nx,
-                         poison=POISON if poisoned else None, host_maxphyaddr=host_maxphyaddr)
+                         poison=POISON if poisoned else None, host_maxphyaddr=host_maxphyaddr,
+                         **dirty)
         self.vcpus = [self.vm.vcpu(), self.vm.vcpu()]
 
 
@@ -319,19 +322,29 @@ class VmDifferential(RuleBasedStateMachine):
         pages=st.integers(16, 64),
         first_slot=st.sampled_from([True, True, True, False]),
         host_maxphyaddr=st.sampled_from([46, 46, 52, 39]),
+        protect=st.sampled_from([(False, False), (True, False), (True, True)]),
+        pml=st.sampled_from([None, None, False]),
+        eager=st.booleans(),
+        ratio=st.sampled_from([60, 1, 0]),
     )
     def setup(self, kind, nonpresent, root_level, max_level, nx, poisoned, pages, first_slot,
-              host_maxphyaddr):
+              host_maxphyaddr, protect, pml, eager, ratio):
+        """The dirty-logging options too (issue 11): manual protect (and initially-set),
+        PML on where the layout has it or off, eager split, the NX recovery ratio."""
         self.root_level = root_level
+        self.manual = protect[0]
+        dirty = dict(manual_dirty_log_protect=protect[0], dirty_log_initially_set=protect[1],
+                     pml=pml, eager_page_split=eager, nx_huge_pages_recovery_ratio=ratio)
         self.sides = [VmSide(mod, kind, nonpresent, root_level, max_level, nx, poisoned, pages,
-                             host_maxphyaddr)
+                             host_maxphyaddr, dirty)
                       for mod in (self.fast_mod, self.ref_mod)]
         if first_slot:
             # a 1G-aligned slot over [0, 2G), so that huge pages happen
             self.add_memslot_raw(0, 2 * PAGES_1G, PFN_BASE, False)
 
-    def add_memslot_raw(self, base, npages, pfn, readonly):
-        out = self.both("add_memslot", lambda s: s.vm.add_memslot(base, npages, pfn, readonly))
+    def add_memslot_raw(self, base, npages, pfn, readonly, dirty_log=False):
+        out = self.both("add_memslot", lambda s: s.vm.add_memslot(base, npages, pfn, readonly,
+                                                                   dirty_log=dirty_log))
         if out.exc is None:
             self.slot_ids.append(out.value)
             for p in (pfn, pfn + 1, pfn + npages - 1, pfn + (npages // 2)):
@@ -454,11 +467,89 @@ class VmDifferential(RuleBasedStateMachine):
     @rule(anchor=st.sampled_from(ANCHORS[:8]), shift=st.sampled_from([0, 1, PAGES_2M]),
           npages=st.sampled_from([1, 511, 512, 513, 1024, PAGES_1G, PAGES_1G + PAGES_2M]),
           region=st.integers(0, 3), skew=st.sampled_from([0, 0, 1, PAGES_2M]),
-          readonly=st.booleans())
-    def add_memslot(self, anchor, shift, npages, region, skew, readonly):
+          readonly=st.booleans(), dirty_log=st.booleans())
+    def add_memslot(self, anchor, shift, npages, region, skew, readonly, dirty_log):
         base = anchor + shift
         pfn = (region + 2) * PFN_BASE + (base % PAGES_1G) + skew
-        self.add_memslot_raw(base, npages, pfn, readonly)
+        self.add_memslot_raw(base, npages, pfn, readonly, dirty_log)
+
+    # --------------------------------------------- dirty logging, notifiers, huge pages
+
+    def some_slot(self, data):
+        """Mostly a live slot id, sometimes one that does not exist."""
+        if self.slot_ids and data.draw(st.sampled_from([True, True, True, False])):
+            return data.draw(st.sampled_from(self.slot_ids))
+        return data.draw(st.integers(-1, 20))
+
+    @rule(data=st.data(), on=st.booleans())
+    def set_memslot_flags(self, data, on):
+        sid = self.some_slot(data)
+        self.both("set_memslot_flags", lambda s: s.vm.set_memslot_flags(sid, dirty_log=on))
+
+    @precondition(lambda self: self.sides is not None and self.slot_ids)
+    @rule(data=st.data(), v=vcpu_ids, offsets=st.lists(st.sampled_from(
+        [0, 1, 2, 63, 64, 65, 511, 512, 513, 1023, 4096, PAGES_1G - 1]), max_size=6),
+        clear=st.booleans())
+    def dirty_log_round(self, data, v, offsets, clear):
+        """What migration does, in one step: dirty logging on for a live slot, the guest
+        writes some of its pages, the log is harvested (and, with manual protect, cleared)."""
+        sid = data.draw(st.sampled_from(self.slot_ids))
+        _sid, base, npages, _pfn, _ro = next(m for m in self.sides[1].vm.memslots
+                                              if m[0] == sid)
+        gfn_list = [base + o for o in offsets if o < npages]
+        for g in gfn_list:
+            self.touch(g)
+        self.both("set_memslot_flags", lambda s: s.vm.set_memslot_flags(sid, dirty_log=True))
+        self.both("access_batch", lambda s: s.vcpus[v].access_batch(
+            np.array(gfn_list, dtype=np.uint64), np.ones(len(gfn_list), dtype=np.uint8)))
+        out = self.both("get_dirty_log", lambda s: s.vm.get_dirty_log(sid))
+        if clear and self.manual and out.exc is None:
+            words = np.array(out.value[1], dtype=np.uint64)
+            self.both("clear_dirty_log",
+                      lambda s: s.vm.clear_dirty_log(sid, 0, npages, words))
+
+    @rule(data=st.data())
+    def get_dirty_log(self, data):
+        sid = self.some_slot(data)
+        self.both("get_dirty_log", lambda s: s.vm.get_dirty_log(sid))
+
+    @rule(data=st.data(), first_word=st.integers(0, 9), words=st.integers(0, 4),
+          masks=st.lists(st.sampled_from([0, 1, 1 << 63, (1 << 64) - 1, 0x8000000100000001,
+                                          0x00FF00FF00FF00FF]), min_size=4, max_size=4),
+          odd=st.sampled_from([0, 0, 0, 1, 63]))
+    def clear_dirty_log(self, data, first_word, words, masks, odd):
+        """Words of first_page / num_pages; ``odd`` makes them unaligned (-EINVAL)."""
+        sid = self.some_slot(data)
+        first, num = first_word * 64 + odd, words * 64
+        self.both("clear_dirty_log", lambda s: s.vm.clear_dirty_log(
+            sid, first, num, np.array(masks, dtype=np.uint64)))
+
+    @rule(start=gfns, span=st.sampled_from([1, 512, PAGES_1G, 2 * PAGES_1G]),
+          level=st.integers(1, 3))
+    def split_huge_pages(self, start, span, level):
+        self.touch(start)
+        end = min(start + span, self.width)
+        self.both("split_huge_pages",
+                  lambda s: s.vm.split_huge_pages(start, max(start, end), level))
+
+    @rule()
+    def recover_nx_huge_pages(self):
+        self.both("recover_nx_huge_pages", lambda s: s.vm.recover_nx_huge_pages())
+
+    @rule(on=st.booleans())
+    def set_nx_huge_pages(self, on):
+        self.both("set_nx_huge_pages", lambda s: s.vm.set_nx_huge_pages(on))
+
+    @rule(start=gfns, span=st.sampled_from([1, 512, PAGES_1G, 1 << 27]))
+    def unmap_gfn_range(self, start, span):
+        self.touch(start)
+        end = min(start + span, self.width)
+        self.both("unmap_gfn_range", lambda s: s.vm.unmap_gfn_range(start, max(start, end)))
+
+    @rule(gfn=gfns, min_level=st.integers(1, 4))
+    def write_protect_gfn(self, gfn, min_level):
+        self.touch(gfn)
+        self.both("write_protect_gfn", lambda s: s.vm.write_protect_gfn(gfn, min_level))
 
     @rule(data=st.data())
     def delete_memslot(self, data):
@@ -532,6 +623,11 @@ class VmDifferential(RuleBasedStateMachine):
                 f = Outcome(lambda: getattr(fv, name)(pfn))
                 r = Outcome(lambda: getattr(rv, name)(pfn))
                 assert f.key() == r.key(), (name, hex(pfn))
+        if self.manual:         # with manual protect a get is a copy: compare the logs
+            for sid, *_ in rv.memslots:
+                f = Outcome(lambda: fv.get_dirty_log(sid))
+                r = Outcome(lambda: rv.get_dirty_log(sid))
+                assert f.key() == r.key(), ("dirty log", sid)
         fv.audit()
         rv.audit()
 

@@ -387,8 +387,41 @@ def _api(data):
             s, e, fl = _int_value(r, r.below(1 << 13)), _int_value(r, r.below(1 << 14)), r.flag()
             pair.call("age_gfn_range", lambda impl, vm: (vm.age_gfn_range(s, e, fl),
                                                          vm.test_age_gfn(s, e)))
-        else:
+        elif r.below(2):
             _kernel_op(r, pair)
+        else:
+            _dirty_op(r, pair)
+
+
+def _dirty_op(r, pair):
+    """Issue 11's calls with hostile arguments: dirty logging, notifiers, huge pages."""
+    k = r.below(8)
+    sid = _int_value(r, r.below(4))
+    if k == 0:
+        on = r.pick([True, False, 1, 0, 2.0, None])
+        pair.call("set_memslot_flags", lambda impl, vm: vm.set_memslot_flags(sid, dirty_log=on))
+    elif k == 1:
+        pair.call("get_dirty_log", lambda impl, vm: vm.get_dirty_log(sid).tolist())
+    elif k == 2:
+        first, num = _int_value(r, r.below(4) * 64 + r.pick([0, 0, 1])), _int_value(r, r.below(300))
+        words = [r.uint(8) for _ in range(r.below(6))]
+        pair.call("clear_dirty_log", lambda impl, vm: vm.clear_dirty_log(
+            sid, first, num, np.array(words, dtype=np.uint64)))
+    elif k == 3:
+        s, e, lv = _int_value(r, r.below(1 << 13)), _int_value(r, r.below(1 << 14)), \
+            _int_value(r, 1 + r.below(3))
+        pair.call("split_huge_pages", lambda impl, vm: vm.split_huge_pages(s, e, lv))
+    elif k == 4:
+        pair.call("recover_nx_huge_pages", lambda impl, vm: vm.recover_nx_huge_pages())
+    elif k == 5:
+        on = r.pick([True, False, "1"])
+        pair.call("set_nx_huge_pages", lambda impl, vm: vm.set_nx_huge_pages(on))
+    elif k == 6:
+        s, e = _int_value(r, r.below(1 << 13)), _int_value(r, r.below(1 << 14))
+        pair.call("unmap_gfn_range", lambda impl, vm: vm.unmap_gfn_range(s, e))
+    else:
+        g, lv = _int_value(r, r.below(1 << 13)), _int_value(r, 1 + r.below(4))
+        pair.call("write_protect_gfn", lambda impl, vm: vm.write_protect_gfn(g, lv))
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Build the engine, spte_fast._core, and the bench hooks, spte_fast._bench.
+"""Build the engine, spte_fast._core, the bench hooks, spte_fast._bench, and the
+simulator's working-set pass, spte_fast.sim._distinct.
 
 Compiler directives live here and nowhere else.  ``SPTE_FAST_DEBUG=1`` turns the
 checks back on (bounds, wraparound, initialized), adds line tracing and builds
@@ -37,9 +38,11 @@ INCLUDE = [numpy.get_include(), os.path.join("spte_fast", "include")]
 
 
 def extension(name):
-    return Extension(f"spte_fast.{name}", [f"spte_fast/{name}.pyx"], include_dirs=INCLUDE,
+    path = name.replace(".", "/")
+    return Extension(f"spte_fast.{name}", [f"spte_fast/{path}.pyx"], include_dirs=INCLUDE,
                      define_macros=macros, extra_compile_args=cflags)
 
 
-setup(ext_modules=cythonize([extension("_core"), extension("_bench")],
+setup(ext_modules=cythonize([extension("_core"), extension("_bench"),
+                             extension("sim._distinct")],
                             compiler_directives=DIRECTIVES, annotate=DEBUG))

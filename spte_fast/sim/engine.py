@@ -10,6 +10,10 @@ view).  The periodic zaps run between segments; then the model is audited and a
 ``SimResult`` returned.  Sources come from ``spte_fast.sim.workloads`` (``workload(...)``,
 ``trace_source(...)``).  Python runs per segment, never per access.
 
+A producer thread generates (or reads) the next chunks while the vCPUs run the current one
+(numpy's generators, the trace readers and the batches release the GIL); the batches still
+run in the source's order, so results do not depend on it.
+
 Example::
 
     from spte_fast.sim import SimConfig, run, workload
@@ -20,6 +24,8 @@ Example::
 import concurrent.futures
 import contextlib
 import dataclasses
+import queue
+import threading
 import time
 from dataclasses import dataclass
 
@@ -27,6 +33,7 @@ import numpy as np
 
 import spte_fast as sf
 
+from ._distinct import first_seen
 from .errors import AuditFailed, HostMemoryError, InputError, RunError
 from .report import format_bytes
 from .workloads import PAGES_2M, pool_pages
@@ -127,40 +134,41 @@ class Sample:
 class Distinct:
     """The distinct values (below ``limit``) of a stream of uint64 chunks: a byte per
     value when ``limit`` is at most ``DENSE_LIMIT`` (allocated lazily by the OS, so
-    committed only where values fall), else a sorted array.  ``values()`` lists them in
-    the order first seen (dense) or sorted (sparse)."""
+    committed only where values fall; one C pass per chunk, ``_distinct.first_seen``),
+    else a sorted array.  ``values()`` lists them in the order first seen (dense) or
+    sorted (sparse)."""
 
     DENSE_LIMIT = 1 << 30
 
     def __init__(self, limit):
-        self._seen = np.zeros(limit, dtype=bool) if limit <= self.DENSE_LIMIT else None
-        self._buf = np.zeros(1024, dtype=np.uint64)
+        self._limit = limit
+        self._seen = np.zeros(limit, dtype=np.uint8) if limit <= self.DENSE_LIMIT else None
+        # Room for every value up to 16 Mi at once (uninitialised: the OS commits what is
+        # written), so that the common run never copies it to grow.
+        self._buf = np.empty(min(limit, 1 << 24) if self._seen is not None else 1024,
+                             dtype=np.uint64)
         self.count = 0
+
+    def _reserve(self, n):
+        if self.count + n > self._buf.size:
+            grown = np.empty(max(2 * self._buf.size, self.count + n), dtype=np.uint64)
+            grown[:self.count] = self._buf[:self.count]
+            self._buf = grown
 
     def add(self, x):
         if self._seen is not None:
-            new = x[~self._seen[x]]
-            if not new.size:
-                return
-            new = np.unique(new)
-            self._seen[new] = True
-        else:
-            u = np.unique(x)
-            have = self._buf[:self.count]
-            pos = np.searchsorted(have, u)
-            hit = pos < self.count
-            hit[hit] = have[pos[hit]] == u[hit]
-            if hit.all():
-                return
-            merged = np.insert(have, pos[~hit], u[~hit])
-            self._buf, self.count = merged, merged.size
+            self._reserve(min(x.size, self._limit - self.count))
+            self.count += first_seen(self._seen, x, self._buf[self.count:])
             return
-        if self.count + new.size > self._buf.size:
-            grown = np.zeros(max(2 * self._buf.size, self.count + new.size), dtype=np.uint64)
-            grown[:self.count] = self._buf[:self.count]
-            self._buf = grown
-        self._buf[self.count:self.count + new.size] = new
-        self.count += new.size
+        u = np.unique(x)
+        have = self._buf[:self.count]
+        pos = np.searchsorted(have, u)
+        hit = pos < self.count
+        hit[hit] = have[pos[hit]] == u[hit]
+        if hit.all():
+            return
+        merged = np.insert(have, pos[~hit], u[~hit])
+        self._buf, self.count = merged, merged.size
 
     def values(self):
         return self._buf[:self.count]
@@ -299,6 +307,67 @@ def _new_vm(config, source):
     return vm, pt_pages
 
 
+class _Prefetch:
+    """Iterate ``items`` on a producer thread, at most ``depth`` items ahead.  An exception
+    of the producer is raised where the consumer would have received the item; ``close()``
+    (also on leaving a ``with``) stops the producer and waits for it."""
+
+    _END = object()
+
+    def __init__(self, items, depth=2):
+        self._q = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(iter(items),),
+                                        name="source", daemon=True)
+        self._thread.start()
+
+    def _put(self, item):
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self, it):
+        try:
+            for item in it:
+                if not self._put((item, None)):
+                    return
+        except BaseException as e:          # noqa: BLE001 - handed to the consumer
+            self._put((None, e))
+            return
+        self._put((self._END, None))
+
+    def __iter__(self):
+        while True:
+            item, exc = self._q.get()
+            if exc is not None:
+                raise exc
+            if item is self._END:
+                return
+            yield item
+
+    def close(self, timeout=2.0):
+        """Stop the producer.  One blocked in its source (a stalled pipe) is not waited for
+        beyond ``timeout``: it is a daemon thread, and its next item is dropped."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            try:                            # unblock a producer waiting on a full queue
+                self._q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def _run(config, source, progress):
     c = config
     vm, pt_pages = _new_vm(c, source)
@@ -331,8 +400,9 @@ def _run(config, source, progress):
 
     t_start = time.perf_counter()
     with (concurrent.futures.ThreadPoolExecutor(c.vcpus, thread_name_prefix="vcpu")
-          if c.vcpus > 1 else contextlib.nullcontext()) as executor:
-        for gfns, access in source.chunks(c.chunk):
+          if c.vcpus > 1 else contextlib.nullcontext()) as executor, \
+            _Prefetch(source.chunks(c.chunk)) as chunks:
+        for gfns, access in chunks:
             if c.mode == "access":
                 access = hw_access_codes(access)
             pos = 0

@@ -160,7 +160,11 @@ def test_forced_contention_on_one_range_counts_cas_failures():
     # faster than installs) and the two then run in lockstep over the same entries.
     gfns = np.arange(1 << 18, dtype=np.uint64)
     fixed = 0
-    for _ in range(100):
+    # A round loses a race only now and then (both threads leave the barrier through the
+    # GIL, so one starts tens of microseconds behind; measured here: the first lost CAS
+    # after 25-258 rounds of ~10 ms).  Run rounds until one is lost, for at most 60 s.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
         vm.zap_all()
         out = [None, None]
         run_threads_or_raise([lambda i=i: out.__setitem__(i, vcpus[i].fault_batch(gfns))
@@ -168,7 +172,7 @@ def test_forced_contention_on_one_range_counts_cas_failures():
         fixed += out[0]["fixed"] + out[1]["fixed"]
         assert out[0]["fixed"] + out[1]["fixed"] >= gfns.size
         assert vm.stats["pages_4k"] == gfns.size
-        if vm.stats["cas_failures"] >= 10:
+        if vm.stats["cas_failures"] >= 1:
             break
     st = vm.stats
     assert st["cas_failures"] > 0

@@ -384,10 +384,13 @@ def test_clear_under_initially_set_splits_eagerly(impl):
     ((0, 1, 64, [1]), ValueError),          # first_page not a multiple of 64
     ((0, 0, 65, [1, 1]), ValueError),       # num_pages not a multiple of 64, not to the end
     ((0, 0, 2048, [1] * 32), ValueError),   # beyond the slot
-    ((0, 1024, 0, []), None),               # first_page == npages, nothing: allowed
+    ((0, 1024, 0, "empty"), None),          # first_page == npages, nothing: allowed
     ((0, 0, 128, [1]), ValueError),         # too few words
-    ((0, 0, 64, [[1]]), TypeError),         # not 1-D
+    ((0, 0, 64, [[1]]), ValueError),        # not 1-D
     ((0, 0, 64, [1.5]), TypeError),         # not integers
+    ((0, 0, 64, [-1]), ValueError),         # a negative word (int64)
+    ((0, 0, 64, "list"), TypeError),        # a list is not an array (API.md)
+    ((0, 0, 64, "masked"), TypeError),      # the mask would be ignored
     ((99, 0, 64, [1]), ValueError),         # no such slot
     ((0, -64, 64, [1]), ValueError),
     (("0", 0, 64, [1]), TypeError),
@@ -399,8 +402,11 @@ def test_clear_dirty_log_refuses_bad_arguments_before_anything_changes(impl, arg
     writes(v, [0, 1])
     before, log = vm.stats, bits(vm.get_dirty_log(slot))
     slot_id, first, num, words = args
+    bitmap = {"list": [1], "masked": np.ma.masked_array([1], mask=[True]),
+              "empty": np.zeros(0, dtype=np.uint64)}.get(words) if isinstance(words, str) \
+        else np.array(words)
     call = (lambda: vm.clear_dirty_log(slot_id if slot_id == 99 or isinstance(slot_id, str)
-                                       else slot, first, num, np.array(words)))
+                                       else slot, first, num, bitmap))
     if exc is None:
         call()
     else:

@@ -639,10 +639,7 @@ cdef class Vm:
         cdef int nv
         if not self.kvm.manual_dirty_log_protect:
             raise ValueError("clear_dirty_log needs manual_dirty_log_protect (-EINVAL)")
-        bm = np.asarray(bitmap)
-        if bm.ndim != 1 or (bm.size and bm.dtype.kind not in "ui"):
-            raise TypeError("bitmap must be a 1-D array of uint64 words")
-        words_in = np.ascontiguousarray(bm, dtype=np.uint64)
+        words_in = np.ascontiguousarray(_int_array(bitmap, "bitmap"), dtype=np.uint64)
         with self._slots_lock:
             s = self._dirty_logged_slot(sid_wanted)
             if first & 63:

@@ -155,9 +155,7 @@ class Vm:
         num_pages = check_int("num_pages", num_pages, 0, 1 << 64)
         if not self._kvm.manual_dirty_log_protect:
             raise ValueError("clear_dirty_log needs manual_dirty_log_protect (-EINVAL)")
-        words = np.asarray(bitmap)
-        if words.ndim != 1 or (words.size and words.dtype.kind not in "ui"):
-            raise TypeError("bitmap must be a 1-D array of uint64 words")
+        words = check_int_array("bitmap", bitmap)      # API.md "Accepted argument types"
         slot = self._dirty_logged_slot(slot_id)
         if first_page % 64:
             raise ValueError(f"first_page {first_page} is not a multiple of 64 (-EINVAL)")
@@ -168,7 +166,7 @@ class Vm:
         n = -(-num_pages // 64)
         if len(words) < n:
             raise ValueError(f"bitmap has {len(words)} words, {n} needed")
-        user = [int(w) for w in words[:n].astype(np.uint64)]
+        user = [w & ((1 << 64) - 1) for w in words[:n]]
         dirty_log_mod.kvm_clear_dirty_log_protect(self._kvm, slot, first_page, user)
 
     # --- huge pages ----------------------------------------------------------------------------

@@ -416,18 +416,39 @@ def test_clear_dirty_log_refuses_bad_arguments_before_anything_changes(impl, arg
     vm.audit()
 
 
-def test_clear_dirty_log_needs_manual_protect_and_get_needs_a_log(impl):
-    vm = vm_of(impl)
+def test_clear_dirty_log_works_without_manual_protect_and_get_needs_a_log(impl):
+    """kvm_vm_ioctl_clear_dirty_log / kvm_clear_dirty_log_protect check only their
+    arguments (no manual-protect test): without manual protect a clear still takes the bits
+    and re-protects the pages.  A slot without a bitmap is -ENOENT for both ioctls."""
+    vm = vm_of(impl, max_level=1, pml=False)
     slot = vm.add_memslot(0, 1024, PFN0)
     with pytest.raises(ValueError, match="ENOENT"):
         vm.get_dirty_log(slot)
-    vm.set_memslot_flags(slot, dirty_log=True)
-    with pytest.raises(ValueError, match="manual"):
+    with pytest.raises(ValueError, match="ENOENT"):
         vm.clear_dirty_log(slot, 0, 64, np.ones(1, dtype=np.uint64))
+    v = vm.vcpu()
+    writes(v, [3, 4])
+    vm.set_memslot_flags(slot, dirty_log=True)
+    writes(v, [3, 4])
+    before = vm.stats
+    vm.clear_dirty_log(slot, 0, 64, np.array([1 << 3], dtype=np.uint64))
+    assert spte(vm, 3) == leaf("ept_ad", 3) & ~W and spte(vm, 4) == leaf("ept_ad", 4)
+    assert vm.stats["tlb_flushes_ranged"] == before["tlb_flushes_ranged"] + 1
+    assert bits(vm.get_dirty_log(slot)) == [4]
     with pytest.raises(TypeError):
         vm.set_memslot_flags(slot, dirty_log=1.0)
     with pytest.raises(ValueError):
         vm.set_memslot_flags(1234, dirty_log=True)
+    vm.audit()
+
+
+def test_an_unaligned_first_page_is_refused_before_the_slot_is_looked_up(impl):
+    """kvm_clear_dirty_log_protect tests first_page & 63 (-EINVAL) before the memslot
+    (-ENOENT)."""
+    vm = vm_of(impl)
+    vm.add_memslot(0, 1024, PFN0)
+    with pytest.raises(ValueError, match="EINVAL"):
+        vm.clear_dirty_log(77, 1, 64, np.ones(1, dtype=np.uint64))
 
 
 def test_set_memslot_flags_without_a_change_does_nothing(impl):

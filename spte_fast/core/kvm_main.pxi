@@ -625,9 +625,10 @@ cdef class Vm:
         return out
 
     def clear_dirty_log(self, slot_id, first_page, num_pages, bitmap):
-        """KVM_CLEAR_DIRTY_LOG (manual protect only): for pages [first_page, first_page +
-        num_pages), clear the bits set in ``bitmap`` (uint64 words from first_page) that are
-        set in the dirty log and re-protect those pages; one memslot TLB flush if any."""
+        """KVM_CLEAR_DIRTY_LOG: for pages [first_page, first_page + num_pages), clear the
+        bits set in ``bitmap`` (uint64 words from first_page) that are set in the dirty log
+        and re-protect those pages; one memslot TLB flush if any.  6.10 does not require
+        manual protect for it (kvm_clear_dirty_log_protect checks only the arguments)."""
         cdef int64_t sid_wanted = _as_int(slot_id, "slot_id", INT64_MIN, INT64_MAX)
         cdef u64 first = _as_u64(first_page, "first_page")
         cdef u64 num = _as_u64(num_pages, "num_pages")
@@ -637,13 +638,11 @@ cdef class Vm:
         cdef u64 n
         cdef kvm_vcpu_t* vcpus[MAX_VCPUS]
         cdef int nv
-        if not self.kvm.manual_dirty_log_protect:
-            raise ValueError("clear_dirty_log needs manual_dirty_log_protect (-EINVAL)")
         words_in = np.ascontiguousarray(_int_array(bitmap, "bitmap"), dtype=np.uint64)
+        if first & 63:                      # checked before the slot, as 6.10 does
+            raise ValueError(f"first_page {first} is not a multiple of 64 (-EINVAL)")
         with self._slots_lock:
             s = self._dirty_logged_slot(sid_wanted)
-            if first & 63:
-                raise ValueError(f"first_page {first} is not a multiple of 64 (-EINVAL)")
             if first > s.npages or num > s.npages - first or \
                     (num < s.npages - first and (num & 63)):
                 raise ValueError(f"pages [{first}, {first + num}) do not fit the "

@@ -148,17 +148,16 @@ class Vm:
                         dtype=np.uint64)
 
     def clear_dirty_log(self, slot_id, first_page, num_pages, bitmap):
-        """KVM_CLEAR_DIRTY_LOG (manual protect only) for pages [first_page, first_page +
-        num_pages), `bitmap` in uint64 words from first_page."""
+        """KVM_CLEAR_DIRTY_LOG for pages [first_page, first_page + num_pages), `bitmap` in
+        uint64 words from first_page.  kvm_clear_dirty_log_protect checks only its
+        arguments: manual protect is not required."""
         slot_id = check_int("slot_id", slot_id)
         first_page = check_int("first_page", first_page, 0, 1 << 64)
         num_pages = check_int("num_pages", num_pages, 0, 1 << 64)
-        if not self._kvm.manual_dirty_log_protect:
-            raise ValueError("clear_dirty_log needs manual_dirty_log_protect (-EINVAL)")
         words = check_int_array("bitmap", bitmap)      # API.md "Accepted argument types"
-        slot = self._dirty_logged_slot(slot_id)
         if first_page % 64:
             raise ValueError(f"first_page {first_page} is not a multiple of 64 (-EINVAL)")
+        slot = self._dirty_logged_slot(slot_id)
         rest = slot.npages - first_page
         if first_page > slot.npages or num_pages > rest or (num_pages < rest and num_pages % 64):
             raise ValueError(f"pages [{first_page}, {first_page + num_pages}) do not fit the "

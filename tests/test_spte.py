@@ -1090,6 +1090,13 @@ def test_constructor_argument_errors(impl, call, exc):
 # ==========================================================================================
 
 
+def _outcome(fn):
+    try:
+        return ("ok", fn())
+    except (TypeError, ValueError) as e:
+        return ("raised", type(e))
+
+
 @given(args=make_spte_args(), spte=sptes, gfn=st.integers(0, (1 << 52) - 1),
        generation=st.integers(0, (1 << 19) - 1), index=st.integers(0, 511), level=st.integers(1, 5))
 def test_fast_and_reference_agree(fast, reference, args, spte, gfn, generation, index, level):
@@ -1123,9 +1130,24 @@ def test_fast_and_reference_agree(fast, reference, args, spte, gfn, generation, 
     mmio = lf.make_mmio_spte(gfn, access, generation)
     assert mmio == lr.make_mmio_spte(gfn, access, generation)
     for getter in ("get_mmio_spte_gfn", "get_mmio_spte_generation", "get_mmio_spte_access"):
-        assert getattr(lf, getter)(mmio) == getattr(lr, getter)(mmio)
+        # make_mmio_spte ORs the unmasked gpa (6.10): from gfn 1 << 51 on, the gpa reaches
+        # bit 63 and the value is no MMIO SPTE any more -- both must then refuse it alike.
+        assert _outcome(lambda: getattr(lf, getter)(mmio)) == \
+            _outcome(lambda: getattr(lr, getter)(mmio)), (getter, hex(mmio))
     if mlevel > 1 and pfn % pages_per(mlevel) == 0:
         for nx in (False, True):
             assert lf.make_huge_page_split_spte(leaf, mlevel - 1, index, nx) == lr.make_huge_page_split_spte(
                 leaf, mlevel - 1, index, nx
             )
+
+
+def test_an_mmio_spte_of_a_gfn_from_2_51_is_refused_alike_by_its_getters(fast, reference):
+    """make_mmio_spte ORs the unmasked gpa (6.10): gfn 1 << 51 puts bit 63 into the value,
+    which is then no MMIO SPTE of the EPT layout; both implementations build the same value
+    and both getters refuse it (found by hypothesis in test_fast_and_reference_agree)."""
+    for impl in (fast, reference):
+        layout = impl.SpteLayout.ept()
+        value = layout.make_mmio_spte(1 << 51, 0, 0)
+        assert value == (1 << 63) | 0x6
+        with pytest.raises(ValueError):
+            layout.get_mmio_spte_gfn(value)

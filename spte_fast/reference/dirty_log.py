@@ -20,8 +20,7 @@ Bitmaps are lists of 64-page words (page i of a slot is bit i % 64 of word i // 
 """
 from . import aging, huge_pages, memslots, notifiers, tdp_mmu, tdp_mmu_roots
 from .kvm_host import kvm_flush_remote_tlbs_range
-from .memslots import (BITS_PER_LONG, kvm_alloc_dirty_bitmap, kvm_slot_dirty_track_enabled,
-                       mark_page_dirty_in_slot)
+from .memslots import BITS_PER_LONG, kvm_alloc_dirty_bitmap, mark_page_dirty_in_slot
 from .spte import (PG_LEVEL_2M, PG_LEVEL_4K, PT_WRITABLE_MASK, is_last_spte,
                    is_shadow_present_pte, spte_to_pfn)
 from .tdp_iter import for_each_tdp_pte, for_each_tdp_pte_min_level

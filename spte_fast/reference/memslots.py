@@ -131,12 +131,6 @@ def mark_page_dirty_in_slot(stat, slot, gfn):
     stat["dirty_pages_marked"] += 1
 
 
-def dirty_pages(slot):
-    """The slot's dirty pages (offsets), lowest first: for tests and the audit."""
-    return [w * BITS_PER_LONG + b for w, word in enumerate(slot.dirty_bitmap or [])
-            for b in range(BITS_PER_LONG) if word >> b & 1]
-
-
 # --- host page flags -------------------------------------------------------------------------
 # Accessed/dirty are flags of host pages (struct page in KVM), not of memslots: they outlive
 # the slot that set them, and a slot that maps the page again sees them.

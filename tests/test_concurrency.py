@@ -17,6 +17,7 @@ import pytest
 import spte_fast as sf
 from support.layouts import make_vm
 from support.spec import NP63
+from support.tables import assert_pool_accounting
 from support.threads import run_threads, run_threads_or_raise
 
 PFN0 = 0x100000  # a 1G-aligned host pfn
@@ -30,19 +31,6 @@ def _vm(layout=None, pages=1 << 22, max_level=sf.PG_LEVEL_4K, max_pt_pages=1 << 
                max_pt_pages=max_pt_pages)
     vm.add_memslot(0, pages, pfn=0x100000)
     return vm
-
-
-def _pool_accounting(vm):
-    """Every pool page is free, cached in a vCPU cache, or a linked table (exactly)."""
-    pool = vm.pool
-    cached = sum(v.cache.nobjs for v in vm.vcpus)
-    st = vm.stats
-    assert st["tables_allocated"] - st["tables_freed"] == st["pt_pages"]
-    assert pool.capacity - pool.nr_free == st["pt_pages"] + cached
-    states = [pool.page_state(i) for i in range(pool.capacity)]
-    assert states.count("table") == st["pt_pages"]
-    assert states.count("cached") == cached
-    assert states.count("parked") == 0 and states.count("raw") == 0
 
 
 @pytest.mark.parametrize("nthreads", [2, 4])
@@ -81,7 +69,7 @@ def test_overlapping_random_faults_map_the_union_exactly(nthreads):
         spte, level = vm.lookup(int(g))
         assert level == 1 and vm.layout.spte_to_pfn(spte) == 0x100000 + int(g)
     vm.audit()
-    _pool_accounting(vm)
+    assert_pool_accounting(vm)
 
 
 def test_faults_race_with_zaps_and_zap_all():
@@ -116,12 +104,12 @@ def test_faults_race_with_zaps_and_zap_all():
     run_threads_or_raise([faulter(vcpus[0], SEED + 1), faulter(vcpus[1], SEED + 3), zapper])
     assert zaps["range"] > 0
     vm.audit()
-    _pool_accounting(vm)
+    assert_pool_accounting(vm)
     # Everything still works after the storm.
     vm.zap_all()
     vm.audit()
     assert vm.stats["pt_pages"] == 1
-    _pool_accounting(vm)
+    assert_pool_accounting(vm)
 
 
 def test_table_replaced_by_huge_leaf_is_frozen_parked_and_reclaimed():
@@ -147,7 +135,7 @@ def test_table_replaced_by_huge_leaf_is_frozen_parked_and_reclaimed():
     assert vm.pool.page_state(table) == "free"         # grace period over: reclaimed
     assert (vm.pool.pages[table] == vm.layout.frozen_value).all()
     vm.audit()
-    _pool_accounting(vm)
+    assert_pool_accounting(vm)
 
 
 def test_forced_contention_on_one_range_counts_cas_failures():
@@ -179,7 +167,7 @@ def test_forced_contention_on_one_range_counts_cas_failures():
     assert st["faults_retry"] > 0
     assert st["faults_retry"] <= st["cas_failures"]       # every RETRY is a lost CAS here
     vm.audit()
-    _pool_accounting(vm)
+    assert_pool_accounting(vm)
 
 
 def test_lost_link_race_returns_table_to_pool_not_cache():
@@ -200,7 +188,7 @@ def test_lost_link_race_returns_table_to_pool_not_cache():
     assert st["cas_failures"] == 1 and st["tables_freed"] == 1
     assert v.fault(0) == sf.PF.FIXED
     vm.audit()
-    _pool_accounting(vm)
+    assert_pool_accounting(vm)
 
 
 def test_stats_are_exact_sums_of_per_vcpu_counters():

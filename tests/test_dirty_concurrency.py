@@ -43,6 +43,7 @@ import numpy as np
 import pytest
 
 import spte_fast as sf
+from support.tables import assert_pool_accounting
 from support.threads import run_threads
 
 BASE_GFN = 1 << 18          # 1G-aligned guest frame of the slot
@@ -394,20 +395,6 @@ def check_run(run, harvests=None):
                            may_dirty, skip_harvests=(0,) if run.initially_set else ())
 
 
-def _pool_accounting(vm):
-    """Every pool page is free, cached in a vCPU cache, or a linked table (exactly); none is
-    parked (waiting for a grace period) once every thread has left the read side."""
-    pool = vm.pool
-    cached = sum(v.cache.nobjs for v in vm.vcpus)
-    st = vm.stats
-    assert st["tables_allocated"] - st["tables_freed"] == st["pt_pages"]
-    assert pool.capacity - pool.nr_free == st["pt_pages"] + cached
-    states = [pool.page_state(i) for i in range(pool.capacity)]
-    assert states.count("table") == st["pt_pages"]
-    assert states.count("cached") == cached
-    assert states.count("parked") == 0 and states.count("raw") == 0
-
-
 def _distinct(pages, shift):
     return np.unique((BASE_GFN + pages) >> shift).size
 
@@ -466,7 +453,7 @@ def test_no_write_is_missing_from_the_harvested_dirty_log(layout_name, protect, 
     # except with eager split off a prefaulted 2M page that was only read (protected, never
     # split).  With eager split every huge page was split.
     vm.audit()
-    _pool_accounting(vm)
+    assert_pool_accounting(vm)
     mapped = np.unique(np.concatenate([run.prefaulted] + [b.pages.astype(np.int64)
                                                           for b in run.batches]))
     levels = np.array([vm.lookup(BASE_GFN + int(p))[1] for p in mapped])
@@ -484,7 +471,7 @@ def test_no_write_is_missing_from_the_harvested_dirty_log(layout_name, protect, 
     # every 2M range of the slot could be huge, so no 4K table survives.
     vm.set_memslot_flags(slot, dirty_log=False)
     vm.audit()
-    _pool_accounting(vm)
+    assert_pool_accounting(vm)
     st = vm.stats
     assert st["pt_pages_l1"] == 0 and st["pages_4k"] == 0
     # Deleting the slot zaps every root fast; once each vCPU has entered again (dropping
@@ -493,7 +480,7 @@ def test_no_write_is_missing_from_the_harvested_dirty_log(layout_name, protect, 
     for v in run.vcpus:
         assert v.fault(BASE_GFN, error_code=sf.PFERR_RSVD_MASK) == sf.PF.RETRY
     vm.audit()
-    _pool_accounting(vm)
+    assert_pool_accounting(vm)
     st = vm.stats
     assert st["pt_pages"] == 1 and len(vm.roots) == 1
     assert st["pages_4k"] == st["pages_2m"] == st["pages_1g"] == 0

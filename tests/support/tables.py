@@ -117,3 +117,17 @@ def check_allowed_values(vm, layout, tables=None):
             assert v != 0 or layout.nonpresent_value == 0
             kinds.add("mmio")
     return kinds
+
+
+def assert_pool_accounting(vm):
+    """Every pool page is free, cached in a vCPU cache, or a linked table (exactly); none is
+    parked (waiting for a grace period) once every thread has left the read side."""
+    pool = vm.pool
+    cached = sum(v.cache.nobjs for v in vm.vcpus)
+    st = vm.stats
+    assert st["tables_allocated"] - st["tables_freed"] == st["pt_pages"]
+    assert pool.capacity - pool.nr_free == st["pt_pages"] + cached
+    states = [pool.page_state(i) for i in range(pool.capacity)]
+    assert states.count("table") == st["pt_pages"]
+    assert states.count("cached") == cached
+    assert states.count("parked") == 0 and states.count("raw") == 0

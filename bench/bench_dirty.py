@@ -21,7 +21,6 @@ Groups (ratios in one run, `python bench/ratios.py RESULT.json`):
 Every round's setup (untimed) puts the tables back into the state the timed call starts
 from: dirty again, writable again, huge again, accessed again.
 """
-import threading
 
 import numpy as np
 import pytest
@@ -29,7 +28,7 @@ import pytest
 import spte_fast as sf
 from spte_fast import _bench
 
-from conftest import GIB_PAGES, per_item
+from conftest import GIB_PAGES, per_item, run_parallel
 
 N = 4 * GIB_PAGES                   # 1 Mi pages: 4 GiB
 WRITE = 1                           # fault_batch / access_batch access code of a write
@@ -147,15 +146,6 @@ def test_dirty_d_age_4g(benchmark, kind):
     per_item(benchmark, N, "sptes")
 
 
-def _run_parallel(vcpus, arrays, writes):
-    threads = [threading.Thread(target=v.access_batch, args=(a, writes))
-               for v, a in zip(vcpus, arrays)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-
 @pytest.mark.parametrize("nthreads", [1, 2])
 def test_dirty_e_fast_pf_after_wrprot(benchmark, nthreads):
     benchmark.group = "dirty (e): fast page fault after write-protection, 4 GiB per vCPU (ns/fault)"
@@ -169,8 +159,8 @@ def test_dirty_e_fast_pf_after_wrprot(benchmark, nthreads):
         vm.get_dirty_log(slot)                  # harvest: re-protects every dirty page
         before.update(vm.stats)
 
-    benchmark.pedantic(lambda: _run_parallel(vcpus, arrays, writes[:N]), setup=setup,
-                       rounds=7, warmup_rounds=1)
+    calls = [lambda v=v, a=a: v.access_batch(a, writes[:N]) for v, a in zip(vcpus, arrays)]
+    benchmark.pedantic(lambda: run_parallel(calls), setup=setup, rounds=7, warmup_rounds=1)
     st = vm.stats
     assert st["faults_fast"] - before["faults_fast"] == nthreads * N
     assert popcount(vm.get_dirty_log(slot)) == nthreads * N

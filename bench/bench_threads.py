@@ -6,24 +6,14 @@ threads first-touch the same 4 GiB in the same order; the rate and the CAS
 failures (lost races, each re-faulted) are recorded.  Pool memory is faulted in
 beforehand (rounds start after zap_all), so the kernel's page zeroing is not timed.
 """
-import threading
-
 import numpy as np
 import pytest
 
 import spte_fast as sf
 
-from conftest import GIB_PAGES, per_item
+from conftest import GIB_PAGES, per_item, run_parallel
 
 N = 4 * GIB_PAGES            # faults per thread
-
-
-def _run_parallel(vcpus, arrays):
-    threads = [threading.Thread(target=v.fault_batch, args=(a,)) for v, a in zip(vcpus, arrays)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
 
 
 @pytest.mark.parametrize("nthreads", [1, 2])
@@ -33,7 +23,8 @@ def test_disjoint_ranges(benchmark, nthreads):
     vm.add_memslot(0, 2 * N, pfn=0x100000)
     vcpus = [vm.vcpu() for _ in range(nthreads)]
     arrays = [np.arange(t * N, (t + 1) * N, dtype=np.uint64) for t in range(nthreads)]
-    benchmark.pedantic(lambda: _run_parallel(vcpus, arrays), setup=lambda: vm.zap_all() and None, rounds=7,
+    calls = [lambda v=v, a=a: v.fault_batch(a) for v, a in zip(vcpus, arrays)]
+    benchmark.pedantic(lambda: run_parallel(calls), setup=lambda: vm.zap_all() and None, rounds=7,
                        warmup_rounds=1)
     assert vm.stats["pages_4k"] == nthreads * N
     vm.audit()
@@ -46,7 +37,8 @@ def test_shared_range_two_threads(benchmark):
     vm.add_memslot(0, N, pfn=0x100000)
     vcpus = [vm.vcpu(), vm.vcpu()]
     gfns = np.arange(N, dtype=np.uint64)
-    benchmark.pedantic(lambda: _run_parallel(vcpus, [gfns, gfns]), setup=lambda: vm.zap_all() and None, rounds=7,
+    calls = [lambda v=v: v.fault_batch(gfns) for v in vcpus]
+    benchmark.pedantic(lambda: run_parallel(calls), setup=lambda: vm.zap_all() and None, rounds=7,
                        warmup_rounds=1)
     st = vm.stats
     assert st["pages_4k"] == N

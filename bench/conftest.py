@@ -5,6 +5,7 @@ noisy): `python bench/ratios.py RESULT.json` prints them from
 `--benchmark-json=RESULT.json`.
 """
 import os
+import threading
 
 # numpy's OpenBLAS starts a thread pool whose servers spin after any BLAS call; on a 2-core
 # machine they steal a core from the vCPU threads (perf showed blas_thread_server at ~12 %).
@@ -59,3 +60,12 @@ def per_item(benchmark, n, unit="faults"):
     med = benchmark.stats.stats.median
     benchmark.extra_info[f"{unit}_per_s"] = n / med
     benchmark.extra_info["ns_per_item"] = med / n * 1e9
+
+
+def run_parallel(calls):
+    """Run each callable on its own thread (the batches release the GIL) and join them."""
+    threads = [threading.Thread(target=c) for c in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

@@ -165,8 +165,7 @@ class Vm:
         n = -(-num_pages // 64)
         if len(words) < n:
             raise ValueError(f"bitmap has {len(words)} words, {n} needed")
-        user = [w & ((1 << 64) - 1) for w in words[:n]]
-        dirty_log_mod.kvm_clear_dirty_log_protect(self._kvm, slot, first_page, user)
+        dirty_log_mod.kvm_clear_dirty_log_protect(self._kvm, slot, first_page, words[:n])
 
     # --- huge pages ----------------------------------------------------------------------------
 

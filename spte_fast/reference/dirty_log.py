@@ -28,8 +28,6 @@ from .tdp_iter import for_each_tdp_pte, for_each_tdp_pte_min_level
 #: Entries of a vCPU's page-modification log (PML_ENTITY_NUM in vmx.h).
 PML_ENTITY_NUM = 512
 
-_WORD = (1 << BITS_PER_LONG) - 1
-
 
 # --- PML (vmx.c) -----------------------------------------------------------------------------
 
@@ -61,36 +59,32 @@ def _ad_enabled(kvm):
     return kvm.layout.accessed_mask != 0
 
 
-def wrprot_gfn_range(kvm, root, start, end, min_level):
-    """Shared: clear only W on present leaves at >= min_level (CAS, retried on the value
-    found).  MMU-writable stays, so the next write is a fast page fault that logs it."""
+def _clear_leaf_bit(kvm, root, start, end, min_level, bit):
+    """Shared: present leaves at >= min_level in [start, end) that have `bit` lose it (CAS,
+    retried on the value found, through handle_changed_spte).  Returns changed."""
     changed = False
     end = min(end, tdp_mmu.tdp_mmu_max_gfn_exclusive(kvm))
     if start >= end:
         return False
     for it in for_each_tdp_pte_min_level(kvm.pool, root, min_level, start, end):
         while (is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level)
-               and it.old_spte & PT_WRITABLE_MASK):
-            if tdp_mmu.tdp_mmu_set_spte_atomic(kvm, it, it.old_spte & ~PT_WRITABLE_MASK):
+               and it.old_spte & bit):
+            if tdp_mmu.tdp_mmu_set_spte_atomic(kvm, it, it.old_spte & ~bit):
                 changed = True
                 break
     return changed
+
+
+def wrprot_gfn_range(kvm, root, start, end, min_level):
+    """Clear only W on leaves at >= min_level.  MMU-writable stays, so the next write is a
+    fast page fault that logs it."""
+    return _clear_leaf_bit(kvm, root, start, end, min_level, PT_WRITABLE_MASK)
 
 
 def clear_dirty_gfn_range(kvm, root, start, end):
-    """Shared: present leaves of any level lose the dirty bit -- D with A/D bits, else W."""
+    """Leaves of any level lose the dirty bit -- D with A/D bits, else W."""
     dbit = kvm.layout.dirty_mask if _ad_enabled(kvm) else PT_WRITABLE_MASK
-    changed = False
-    end = min(end, tdp_mmu.tdp_mmu_max_gfn_exclusive(kvm))
-    if start >= end:
-        return False
-    for it in for_each_tdp_pte(kvm.pool, root, start, end):
-        while (is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level)
-               and it.old_spte & dbit):
-            if tdp_mmu.tdp_mmu_set_spte_atomic(kvm, it, it.old_spte & ~dbit):
-                changed = True
-                break
-    return changed
+    return _clear_leaf_bit(kvm, root, start, end, PG_LEVEL_4K, dbit)
 
 
 def clear_dirty_pt_masked(kvm, root, gfn, mask, wrprot):
@@ -206,7 +200,6 @@ def kvm_clear_dirty_log_protect(kvm, slot, first_page, user_words):
     kvm_arch_sync_dirty_log(kvm)
     flush = False
     for k, user in enumerate(user_words):
-        user &= _WORD
         if not user:
             continue
         i = first_page // BITS_PER_LONG + k

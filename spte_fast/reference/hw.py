@@ -156,14 +156,12 @@ def kvm_vcpu_access(vcpu, gfn, write, exec, counts=None):  # noqa: A002
         mmu.kvm_vcpu_enter_guest(vcpu)
         vcpu.stat["hw_walks"] += 1
         outcome, sptep, spte = hw_walk(vcpu, gfn, write, exec)
-        if outcome == WALK_PERMITTED:
-            if hw_set_accessed_dirty(vcpu, gfn, sptep, spte, write):
-                return last
-            dirty_log.vmx_flush_pml_buffer(vcpu)    # every exit flushes the log first
-            vcpu.stat["exits_pml_full"] += 1        # handle_pml_full: re-execute
+        if outcome == WALK_PERMITTED and hw_set_accessed_dirty(vcpu, gfn, sptep, spte, write):
+            return last
+        dirty_log.vmx_flush_pml_buffer(vcpu)        # every exit flushes the log first
+        if outcome == WALK_PERMITTED:               # the log was full: handle_pml_full
+            vcpu.stat["exits_pml_full"] += 1        # does nothing more; re-execute
             continue
-        if vcpu.pml_buf:
-            dirty_log.vmx_flush_pml_buffer(vcpu)
         if outcome == WALK_MISCONFIG:
             vcpu.stat["exits_misconfig"] += 1
         else:

@@ -16,7 +16,8 @@ Groups (ratios in one run, `python bench/ratios.py RESULT.json`):
 * ``dirty (e)``: the fast page fault after write-protection: each write of a migration
   round, through the hardware view (``access_batch``), finds W clear, exits with
   PRESENT|WRITE and is fixed by ``fast_page_fault`` (which restores W and logs the page);
-  one vCPU over 4 GiB and two vCPU threads over 4 GiB each.  Targets >= 30 M/s on one vCPU; two threads >= 1.7x one.
+  one vCPU over 4 GiB and two vCPU threads over 4 GiB each.  Targets >= 30 M/s on one
+  vCPU; two threads >= 1.7x one.
 
 Every round's setup (untimed) puts the tables back into the state the timed call starts
 from: dirty again, writable again, huge again, accessed again.
@@ -60,7 +61,8 @@ def redirty(vm, vcpu, gfns, writes, pml):
 @pytest.mark.parametrize("pml", [False, True], ids=["wrprot", "pml"])
 @pytest.mark.parametrize("how", ["clear_dirty_log", "bare_c", "get_and_clear"])
 def test_dirty_a_clear_1mi_pages(benchmark, how, pml):
-    benchmark.group = f"dirty (a): clear a dirty log of 1 Mi 4K pages, {'PML: D' if pml else 'W'} (ns/page)"
+    bits = "PML: D" if pml else "W"
+    benchmark.group = f"dirty (a): clear a dirty log of 1 Mi 4K pages, {bits} (ns/page)"
     vm, slot, (vcpu,), gfns, writes = dirty_vm(pml=pml)
     vm.set_memslot_flags(slot, dirty_log=True)
     bit = 9 if pml else 1
@@ -72,9 +74,11 @@ def test_dirty_a_clear_1mi_pages(benchmark, how, pml):
         assert popcount(state["bm"]) == N
 
     if how == "clear_dirty_log":
-        run = lambda: vm.clear_dirty_log(slot, 0, N, state["bm"])  # noqa: E731
+        def run():
+            vm.clear_dirty_log(slot, 0, N, state["bm"])
     elif how == "bare_c":
-        run = lambda: state.update(changed=_bench.bare_clear_dirty(vm, 0, state["bm"], bit))  # noqa: E731
+        def run():
+            state.update(changed=_bench.bare_clear_dirty(vm, 0, state["bm"], bit))
     else:
         def run():
             vm.clear_dirty_log(slot, 0, N, vm.get_dirty_log(slot))

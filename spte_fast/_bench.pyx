@@ -13,9 +13,10 @@ from libc.stdint cimport INT64_MAX, int64_t
 
 from spte_fast._core cimport (
     SHADOW_NONPRESENT_VALUE, SPTE_BASE_ADDR_MASK, SPTE_ENT_PER_PAGE, SPTE_MMU_PRESENT_MASK,
-    Vm, __builtin_ctzll, _as_int, _as_u64, _gfn_array, _page_arena, _pages_array, _u64_array, count_present_kernel,
-    bitmap_fetch_andnot_word, fill_pages_kernel, kvm_t, spte_fetch_and_seq_cst,
-    spte_load_acquire, spte_memset64, spte_store_relaxed, spte_try_cmpxchg_seq_cst, u64,
+    Vm, __builtin_ctzll, _as_int, _as_u64, _gfn_array, _page_arena, _pages_array, _u64_array,
+    bitmap_fetch_andnot_word, count_present_kernel, fill_pages_kernel, kvm_t,
+    spte_fetch_and_seq_cst, spte_load_acquire, spte_memset64, spte_store_relaxed,
+    spte_try_cmpxchg_seq_cst, u64,
 )
 
 from spte_fast.errors import OutOfMemory

@@ -10,9 +10,10 @@ view).  The periodic zaps run between segments; then the model is audited and a
 ``SimResult`` returned.  Sources come from ``spte_fast.sim.workloads`` (``workload(...)``,
 ``trace_source(...)``).  Python runs per segment, never per access.
 
-A producer thread generates (or reads) the next chunks while the vCPUs run the current one
-(numpy's generators, the trace readers and the batches release the GIL); the batches still
-run in the source's order, so results do not depend on it.
+A producer thread generates (or reads) the next chunks, and counts the working set of each,
+while the vCPUs run the current one (numpy's generators, the trace readers, the
+working-set pass and the batches release the GIL); the batches still run in the source's
+order, so results do not depend on it.
 
 Example::
 
@@ -368,6 +369,24 @@ class _Prefetch:
         self.close()
 
 
+def _working_set(chunks, touched, interval, marks):
+    """The source's chunks, each followed by its working-set pass: ``marks`` gets, for each
+    position in the stream that is a multiple of ``interval`` (where a sample can be taken)
+    and each chunk's end, the number of distinct pages accessed up to it.  Runs on the
+    producer thread, and a chunk is handed over before its pass, so that the pass overlaps
+    the vCPUs' batches; every mark is in when the iteration ends."""
+    pos = 0
+    for gfns, access in chunks:
+        yield gfns, access
+        a, n = 0, gfns.size
+        while a < n:
+            b = min(n, a + interval - (pos + a) % interval)
+            touched.add(gfns[a:b])
+            marks[pos + b] = touched.count
+            a = b
+        pos += n
+
+
 def _run(config, source, progress):
     c = config
     vm, pt_pages = _new_vm(c, source)
@@ -376,7 +395,8 @@ def _run(config, source, progress):
     interval = c.stats_interval or max(1, -(-source.faults // SAMPLES))
     periods = [p for p in (c.zap_every, c.zap_all_every, interval) if p]
     zap_regions = max(1, -(-source.guest_pages // PAGES_2M))
-    touched = Distinct(source.span)                       # the working set
+    touched = Distinct(source.span)     # the working set, on the producer thread
+    working_set = {0: 0}                # its marks by position (see _working_set)
     touched_2m = (Distinct(-(-source.span // PAGES_2M))
                   if source.zap_touched and c.zap_every else None)
     results = ({"hits": 0} if c.mode == "access" else {})
@@ -395,13 +415,14 @@ def _run(config, source, progress):
             pt_pages=tuple(st[f"pt_pages_l{lvl}"] for lvl in range(1, c.root_level + 1)),
             accesses=done, accesses_per_s=(done - last["accesses"]) / dt if dt else 0.0,
             results=dict(results), leaves=(st["pages_4k"], st["pages_2m"], st["pages_1g"]),
-            working_set=touched.count))
+            working_set=0))             # filled in from the marks at the end
         last.update(accesses=done, faults=faults, fault_s=fault_s)
 
     t_start = time.perf_counter()
     with (concurrent.futures.ThreadPoolExecutor(c.vcpus, thread_name_prefix="vcpu")
           if c.vcpus > 1 else contextlib.nullcontext()) as executor, \
-            _Prefetch(source.chunks(c.chunk)) as chunks:
+            _Prefetch(_working_set(source.chunks(c.chunk), touched, interval,
+                                   working_set)) as chunks:
         for gfns, access in chunks:
             if c.mode == "access":
                 access = hw_access_codes(access)
@@ -418,7 +439,6 @@ def _run(config, source, progress):
                 fault_s += time.perf_counter() - t0
                 if progress:
                     progress(end - pos)
-                touched.add(seg)
                 if touched_2m is not None:
                     touched_2m.add(seg >> np.uint64(9))
                 done += end - pos
@@ -441,6 +461,8 @@ def _run(config, source, progress):
     if not samples or samples[-1].accesses != done:
         sample()
     elapsed = time.perf_counter() - t_start
+    for s in samples:
+        s.working_set = working_set[s.accesses]
     if done != source.faults:
         raise RunError(f"replayed {done:,} records where the source had {source.faults:,}: "
                        f"the input changed under the run")

@@ -100,6 +100,18 @@ def _access_hits(n):
     return run
 
 
+def _access_first_touch(n):
+    import numpy as np
+    npages = 16 * N
+    _, vcpu = _vm(npages)
+    gfns = np.random.default_rng(SEED).permutation(npages)[:n].astype(np.uint64)
+
+    def run():
+        res = vcpu.access_batch(gfns)
+        assert res["fixed"] == n and res["hits"] == 0, res
+    return run
+
+
 def _zap_range(n):
     vm, _ = _vm(n, populate=True)
 
@@ -154,6 +166,10 @@ ITEMS = {
     "access_hits": ("__pyx_pw_9spte_fast_5_core_4Vcpu_*access_batch", N, "access",
                     f"Vcpu.access_batch: {N} accesses that hit (A/D already set)",
                     _access_hits),
+    "access_first_touch": ("__pyx_pw_9spte_fast_5_core_4Vcpu_*access_batch", N, "access",
+                           f"Vcpu.access_batch: {N} first touches in random order over "
+                           f"{16 * N * 4 >> 20} MiB (EPT violation, fault, re-walk)",
+                           _access_first_touch),
     "zap_range": ("__pyx_pw_9spte_fast_5_core_2Vm_*zap_gfn_range", N, "leaf",
                   f"Vm.zap_gfn_range over {N} 4K leaves", _zap_range),
     "wrprot_slot": ("__pyx_pw_9spte_fast_5_core_2Vm_*set_memslot_flags", N, "leaf",

@@ -19,6 +19,7 @@ cdef enum:
     HW_VIOLATION = 1                # EPT violation / #NPF (no RSVD)
     HW_MISCONFIG = 2                # EPT misconfiguration / #NPF with RSVD
     HW_PML_FULL = 3                 # page-modification log full (VMX): nothing was set
+    HW_UNDECIDED = 4                # hw_walk_hits: not the common case, walk in full
     ACC_READ = 0                    # the kinds of access (access_batch's codes)
     ACC_WRITE = 1
     ACC_FETCH = 2
@@ -107,6 +108,7 @@ ctypedef struct hw_tlb_fill_t:
     tdp_ptep_t root
     bint five_levels
     u64 ok                          # kvm.hw_hit_ok: (spte & ok) == bit 0 on every level
+    u64 present                     # kvm.hw_present_mask
     const u64* need                 # kvm.hw_hit_need / hw_hit_check, by access kind
     const u64* check
 
@@ -117,36 +119,69 @@ cdef inline void hw_tlb_fill_setup(kvm_vcpu_t* vcpu, hw_tlb_fill_t* f) noexcept 
     f.root = pool_page(kvm.pool, vcpu.root)
     f.five_levels = kvm.root_level == 5
     f.ok = kvm.hw_hit_ok
+    f.present = kvm.hw_present_mask
     f.need = kvm.hw_hit_need
     f.check = kvm.hw_hit_check
 
 
-cdef inline bint hw_walk_hits(const hw_tlb_fill_t* f, gfn_t gfn, int acc) noexcept nogil:
-    """The common case of hw_tdp_walk, unrolled: every entry has bit 0 (EPT R, NPT P) and
-    no reserved bit, no large page above 1G, and the leaf allows the access with A (and D)
-    already set -- a walk that changes nothing and raises nothing.  False: let
-    hw_tdp_walk decide (a non-present or misconfigured entry, a denied access, an A/D
-    assist)."""
+cdef inline int hw_walk_miss(const hw_tlb_fill_t* f, u64 spte) noexcept nogil:
+    """Where the common case ends on `spte`: an entry with none of the present bits is an
+    EPT violation / #NPF with the translation not present, exactly as hw_tdp_walk finds it
+    (the entries above passed its checks); anything else is for hw_tdp_walk to decide."""
+    return HW_UNDECIDED if spte & f.present else HW_VIOLATION
+
+
+cdef inline int hw_walk_hits(const hw_tlb_fill_t* f, gfn_t gfn, int acc) noexcept nogil:
+    """The common cases of hw_tdp_walk, unrolled: HW_HIT when every entry has bit 0 (EPT
+    R, NPT P) and no reserved bit, no large page above 1G, and the leaf allows the access
+    with A (and D) already set -- a walk that changes nothing; HW_VIOLATION when it ends on
+    a not-present entry (nothing is set either); else HW_UNDECIDED: let hw_tdp_walk decide
+    (a misconfigured entry, a denied access, an A/D assist)."""
     cdef tdp_ptep_t table = f.root
     cdef u64 spte, ok = f.ok
     if f.five_levels:
         spte = kvm_tdp_mmu_read_spte(table + ((gfn >> 36) & 511))
-        if (spte & ok) != PT_PRESENT_MASK or (spte & PT_PAGE_SIZE_MASK):
-            return False
+        if (spte & (ok | PT_PAGE_SIZE_MASK)) != PT_PRESENT_MASK:
+            return hw_walk_miss(f, spte)
         table = spte_to_child_table(f.pages, spte)
     spte = kvm_tdp_mmu_read_spte(table + ((gfn >> 27) & 511))
-    if (spte & ok) != PT_PRESENT_MASK or (spte & PT_PAGE_SIZE_MASK):
-        return False
+    if (spte & (ok | PT_PAGE_SIZE_MASK)) != PT_PRESENT_MASK:
+        return hw_walk_miss(f, spte)
     spte = kvm_tdp_mmu_read_spte(spte_to_child_table(f.pages, spte) + ((gfn >> 18) & 511))
     if not (spte & PT_PAGE_SIZE_MASK):
         if (spte & ok) != PT_PRESENT_MASK:
-            return False
+            return hw_walk_miss(f, spte)
         spte = kvm_tdp_mmu_read_spte(spte_to_child_table(f.pages, spte) + ((gfn >> 9) & 511))
         if not (spte & PT_PAGE_SIZE_MASK):
             if (spte & ok) != PT_PRESENT_MASK:
-                return False
+                return hw_walk_miss(f, spte)
             spte = kvm_tdp_mmu_read_spte(spte_to_child_table(f.pages, spte) + (gfn & 511))
-    return (spte & f.check[acc]) == f.need[acc]
+    if (spte & f.check[acc]) == f.need[acc]:
+        return HW_HIT
+    return hw_walk_miss(f, spte)
+
+
+cdef inline void hw_prefetch_leaf(const hw_tlb_fill_t* f, gfn_t gfn) noexcept nogil:
+    """Prefetch gfn's 4K entry, walking the upper levels with hw_walk_hits' test (tables
+    only: any other entry ends it), so that the leaf-table misses of a batch's exits
+    overlap (an exit's atomics order every later load after them)."""
+    cdef tdp_ptep_t table = f.root
+    cdef u64 spte, ok = f.ok | PT_PAGE_SIZE_MASK
+    if f.five_levels:
+        spte = kvm_tdp_mmu_read_spte(table + ((gfn >> 36) & 511))
+        if (spte & ok) != PT_PRESENT_MASK:
+            return
+        table = spte_to_child_table(f.pages, spte)
+    spte = kvm_tdp_mmu_read_spte(table + ((gfn >> 27) & 511))
+    if (spte & ok) != PT_PRESENT_MASK:
+        return
+    spte = kvm_tdp_mmu_read_spte(spte_to_child_table(f.pages, spte) + ((gfn >> 18) & 511))
+    if (spte & ok) != PT_PRESENT_MASK:
+        return
+    spte = kvm_tdp_mmu_read_spte(spte_to_child_table(f.pages, spte) + ((gfn >> 9) & 511))
+    if (spte & ok) != PT_PRESENT_MASK:
+        return
+    spte_prefetch_read(spte_to_child_table(f.pages, spte) + (gfn & 511))
 
 
 cdef inline u64 tdp_exit_error_code(kvm_t* kvm, int exit, int acc, bint leaf_present) noexcept nogil:

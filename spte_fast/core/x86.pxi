@@ -12,6 +12,7 @@ cdef enum:
     BATCH_INTERRUPTIBLE = 1     # the batch stopped so that signals can be checked
     ACCESS_INTERRUPTED = 1 << 8 # vcpu_access: re-executed RETRY_CHECK times, call again
     PREFETCH_DISTANCE = 12
+    PREFETCH_EXIT_RATIO = 8     # access_batch prefetches while >= 1 in 8 accesses exits
     NR_BATCH_COUNTS = 7         # by RET_PF_* (index 0: accesses without an exit), then fast
     COUNT_FAST = 6
 
@@ -155,22 +156,27 @@ cdef int vcpu_fault_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* ac
 # -- the hardware view: accesses ----------------------------------------------------------
 
 cdef int kvm_access_one(kvm_vcpu_t* vcpu, gfn_t gfn, int acc, int64_t* counts,
-                        const hw_tlb_fill_t* f) noexcept nogil:
+                        const hw_tlb_fill_t* f, int ex) noexcept nogil:
     """One access inside the read side, to completion: walk; on an exit hand the error code
     to kvm_mmu_page_fault and, unless it was emulated, let the guest re-execute (walk
     again).  0 (no exit) or the RET_PF_* of the last exit; -SPTE_E* from a fault;
     ACCESS_INTERRUPTED after RETRY_CHECK re-executions.
 
-    ``f`` (NULL for none): the section's hit walker.  A re-execution tries it first: a walk
-    that finds the fault's fix complete (A/D already set) changes nothing, so the hit walk
-    stands for hw_tdp_walk exactly (one walk counted), and anything else walks in full."""
-    cdef int ex, r = 0
+    ``ex``: the first walk's verdict from the hit walker, HW_VIOLATION (a not-present
+    entry) or HW_UNDECIDED (walk in full).  ``f`` (NULL for none): the section's hit
+    walker, which a re-execution tries first: its HW_HIT and HW_VIOLATION are
+    hw_tdp_walk's (one walk counted, nothing set), anything else walks in full."""
+    cdef int r = 0
     cdef int64_t reexec = 0
     cdef bint leaf_present = False
     while True:
-        ex = hw_tdp_walk(vcpu, gfn, acc, &leaf_present)
-        if ex == HW_HIT:
-            return r
+        if ex == HW_UNDECIDED:
+            ex = hw_tdp_walk(vcpu, gfn, acc, &leaf_present)
+            if ex == HW_HIT:
+                return r
+        else:
+            vcpu.stat.hw_walks += 1
+            leaf_present = False
         if vcpu.pml_count:                  # every VM exit flushes the PML buffer first
             vmx_flush_pml_buffer(vcpu)
         if ex == HW_PML_FULL:               # handle_pml_full: nothing else, re-execute
@@ -178,6 +184,7 @@ cdef int kvm_access_one(kvm_vcpu_t* vcpu, gfn_t gfn, int acc, int64_t* counts,
             reexec += 1
             if reexec == RETRY_CHECK:
                 return ACCESS_INTERRUPTED
+            ex = HW_UNDECIDED
             continue
         if ex == HW_VIOLATION:
             vcpu.stat.exits_ept_violation += 1
@@ -192,7 +199,8 @@ cdef int kvm_access_one(kvm_vcpu_t* vcpu, gfn_t gfn, int acc, int64_t* counts,
         reexec += 1
         if reexec == RETRY_CHECK:
             return ACCESS_INTERRUPTED
-        if f != NULL and hw_walk_hits(f, gfn, acc):
+        ex = hw_walk_hits(f, gfn, acc) if f != NULL else HW_UNDECIDED
+        if ex == HW_HIT:
             vcpu.stat.hw_walks += 1
             return r
 
@@ -204,7 +212,7 @@ cdef int vcpu_access(kvm_vcpu_t* vcpu, gfn_t gfn, bint write, bint exec) noexcep
     memset(counts, 0, sizeof(counts))
     r = vcpu_enter(vcpu)
     if r == 0:
-        r = kvm_access_one(vcpu, gfn, acc, counts, NULL)
+        r = kvm_access_one(vcpu, gfn, acc, counts, NULL, HW_UNDECIDED)
         vcpu_exit(vcpu)
     return r
 
@@ -217,15 +225,18 @@ cdef int vcpu_access_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* a
     exit, RET_PF_* the exits' results, COUNT_FAST the exits fast_page_fault resolved.
 
     An access whose walk changes nothing and raises nothing (hw_walk_hits) is counted
-    here; any other goes through kvm_access_one, which walks again in full."""
+    here; any other goes through kvm_access_one with the hit walker's verdict."""
     cdef kvm_t* kvm = vcpu.kvm
     cdef Py_ssize_t i = done[0], chunk_end
     cdef int r = 0
     cdef gfn_t gfn
-    cdef int acc = ACC_READ
+    cdef int acc = ACC_READ, ex
     cdef int64_t hits, fast_before
     cdef hw_tlb_fill_t f
+    cdef Py_ssize_t chunk_start
+    cdef bint prefetch = True
     while i < n and r >= 0:
+        chunk_start = i
         chunk_end = min(n, i + FAULT_CHUNK)
         r = vcpu_enter(vcpu)
         if r < 0:
@@ -234,7 +245,9 @@ cdef int vcpu_access_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* a
         hits = 0
         fast_before = vcpu.stat.faults_fast
         while i < chunk_end:
-            _prefetch_ahead(vcpu, gfns, i, n)
+            if prefetch and i + PREFETCH_DISTANCE < n and \
+                    (gfns[i + PREFETCH_DISTANCE] ^ gfns[i + PREFETCH_DISTANCE - 1]) >> 9:
+                hw_prefetch_leaf(&f, gfns[i + PREFETCH_DISTANCE])
             if access != NULL:
                 acc = access[i]
                 if acc > ACC_FETCH:
@@ -244,11 +257,12 @@ cdef int vcpu_access_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* a
             if gfn >= kvm.gfn_limit:
                 r = -SPTE_EINVAL
                 break
-            if hw_walk_hits(&f, gfn, acc):
+            ex = hw_walk_hits(&f, gfn, acc)
+            if ex == HW_HIT:
                 hits += 1
                 r = 0
             else:
-                r = kvm_access_one(vcpu, gfn, acc, counts, &f)
+                r = kvm_access_one(vcpu, gfn, acc, counts, &f, ex)
                 if r < 0 or r == ACCESS_INTERRUPTED:
                     break
                 if r == 0:
@@ -259,6 +273,7 @@ cdef int vcpu_access_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* a
         counts[0] += hits
         counts[COUNT_FAST] += vcpu.stat.faults_fast - fast_before
         vcpu.stat.hw_walks += hits
+        prefetch = (i - chunk_start - hits) * PREFETCH_EXIT_RATIO >= i - chunk_start
         vcpu_exit(vcpu)
         if r == ACCESS_INTERRUPTED:
             done[0] = i

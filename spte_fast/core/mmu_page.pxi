@@ -20,7 +20,7 @@ cdef inline kvm_mmu_page_t* spte_to_child_sp(kvm_t* kvm, u64 spte) noexcept nogi
 
 
 cdef inline tdp_ptep_t spte_to_child_pt(kvm_t* kvm, u64 spte) noexcept nogil:
-    return pool_page(kvm.pool, <int64_t>spte_to_pfn(spte))
+    return <tdp_ptep_t>(<char*>kvm.pool.pages + (spte & SPTE_BASE_ADDR_MASK))  # pfn << 12 bytes
 
 
 cdef inline int64_t sp_index(kvm_t* kvm, const kvm_mmu_page_t* sp) noexcept nogil:

@@ -55,8 +55,9 @@ cdef inline void hw_set_ad_bits(tdp_ptep_t sptep, u64 bits) noexcept nogil:
 
 cdef inline tdp_ptep_t spte_to_child_table(u64* pages, u64 spte) noexcept nogil:
     """The table a present non-leaf SPTE points to (tdp_iter.c spte_to_child_pt: __va of
-    its pfn), given the pool's pages."""
-    return pages + spte_to_pfn(spte) * SPTE_ENT_PER_PAGE
+    its pfn), given the pool's pages: page pfn starts pfn << 12 bytes in, which is the
+    SPTE's address field itself."""
+    return <tdp_ptep_t>(<char*>pages + (spte & SPTE_BASE_ADDR_MASK))
 
 
 cdef inline u64 tdp_mmu_clear_spte_bits(const spte_masks_t* m, tdp_ptep_t sptep, u64 old_spte,
@@ -184,7 +185,30 @@ cdef inline void tdp_iter_resume(tdp_iter_t* it, int level) noexcept nogil:
 cdef inline bint tdp_iter_seek(tdp_iter_t* it, u64* pages, tdp_ptep_t root_pt,
                                int root_level, gfn_t gfn, int level) noexcept nogil:
     """Position a new iterator on gfn's entry at `level` if the path down to it exists (True),
-    else at the last entry of the walk (as kvm_tdp_mmu_get_walk ends)."""
-    tdp_iter_start(it, pages, root_pt, root_level, level, gfn)
-    tdp_iter_walk_down(it)
-    return it.level == level
+    else at the last entry of the walk (as kvm_tdp_mmu_get_walk ends): where
+    tdp_iter_start and tdp_iter_walk_down arrive, with the walk in locals and the
+    iterator written once at the end."""
+    cdef tdp_ptep_t table = root_pt
+    cdef tdp_ptep_t sptep
+    cdef u64 spte
+    cdef int lvl = root_level
+    cdef int shift = 9 * (root_level - 1)
+    while True:
+        it.pt_path[lvl - 1] = table
+        sptep = table + ((gfn >> shift) & (SPTE_ENT_PER_PAGE - 1))
+        spte = kvm_tdp_mmu_read_spte(sptep)
+        if lvl == level or not is_shadow_present_pte(spte) or is_last_spte(spte, lvl):
+            break
+        table = spte_to_child_table(pages, spte)
+        lvl -= 1
+        shift -= 9
+    it.pages = pages
+    it.next_last_level_gfn = gfn
+    it.root_level = root_level
+    it.min_level = level
+    it.level = lvl
+    it.gfn = gfn & ~((<gfn_t>1 << shift) - 1)
+    it.sptep = sptep
+    it.old_spte = spte
+    it.valid = True
+    return lvl == level

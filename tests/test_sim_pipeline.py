@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from spte_fast.sim import engine
-from spte_fast.sim._distinct import first_seen
+from spte_fast.sim._distinct import count_new, first_seen
 
 
 def first_occurrences(values):
@@ -68,6 +68,43 @@ def test_distinct_counts_what_numpy_counts_dense_and_sparse():
     assert dense.count == sparse.count == np.unique(everything).size
     assert dense.values().tolist() == first_occurrences(everything).tolist()
     assert sparse.values().tolist() == np.unique(everything).tolist()
+
+
+@pytest.mark.parametrize("limit", [1, 63, 64, 65, 5000])
+def test_count_new_counts_what_numpy_counts_and_sets_those_bits(limit):
+    rng = np.random.default_rng(limit)
+    bits = np.zeros(-(-limit // 64), dtype=np.uint64)
+    total = np.empty(0, dtype=np.uint64)
+    for _ in range(5):
+        chunk = rng.integers(0, limit, 700, dtype=np.uint64)[::-1]    # strided too
+        new = np.setdiff1d(np.unique(chunk), total)
+        assert count_new(bits, chunk, limit) == new.size
+        total = np.union1d(total, chunk)
+        flags = np.unpackbits(bits.view(np.uint8), bitorder="little")
+        assert np.flatnonzero(flags).tolist() == total.tolist()
+
+
+def test_count_new_refuses_values_beyond_the_limit_and_a_short_bitmap():
+    bits = np.zeros(2, dtype=np.uint64)
+    with pytest.raises(ValueError, match="beyond"):
+        count_new(bits, np.array([3, 100, 5], dtype=np.uint64), 100)
+    assert bits.tolist() == [8, 0]          # the value before the bad one is marked
+    with pytest.raises(ValueError, match="holds no"):
+        count_new(bits, np.array([1], dtype=np.uint64), 129)
+
+
+def test_distinct_unordered_counts_and_lists_the_set_sorted():
+    rng = np.random.default_rng(4)
+    chunks = [rng.integers(0, 3000, 1000, dtype=np.uint64) for _ in range(4)]
+    d = engine.Distinct(3000, ordered=False)
+    counts = []
+    for c in chunks:
+        d.add(c)
+        counts.append(d.count)
+    assert counts == [np.unique(np.concatenate(chunks[:k + 1])).size for k in range(4)]
+    assert d.values().tolist() == np.unique(np.concatenate(chunks)).tolist()
+    with pytest.raises(ValueError, match="beyond"):
+        d.add(np.array([3000], dtype=np.uint64))
 
 
 def test_prefetch_yields_every_item_in_order_and_raises_the_producers_error():

@@ -34,12 +34,15 @@ import numpy as np
 
 import spte_fast as sf
 
-from ._distinct import first_seen
+from ._distinct import count_new, first_seen
 from .errors import AuditFailed, HostMemoryError, InputError, RunError
 from .report import format_bytes
 from .workloads import PAGES_2M, pool_pages
 
-DEFAULT_CHUNK = 1 << 20
+DEFAULT_CHUNK = 1 << 17              # records per source chunk: 1 MiB of gfns, which the
+                                     # producer's core writes and the vCPU's reads while
+                                     # they are still cached (1 Mi chunks, 8 MiB each, went
+                                     # through L3 and evicted the page tables from it)
 SAMPLES = 200                        # samples per run unless stats_interval says otherwise
 MAX_VCPUS = 256
 
@@ -137,18 +140,24 @@ class Distinct:
     value when ``limit`` is at most ``DENSE_LIMIT`` (allocated lazily by the OS, so
     committed only where values fall; one C pass per chunk, ``_distinct.first_seen``),
     else a sorted array.  ``values()`` lists them in the order first seen (dense) or
-    sorted (sparse)."""
+    sorted (sparse).  ``ordered=False`` keeps only the count (and the set, as a bit per
+    value, ``_distinct.count_new``): ``values()`` is then sorted."""
 
     DENSE_LIMIT = 1 << 30
 
-    def __init__(self, limit):
+    def __init__(self, limit, ordered=True):
         self._limit = limit
+        self.count = 0
+        self._bits = None
+        if not ordered and limit <= self.DENSE_LIMIT:
+            self._bits = np.zeros(-(-limit // 64), dtype=np.uint64)
+            self._seen = None
+            return
         self._seen = np.zeros(limit, dtype=np.uint8) if limit <= self.DENSE_LIMIT else None
         # Room for every value up to 16 Mi at once (uninitialised: the OS commits what is
         # written), so that the common run never copies it to grow.
         self._buf = np.empty(min(limit, 1 << 24) if self._seen is not None else 1024,
                              dtype=np.uint64)
-        self.count = 0
 
     def _reserve(self, n):
         if self.count + n > self._buf.size:
@@ -157,6 +166,9 @@ class Distinct:
             self._buf = grown
 
     def add(self, x):
+        if self._bits is not None:
+            self.count += count_new(self._bits, x, self._limit)
+            return
         if self._seen is not None:
             self._reserve(min(x.size, self._limit - self.count))
             self.count += first_seen(self._seen, x, self._buf[self.count:])
@@ -172,6 +184,9 @@ class Distinct:
         self._buf, self.count = merged, merged.size
 
     def values(self):
+        if self._bits is not None:
+            bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")
+            return np.flatnonzero(bits).astype(np.uint64)
         return self._buf[:self.count]
 
 
@@ -395,7 +410,7 @@ def _run(config, source, progress):
     interval = c.stats_interval or max(1, -(-source.faults // SAMPLES))
     periods = [p for p in (c.zap_every, c.zap_all_every, interval) if p]
     zap_regions = max(1, -(-source.guest_pages // PAGES_2M))
-    touched = Distinct(source.span)     # the working set, on the producer thread
+    touched = Distinct(source.span, ordered=False)  # the working set, on the producer thread
     working_set = {0: 0}                # its marks by position (see _working_set)
     touched_2m = (Distinct(-(-source.span // PAGES_2M))
                   if source.zap_touched and c.zap_every else None)

@@ -166,13 +166,6 @@ cdef void tdp_iter_next(tdp_iter_t* it) noexcept nogil:
     it.valid = False
 
 
-cdef inline void tdp_iter_walk_down(tdp_iter_t* it) noexcept nogil:
-    """Follow the current gfn's path to its last entry: what for_each_tdp_pte(gfn, gfn + 1)
-    visits, stopping at the first entry that is not a present non-leaf (or min_level)."""
-    while it.level > it.min_level and tdp_iter_at_nonleaf(it):
-        _tdp_iter_descend(it)
-
-
 cdef inline void tdp_iter_resume(tdp_iter_t* it, int level) noexcept nogil:
     """Go back up the walked path to `level` (>= the current level) and re-read the entry
     there: the entries in between are the present non-leaves the walk stepped through."""
@@ -185,9 +178,9 @@ cdef inline void tdp_iter_resume(tdp_iter_t* it, int level) noexcept nogil:
 cdef inline bint tdp_iter_seek(tdp_iter_t* it, u64* pages, tdp_ptep_t root_pt,
                                int root_level, gfn_t gfn, int level) noexcept nogil:
     """Position a new iterator on gfn's entry at `level` if the path down to it exists (True),
-    else at the last entry of the walk (as kvm_tdp_mmu_get_walk ends): where
-    tdp_iter_start and tdp_iter_walk_down arrive, with the walk in locals and the
-    iterator written once at the end."""
+    else at the last entry of the walk (as kvm_tdp_mmu_get_walk ends), stopping at the first
+    entry that is not a present non-leaf: where tdp_iter_start followed by step-downs
+    arrives, with the walk in locals and the iterator written once at the end."""
     cdef tdp_ptep_t table = root_pt
     cdef tdp_ptep_t sptep
     cdef u64 spte

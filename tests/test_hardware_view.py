@@ -471,6 +471,32 @@ def test_access_batch_counts_and_codes(impl):
     vm.audit()
 
 
+@pytest.mark.parametrize("kind", ["ept_ad", "npt"])
+@pytest.mark.parametrize("pfn, level", [(0x100000, 3), (0x100200, 2)])
+def test_access_batch_walks_end_at_huge_leaves(impl, kind, pfn, level):
+    """SDM vol. 3 §29.3.2 / APM §15.25: an entry with bit 7 at level 3 (2) maps 1G (2M)
+    and ends the walk.  The first read faults and kvm_mmu_max_mapping_level allows the
+    largest leaf the slot's pfn alignment gives (1G for a 1G-aligned pfn, 2M for one that
+    is only 2M-aligned), made with A set (make_spte, not a prefetch); every other read
+    inside that leaf is translated by it with no exit and nothing to set, and a read past
+    it exits once more (FIXED)."""
+    vm = vm_of(impl, kind)
+    vm.add_memslot(0, 1 << 19, pfn)
+    v = vm.vcpu()
+    span = 1 << (9 * (level - 1))
+    gfns = np.array([3] + list(range(0, span, span // 64)) + [span - 1, span + 3],
+                    dtype=np.uint64)
+    out = np.full(gfns.size, -9, dtype=np.int8)
+    counts = v.access_batch(gfns, None, out)
+    assert out[0] == PF_FIXED and out[-1] == PF_FIXED and not out[1:-1].any()
+    assert counts["hits"] == gfns.size - 2 and counts["fixed"] == 2
+    assert vm.lookup(3)[1] == level and vm.lookup(span + 3)[1] == level
+    s = vm.stats
+    assert s["exits_ept_violation"] == 2 and s["hw_ad_sets"] == 0
+    assert s["hw_walks"] == gfns.size + 2     # each exit's access walks twice
+    vm.audit()
+
+
 def test_access_and_fault_argument_checks(impl):
     vm = vm_of(impl)
     vm.add_memslot(0, 16, 0x100000)

@@ -147,17 +147,15 @@ cdef inline int hw_walk_hits(const hw_tlb_fill_t* f, gfn_t gfn, int acc) noexcep
     spte = kvm_tdp_mmu_read_spte(table + ((gfn >> 27) & 511))
     if (spte & (ok | PT_PAGE_SIZE_MASK)) != PT_PRESENT_MASK:
         return hw_walk_miss(f, spte)
-    # L3 and L2: one test for the common case (a table); a huge leaf goes on to the leaf
-    # test, which checks the bits the table test would have.
     spte = kvm_tdp_mmu_read_spte(spte_to_child_table(f.pages, spte) + ((gfn >> 18) & 511))
-    if (spte & (ok | PT_PAGE_SIZE_MASK)) == PT_PRESENT_MASK:
-        spte = kvm_tdp_mmu_read_spte(spte_to_child_table(f.pages, spte) + ((gfn >> 9) & 511))
-        if (spte & (ok | PT_PAGE_SIZE_MASK)) == PT_PRESENT_MASK:
-            spte = kvm_tdp_mmu_read_spte(spte_to_child_table(f.pages, spte) + (gfn & 511))
-        elif not (spte & PT_PAGE_SIZE_MASK):
+    if not (spte & PT_PAGE_SIZE_MASK):
+        if (spte & ok) != PT_PRESENT_MASK:
             return hw_walk_miss(f, spte)
-    elif not (spte & PT_PAGE_SIZE_MASK):
-        return hw_walk_miss(f, spte)
+        spte = kvm_tdp_mmu_read_spte(spte_to_child_table(f.pages, spte) + ((gfn >> 9) & 511))
+        if not (spte & PT_PAGE_SIZE_MASK):
+            if (spte & ok) != PT_PRESENT_MASK:
+                return hw_walk_miss(f, spte)
+            spte = kvm_tdp_mmu_read_spte(spte_to_child_table(f.pages, spte) + (gfn & 511))
     if (spte & f.check[acc]) == f.need[acc]:
         return HW_HIT
     return hw_walk_miss(f, spte)

@@ -43,7 +43,6 @@ cdef extern from "spte_atomic.h":
     int __builtin_clzll(unsigned long long x) noexcept nogil
     void u64_store_seq_cst(u64 *p, u64 v) noexcept nogil
     u64 u64_inc_return_seq_cst(u64 *p) noexcept nogil
-    void spte_prefetch(const void* p) noexcept nogil
     void spte_prefetch_read(const void* p) noexcept nogil
     void cpu_relax() noexcept nogil
 

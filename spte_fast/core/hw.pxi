@@ -163,8 +163,8 @@ cdef inline int hw_walk_hits(const hw_tlb_fill_t* f, gfn_t gfn, int acc) noexcep
 
 cdef inline void hw_prefetch_leaf(const hw_tlb_fill_t* f, gfn_t gfn) noexcept nogil:
     """Prefetch gfn's 4K entry, walking the upper levels with hw_walk_hits' test (tables
-    only: any other entry ends it), so that the leaf-table misses of a batch's exits
-    overlap (an exit's atomics order every later load after them)."""
+    only: any other entry ends it), so that the leaf-table misses of a batch's faults and
+    exits overlap (a fault's atomics order every later load after them)."""
     cdef tdp_ptep_t table = f.root
     cdef u64 spte, ok = f.ok | PT_PAGE_SIZE_MASK
     if f.five_levels:

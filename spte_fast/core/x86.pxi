@@ -17,22 +17,6 @@ cdef enum:
     COUNT_FAST = 6
 
 
-cdef inline void _prefetch_leaf(kvm_vcpu_t* vcpu, gfn_t gfn) noexcept nogil:
-    """Walk the upper levels (cache-resident) and prefetch the 4K entry of a later fault,
-    so the leaf-table misses of a batch overlap instead of queueing one by one."""
-    cdef kvm_t* kvm = vcpu.kvm
-    cdef int level = kvm.root_level
-    cdef tdp_ptep_t table = root_pt(kvm, vcpu.root)
-    cdef u64 spte
-    while level > 1:
-        spte = kvm_tdp_mmu_read_spte(table + spte_index(gfn, level))
-        if not is_shadow_present_pte(spte) or is_large_pte(spte):
-            return
-        table = spte_to_child_pt(kvm, spte)
-        level -= 1
-    spte_prefetch(table + spte_index(gfn, 1))
-
-
 cdef inline int vcpu_enter(kvm_vcpu_t* vcpu) noexcept nogil:
     """Enter the guest: the vCPU's mutex, mmu_lock for read, then the requests and the root
     (kvm_mmu_reload).  0, or the error (and then nothing is held)."""
@@ -67,13 +51,13 @@ cdef inline void vcpu_exit(kvm_vcpu_t* vcpu) noexcept nogil:
     rcu_reclaim_pending(vcpu.kvm)
 
 
-cdef inline void _prefetch_ahead(kvm_vcpu_t* vcpu, const gfn_t* gfns, Py_ssize_t i,
+cdef inline void _prefetch_ahead(const hw_tlb_fill_t* f, const gfn_t* gfns, Py_ssize_t i,
                                  Py_ssize_t n) noexcept nogil:
     """Prefetch the leaf of the item PREFETCH_DISTANCE ahead when it enters another leaf
     table than the one before it (random access; sequential access needs none)."""
     if i + PREFETCH_DISTANCE < n and \
             (gfns[i + PREFETCH_DISTANCE] ^ gfns[i + PREFETCH_DISTANCE - 1]) >> 9:
-        _prefetch_leaf(vcpu, gfns[i + PREFETCH_DISTANCE])
+        hw_prefetch_leaf(f, gfns[i + PREFETCH_DISTANCE])
 
 
 cdef int vcpu_fault_error_code(kvm_vcpu_t* vcpu, gfn_t gfn, u64 error_code) noexcept nogil:
@@ -112,14 +96,16 @@ cdef int vcpu_fault_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* ac
     cdef int64_t fast_before
     cdef gfn_t gfn
     cdef u64 error_code = 0
+    cdef hw_tlb_fill_t f
     while i < n and r >= 0:
         chunk_end = min(n, i + FAULT_CHUNK)
         r = vcpu_enter(vcpu)
         if r < 0:
             break
+        hw_tlb_fill_setup(vcpu, &f)         # for the prefetch: the root stays for the section
         fast_before = vcpu.stat.faults_fast
         while i < chunk_end:
-            _prefetch_ahead(vcpu, gfns, i, n)
+            _prefetch_ahead(&f, gfns, i, n)
             if error_codes != NULL:
                 error_code = error_codes[i]
             elif access != NULL:
@@ -245,9 +231,8 @@ cdef int vcpu_access_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* a
         hits = 0
         fast_before = vcpu.stat.faults_fast
         while i < chunk_end:
-            if prefetch and i + PREFETCH_DISTANCE < n and \
-                    (gfns[i + PREFETCH_DISTANCE] ^ gfns[i + PREFETCH_DISTANCE - 1]) >> 9:
-                hw_prefetch_leaf(&f, gfns[i + PREFETCH_DISTANCE])
+            if prefetch:
+                _prefetch_ahead(&f, gfns, i, n)
             if access != NULL:
                 acc = access[i]
                 if acc > ACC_FETCH:

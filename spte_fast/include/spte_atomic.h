@@ -44,7 +44,6 @@ static inline uint64_t u64_load_seq_cst(const uint64_t *p) { return __atomic_loa
 static inline void u64_store_seq_cst(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
 static inline uint64_t u64_inc_return_seq_cst(uint64_t *p) { return __atomic_add_fetch(p, 1, __ATOMIC_SEQ_CST); }
 
-static inline void spte_prefetch(const void *p) { __builtin_prefetch(p, 1, 3); }
 static inline void spte_prefetch_read(const void *p) { __builtin_prefetch(p, 0, 3); }
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)

@@ -82,6 +82,25 @@ cdef enum:
     RET_PF_FIXED = 4
     RET_PF_SPURIOUS = 5
 
+# The CPU's page walk (core/hw.pxi): its verdicts, the kinds of access (access_batch's codes,
+# and unicorn's UC_MEM_READ/WRITE/FETCH minus 16), and what a TLB entry lets the CPU do
+# without walking again (the values of unicorn's UC_PROT_*).
+cdef enum:
+    HW_HIT = 0                      # translated, no exit
+    HW_VIOLATION = 1                # EPT violation / #NPF (no RSVD)
+    HW_MISCONFIG = 2                # EPT misconfiguration / #NPF with RSVD
+    HW_PML_FULL = 3                 # page-modification log full (VMX): nothing was set
+    HW_UNDECIDED = 4                # hw_walk_hits: not the common case, walk in full
+    ACC_READ = 0
+    ACC_WRITE = 1
+    ACC_FETCH = 2
+    HW_PERM_READ = 1
+    HW_PERM_WRITE = 2
+    HW_PERM_EXEC = 4
+    ACCESS_INTERRUPTED = 1 << 8     # vcpu_access: re-executed 2**16 times, call again
+    NR_BATCH_COUNTS = 7             # access counts: [0] no exit, [RET_PF_*] exits by result,
+    COUNT_FAST = 6                  # [COUNT_FAST] exits fast_page_fault resolved
+
 # Page states in the pool (audit: every page is exactly one of these).
 cdef enum:
     PAGE_FREE = 0     # on the free list
@@ -331,6 +350,14 @@ ctypedef struct kvm_vcpu_t:
     gfn_t pml_buf[PML_ENTITY_NUM]   # the page-modification log: gfns whose D the CPU set
 
 
+# A translation as the CPU's TLB holds it after a walk (vcpu_tlb_fill).
+ctypedef struct hw_tlb_entry_t:
+    u64 spte                        # the leaf that translated the gfn
+    int level                       # its level (1 4K, 2 2M, 3 1G); 0: no translation
+    pfn_t pfn                       # the host pfn backing the gfn itself
+    int perms                       # HW_PERM_*: the accesses the entry allows
+
+
 # struct tdp_iter (arch/x86/kvm/mmu/tdp_iter.h)
 ctypedef struct tdp_iter_t:
     u64* pages                      # pool base: child pfn -> table (KVM's __va)
@@ -391,8 +418,16 @@ cdef int vcpu_fault_error_code(kvm_vcpu_t* vcpu, gfn_t gfn, u64 error_code) noex
 # One access as the CPU makes it (the hardware view): the vCPU's mutex, mmu_lock for read,
 # the EPT/NPT walk with A/D assists, and the exits it raises until the access completes.
 # 0 (no exit) or the RET_PF_* of the last exit, or -SPTE_ENOMEM / -SPTE_EIO; may also
-# return BATCH_INTERRUPTIBLE (1 << 8) after 2**16 re-executions: call again.
+# return ACCESS_INTERRUPTED after 2**16 re-executions: call again.
 cdef int vcpu_access(kvm_vcpu_t* vcpu, gfn_t gfn, bint write, bint exec) noexcept nogil
+# A TLB miss of an emulated CPU (spte_fast.integrations.unicorn): the access of kind ACC_*
+# to completion as vcpu_access makes it, then the translation the CPU may cache in `e`.
+# Returns what vcpu_access returns, or -SPTE_EINVAL for a gfn beyond the address width or
+# a bad kind (nothing done); `e.level` is 0 when no translation exists (RET_PF_EMULATE: the
+# access was emulated, e.g. MMIO).  `counts` (NR_BATCH_COUNTS) adds the access's exits:
+# [0] += 1 when there was none, [RET_PF_*] per exit, [COUNT_FAST] those fast_page_fault fixed.
+cdef int vcpu_tlb_fill(kvm_vcpu_t* vcpu, gfn_t gfn, int acc, int64_t* counts,
+                       hw_tlb_entry_t* e) noexcept nogil
 # The kvm_vcpu_t of a Python Vcpu (with the GIL; keep the Vcpu alive while using it).
 cdef kvm_vcpu_t* vcpu_handle(object vcpu) except NULL
 

@@ -14,15 +14,7 @@
 # the one SPTE store in the engine that is not KVM's (and so not followed by
 # handle_changed_spte -- KVM never sees it).
 
-cdef enum:
-    HW_HIT = 0                      # translated, no exit
-    HW_VIOLATION = 1                # EPT violation / #NPF (no RSVD)
-    HW_MISCONFIG = 2                # EPT misconfiguration / #NPF with RSVD
-    HW_PML_FULL = 3                 # page-modification log full (VMX): nothing was set
-    HW_UNDECIDED = 4                # hw_walk_hits: not the common case, walk in full
-    ACC_READ = 0                    # the kinds of access (access_batch's codes)
-    ACC_WRITE = 1
-    ACC_FETCH = 2
+# HW_* verdicts, ACC_* kinds and HW_PERM_* are declared in _core.pxd (the embedding API).
 
 
 cdef void hw_setup(kvm_t* kvm) noexcept nogil:
@@ -100,6 +92,38 @@ cdef int hw_tdp_walk(kvm_vcpu_t* vcpu, gfn_t gfn, int acc, bint* leaf_present) n
             hw_set_ad_bits(sptep, want)
             vcpu.stat.hw_ad_sets += 1
     return HW_HIT
+
+
+cdef void hw_tlb_entry(kvm_vcpu_t* vcpu, gfn_t gfn, hw_tlb_entry_t* e) noexcept nogil:
+    """What the CPU's TLB holds for gfn after a completed access (inside the read side): the
+    leaf, the host pfn of gfn, and the accesses the entry allows without another walk --
+    those the leaf permits, a write only once D is set where the CPU keeps D (a write
+    through a clean entry walks again to set it: SDM vol. 3 §29.3.5, APM vol. 2 §15.25.7,
+    which is also when PML logs the gfn).  e.level 0: no present leaf translates gfn."""
+    cdef kvm_t* kvm = vcpu.kvm
+    cdef tdp_ptep_t table = pool_page(kvm.pool, vcpu.root)
+    cdef int level = kvm.root_level, acc
+    cdef u64 spte
+    e.level = 0
+    e.perms = 0
+    while True:
+        spte = kvm_tdp_mmu_read_spte(table + spte_index(gfn, level))
+        if not (spte & kvm.hw_present_mask) or (spte & kvm.rsvd_pa_mask) or \
+                (kvm.m.ept and (spte & (PT_PRESENT_MASK | PT_WRITABLE_MASK)) == PT_WRITABLE_MASK):
+            return
+        if level == 1 or (spte & PT_PAGE_SIZE_MASK):
+            break
+        table = spte_to_child_pt(kvm, spte)
+        level -= 1
+    e.spte = spte
+    e.level = level
+    e.pfn = spte_to_pfn(spte) + (gfn & ((<u64>1 << (9 * (level - 1))) - 1))
+    for acc in range(3):                    # HW_PERM_* is 1 << ACC_*
+        if (spte & kvm.hw_need[acc]) == kvm.hw_need[acc] and not (spte & kvm.hw_forbid[acc]):
+            e.perms |= 1 << acc
+    if (e.perms & HW_PERM_WRITE) and kvm.ad_enabled and spte_ad_enabled(spte) and \
+            not (spte & kvm.m.shadow_dirty_mask):
+        e.perms &= ~HW_PERM_WRITE
 
 
 # What the unrolled walk of one read-side section needs, in registers.

@@ -10,11 +10,8 @@ cdef enum:
     RETRY_CHECK = 1 << 16       # RETRYs of one fault (or lost races of one zap) before the
                                 # caller checks for signals
     BATCH_INTERRUPTIBLE = 1     # the batch stopped so that signals can be checked
-    ACCESS_INTERRUPTED = 1 << 8 # vcpu_access: re-executed RETRY_CHECK times, call again
     PREFETCH_DISTANCE = 12
     PREFETCH_EXIT_RATIO = 8     # access_batch prefetches while >= 1 in 8 accesses exits
-    NR_BATCH_COUNTS = 7         # by RET_PF_* (index 0: accesses without an exit), then fast
-    COUNT_FAST = 6
 
 
 cdef inline int vcpu_enter(kvm_vcpu_t* vcpu) noexcept nogil:
@@ -200,6 +197,38 @@ cdef int vcpu_access(kvm_vcpu_t* vcpu, gfn_t gfn, bint write, bint exec) noexcep
     if r == 0:
         r = kvm_access_one(vcpu, gfn, acc, counts, NULL, HW_UNDECIDED)
         vcpu_exit(vcpu)
+    return r
+
+
+cdef int vcpu_tlb_fill(kvm_vcpu_t* vcpu, gfn_t gfn, int acc, int64_t* counts,
+                       hw_tlb_entry_t* e) noexcept nogil:
+    """A TLB miss of an emulated CPU: the access to completion, as access_batch runs one
+    (the hit walker first), then the entry the TLB caches (hw_tlb_entry) -- none when the
+    access was emulated.  The _core.pxd prototype documents the results."""
+    cdef int r, ex
+    cdef int64_t fast_before
+    cdef hw_tlb_fill_t f
+    e.level = 0
+    e.perms = 0
+    if gfn >= vcpu.kvm.gfn_limit or acc < ACC_READ or acc > ACC_FETCH:
+        return -SPTE_EINVAL
+    r = vcpu_enter(vcpu)
+    if r < 0:
+        return r
+    hw_tlb_fill_setup(vcpu, &f)
+    fast_before = vcpu.stat.faults_fast
+    ex = hw_walk_hits(&f, gfn, acc)
+    if ex == HW_HIT:
+        vcpu.stat.hw_walks += 1
+        r = 0
+    else:
+        r = kvm_access_one(vcpu, gfn, acc, counts, &f, ex)
+    if r == 0:
+        counts[0] += 1
+    counts[COUNT_FAST] += vcpu.stat.faults_fast - fast_before
+    if r >= 0 and r != RET_PF_EMULATE and r != ACCESS_INTERRUPTED:
+        hw_tlb_entry(vcpu, gfn, e)
+    vcpu_exit(vcpu)
     return r
 
 

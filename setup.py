@@ -1,5 +1,6 @@
-"""Build the engine, spte_fast._core, the bench hooks, spte_fast._bench, and the
-simulator's working-set pass, spte_fast.sim._distinct.
+"""Build the engine, spte_fast._core, the bench hooks, spte_fast._bench, the simulator's
+working-set pass, spte_fast.sim._distinct, and unicorn's TLB-fill callback,
+spte_fast.integrations._unicorn (no unicorn needed to build it: see that file).
 
 Compiler directives live here and nowhere else.  ``SPTE_FAST_DEBUG=1`` turns the
 checks back on (bounds, wraparound, initialized), adds line tracing and builds
@@ -44,5 +45,5 @@ def extension(name):
 
 
 setup(ext_modules=cythonize([extension("_core"), extension("_bench"),
-                             extension("sim._distinct")],
+                             extension("sim._distinct"), extension("integrations._unicorn")],
                             compiler_directives=DIRECTIVES, annotate=DEBUG))

@@ -1,0 +1,414 @@
+"""spte_fast as unicorn's MMU (spte_fast.integrations.unicorn; issue 15).
+
+Real x86-64 machine code runs under unicorn with a vCPU's hardware view answering every TLB
+fill.  The bundled routines (spte_fast/integrations/routines/*.c) are compiled here with the
+system compiler; each result is checked in emulated memory against numpy / Python, so every
+translation the model gave was right (RAM lives at the memslots' host addresses, so a wrong
+pfn reads the wrong bytes).  Then the model's counts are checked against unicorn's own
+memory hooks on a separate plain run (``touched``): the pages and 2M regions the program
+touches, by the kind of their first access.
+
+Expectations come from the hardware and 6.10, not from the model:
+* a TLB miss is the CPU's page walk; the first access to a page without an SPTE exits
+  (EPT violation / #NPF) once and KVM maps it (``kvm_tdp_mmu_map``), so exits by kind are
+  the pages' first-access kinds and the leaves are the distinct pages (2M regions when
+  huge pages are allowed: ``kvm_mmu_hugepage_adjust``);
+* a TLB entry caches a write only once D is set where the CPU keeps D (SDM vol. 3 §29.3.5,
+  APM vol. 2 §15.25.7), so writes after a dirty-log clear reach the model: with PML the
+  walk logs the gfn (``vmx_flush_pml_buffer``), without it the write-protected SPTE faults
+  (``fast_page_fault`` → ``mark_page_dirty_in_slot``); the log then holds exactly the
+  pages the guest wrote;
+* an access with no memslot is emulated by KVM (``handle_mmio_page_fault`` /
+  ``kvm_handle_noslot_fault``): no RAM answers it, and the guest takes a fault.
+
+Skipped without unicorn (the ``[unicorn]`` extra) or a C compiler.
+"""
+import shutil
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+unicorn = pytest.importorskip("unicorn", reason="the [unicorn] extra is not installed")
+from unicorn import unicorn_const as UC  # noqa: E402
+from unicorn import x86_const  # noqa: E402
+
+import spte_fast as sf  # noqa: E402
+from spte_fast import reference  # noqa: E402
+from spte_fast.integrations import routines as R  # noqa: E402
+from spte_fast.integrations import unicorn as sfu  # noqa: E402
+from support.spec import NP63  # noqa: E402
+from support.tables import present_leaves  # noqa: E402
+
+if shutil.which("cc") is None and shutil.which("gcc") is None:
+    pytest.skip("no C compiler: the routines cannot be built", allow_module_level=True)
+
+HOST_PFN = 0x100000             # guest RAM at host physical 4 GiB (2M- and 1G-aligned)
+SMALL = {"sort": 3000, "hash": 2000, "matmul": 20, "list": 3000}
+KINDS = ("read", "write", "fetch")
+
+
+@pytest.fixture(scope="module")
+def code(tmp_path_factory):
+    """The flat binaries, compiled by this test run."""
+    d = tmp_path_factory.mktemp("routines")
+    return {name: R.build(name, cache_dir=d) for name in R.ROUTINES}
+
+
+def make(impl=sf, kind="ept_ad", nonpresent=NP63, name="sort", size=None, **vm_kw):
+    if kind == "ept_ad":
+        layout = impl.SpteLayout.ept(ad=True, nonpresent_value=nonpresent)
+    elif kind == "ept_noad":
+        layout = impl.SpteLayout.ept(ad=False, nonpresent_value=nonpresent)
+    else:
+        layout = impl.SpteLayout.npt(nonpresent_value=nonpresent)
+    vm = impl.Vm(layout, **vm_kw)
+    slot = vm.add_memslot(0, R.memory_bytes(name, size) >> 12, HOST_PFN)
+    return vm, slot, vm.vcpu()
+
+
+def run(att, code, name, size, seed=0, check=True):
+    p = R.prepare(att, name, size, seed=seed, code=code[name])
+    R.start(att.uc, p)
+    att.emu_start(R.LOAD_GPA, R.EXIT_GPA)
+    if check:
+        p.check(att)
+    return p
+
+
+def new_uc():
+    return unicorn.Uc(UC.UC_ARCH_X86, UC.UC_MODE_64)
+
+
+def touched(code, name, size, seed=0):
+    """{page: kind of its first access} from unicorn's memory hooks on a plain run (RAM at
+    gpa 0, unicorn's identity translation): UC_HOOK_MEM_READ / _WRITE for data, UC_HOOK_BLOCK
+    for the code pages each executed block occupies."""
+    uc = new_uc()
+    uc.ctl_set_tlb_mode(UC.UC_TLB_VIRTUAL)
+    uc.mem_map(0, R.memory_bytes(name, size))
+    mem = R.FlatMemory(uc)
+    p = R.prepare(mem, name, size, seed=seed, code=code[name])
+    R.start(uc, p)
+    first = {}
+
+    def note(addr, n, kind):
+        for page in range(addr >> 12, ((addr + max(n, 1) - 1) >> 12) + 1):
+            first.setdefault(page, kind)
+
+    uc.hook_add(UC.UC_HOOK_MEM_READ | UC.UC_HOOK_MEM_WRITE,
+                lambda uc, acc, addr, n, val, ud: note(addr, n, KINDS[acc - UC.UC_MEM_READ]))
+    uc.hook_add(UC.UC_HOOK_BLOCK, lambda uc, addr, n, ud: note(addr, n, "fetch"))
+    uc.emu_start(R.LOAD_GPA, R.EXIT_GPA)
+    p.check(mem)
+    return first
+
+
+# -- results in emulated memory --------------------------------------------------------------
+
+@pytest.mark.parametrize("callback", ["c", "python"])
+@pytest.mark.parametrize("kind", ["ept_ad", "ept_noad", "npt"])
+@pytest.mark.parametrize("name", list(R.ROUTINES))
+def test_routine_results_are_right_through_the_model(code, name, kind, callback):
+    vm, _slot, v = make(kind=kind, name=name, size=SMALL[name])
+    with sfu.attach(new_uc(), v, callback=callback) as att:
+        run(att, code, name, SMALL[name])
+        st = att.stats
+        assert st["tlb_fills"] > 0 and st["fills_denied"] == 0
+        assert st["tlb_fills_fetch"] >= 1           # the code came through the model too
+    vm.audit()
+
+
+def test_sort_of_a_million_integers(code):
+    """The issue's headline routine at full size, through the C callback."""
+    vm, _slot, v = make(name="sort", size=10**6)
+    with sfu.attach(new_uc(), v) as att:
+        run(att, code, "sort", 10**6, seed=3)
+        assert att.stats["tlb_fills"] >= 8 * 10**6 // 4096     # every data page at least
+    vm.audit()
+
+
+@pytest.mark.parametrize("nonpresent", [NP63, 0])
+def test_both_nonpresent_values(code, nonpresent):
+    vm, _slot, v = make(nonpresent=nonpresent, name="hash", size=SMALL["hash"], max_level=1)
+    with sfu.attach(new_uc(), v) as att:
+        run(att, code, "hash", SMALL["hash"])
+    vm.audit()
+    assert vm.layout.nonpresent_value == nonpresent
+
+
+# -- the counts against unicorn's own memory hooks -------------------------------------------
+
+@pytest.mark.parametrize("callback", ["c", "python"])
+@pytest.mark.parametrize("kind", ["ept_ad", "npt"])
+@pytest.mark.parametrize("name", list(R.ROUTINES))
+def test_4k_leaves_and_exits_match_the_pages_touched(code, name, kind, callback):
+    """max_level 4K: one leaf per page touched, one exit per page, of its first kind."""
+    first = touched(code, name, SMALL[name])
+    vm, _slot, v = make(kind=kind, name=name, size=SMALL[name], max_level=1)
+    with sfu.attach(new_uc(), v, callback=callback) as att:
+        run(att, code, name, SMALL[name])
+        st = att.stats
+    leaves = present_leaves(vm)
+    assert sorted(leaves) == sorted(first)
+    assert all(level == 1 for level, _ in leaves.values())
+    assert vm.stats["pages_4k"] == len(first) and vm.stats["faults_fixed"] == len(first)
+    for k in KINDS:
+        assert st[f"fill_exits_{k}"] == sum(1 for f in first.values() if f == k), k
+    assert st["fill_exits"] == len(first)
+    assert st["tlb_fills"] >= len(first)
+
+
+@pytest.mark.parametrize("name", ["hash", "list"])
+def test_2m_leaves_match_the_regions_touched(code, name):
+    """Huge pages allowed (an aligned slot): one 2M leaf per 2M region touched, its exit
+    of the kind of the region's first access; the fills still come per 4K page."""
+    size = {"hash": 70_000, "list": 60_000}[name]      # several 2M regions, few accesses
+    first = touched(code, name, size)
+    regions = {}
+    for page, k in first.items():                            # dicts keep first-touch order
+        regions.setdefault(page >> 9, k)
+    vm, _slot, v = make(name=name, size=size)
+    with sfu.attach(new_uc(), v) as att:
+        run(att, code, name, size)
+        st = att.stats
+    leaves = present_leaves(vm)
+    assert len(regions) >= 3
+    assert {g >> 9 for g in leaves} == set(regions)
+    assert all(level == 2 for level, _ in leaves.values())
+    assert vm.stats["pages_2m"] == len(regions) and vm.stats["pages_4k"] == 0
+    for k in KINDS:
+        assert st[f"fill_exits_{k}"] == sum(1 for f in regions.values() if f == k), k
+    assert st["tlb_fills"] >= len(first)
+
+
+# -- dirty logging through the emulator's TLB ------------------------------------------------
+
+@pytest.mark.parametrize("callback", ["c", "python"])
+@pytest.mark.parametrize("kind,pml", [("ept_ad", True), ("ept_ad", False), ("ept_noad", False),
+                                      ("npt", False)])
+@pytest.mark.parametrize("name", ["sort", "matmul"])
+def test_dirty_log_holds_the_pages_the_guest_wrote(code, name, kind, pml, callback):
+    """Round 1 maps everything (a writable fault in a dirty-logged slot marks the page:
+    make_spte); get_dirty_log clears and re-protects (D cleared with PML, W without) and
+    flushes; round 2's log is exactly the pages round 2 wrote -- which needs the emulator's
+    TLB flushed at emu_start and clean entries refilled on the first write."""
+    size = SMALL[name]
+    writes = set()
+    uc0 = new_uc()
+    uc0.ctl_set_tlb_mode(UC.UC_TLB_VIRTUAL)
+    uc0.mem_map(0, R.memory_bytes(name, size))
+    p0 = R.prepare(R.FlatMemory(uc0), name, size, seed=1, code=code[name])
+    R.start(uc0, p0)
+    uc0.hook_add(UC.UC_HOOK_MEM_WRITE,
+                 lambda uc, acc, addr, n, val, ud: writes.update(range(addr >> 12,
+                                                                        ((addr + n - 1) >> 12) + 1)))
+    uc0.emu_start(R.LOAD_GPA, R.EXIT_GPA)
+
+    layout = (sf.SpteLayout.npt() if kind == "npt"
+              else sf.SpteLayout.ept(ad=kind == "ept_ad"))
+    vm = sf.Vm(layout, pml=pml)
+    slot = vm.add_memslot(0, R.memory_bytes(name, size) >> 12, HOST_PFN, dirty_log=True)
+    v = vm.vcpu()
+    with sfu.attach(new_uc(), v, callback=callback) as att:
+        run(att, code, name, size, seed=0)
+        vm.get_dirty_log(slot)                   # round 1's pages; clears and protects
+        run(att, code, name, size, seed=1)
+        log = vm.get_dirty_log(slot)
+    dirty = {i for i in range(64 * len(log)) if int(log[i // 64]) >> (i % 64) & 1}
+    assert dirty == writes
+    vm.audit()
+
+
+# -- the C and Python callbacks, the engine and the oracle ------------------------------------
+
+def _state(vm):
+    return present_leaves(vm), {k: v for k, v in vm.stats.items()}
+
+
+@pytest.mark.parametrize("kind", ["ept_ad", "ept_noad", "npt"])
+@pytest.mark.parametrize("name", ["hash", "list"])
+def test_c_callback_on_the_engine_matches_python_callback_on_the_oracle(code, name, kind):
+    """The same program through the C callback on the Cython engine and through the Python
+    callback on the reference model: every leaf, every VM stat and every fill count agree."""
+    out = []
+    for impl, cb in ((sf, "c"), (sf, "python"), (reference, "python")):
+        vm, _slot, v = make(impl, kind=kind, name=name, size=SMALL[name])
+        with sfu.attach(new_uc(), v, callback=cb) as att:
+            run(att, code, name, SMALL[name], seed=5)
+            out.append((_state(vm), att.stats))
+    assert out[0] == out[1] == out[2]
+
+
+def test_the_c_callback_makes_no_python_call_per_fill(code):
+    """uc_emu_start runs with the GIL released; the C callback never enters Python (no
+    profiler event beyond the binding's emu_start), the Python one enters once per fill."""
+    calls = {"c": 0, "python": 0}
+    for cb in ("c", "python"):
+        vm, _slot, v = make(name="list", size=SMALL["list"], max_level=1)
+        att = sfu.attach(new_uc(), v, callback=cb)
+        p = R.prepare(att, "list", SMALL["list"], code=code["list"])
+        R.start(att.uc, p)
+        seen = []
+
+        def prof(frame, event, arg, seen=seen):
+            if event == "call":
+                seen.append(frame.f_code.co_name)
+        sys.setprofile(prof)
+        try:
+            att.uc.emu_start(R.LOAD_GPA, R.EXIT_GPA)
+        finally:
+            sys.setprofile(None)
+        p.check(att)
+        calls[cb] = sum(1 for n in seen if n == "_python_fill")
+        if cb == "c":
+            assert [n for n in seen if n != "emu_start"] == []   # the binding's own method
+        att.detach()
+    assert calls["python"] > 0 and calls["c"] == 0
+
+
+def test_another_thread_runs_while_the_c_callback_answers(code):
+    """The GIL is free during the run: a Python thread makes progress meanwhile."""
+    vm, _slot, v = make(name="sort", size=200_000)
+    att = sfu.attach(new_uc(), v)
+    p = R.prepare(att, "sort", 200_000, code=code["sort"])
+    R.start(att.uc, p)
+    ticks, stop = [0], threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            ticks[0] += 1
+    t = threading.Thread(target=spin)
+    t.start()
+    before = ticks[0]
+    try:
+        att.emu_start(R.LOAD_GPA, R.EXIT_GPA)
+        during = ticks[0] - before
+    finally:
+        stop.set()
+        t.join()
+    p.check(att)
+    assert during > 1000
+
+
+# -- what the guest sees when the model cannot back an access --------------------------------
+
+@pytest.mark.parametrize("callback", ["c", "python"])
+def test_an_access_outside_the_memslots_is_emulated_and_faults_the_guest(code, callback):
+    """The list's head points past guest RAM: KVM finds no memslot, installs an MMIO SPTE
+    and emulates (RET_PF_EMULATE); unicorn has no device there, so the guest faults."""
+    vm, _slot, v = make(name="list", size=100)
+    att = sfu.attach(new_uc(), v, callback=callback)
+    p = R.prepare(att, "list", 100, code=code["list"])
+    outside = (R.memory_bytes("list", 100) + (4 << 20)) & ~0xFFF
+    att.write(R.ARGS_GPA, np.uint64(outside).tobytes())
+    R.start(att.uc, p)
+    with pytest.raises(unicorn.UcError) as e:
+        att.emu_start(R.LOAD_GPA, R.EXIT_GPA)
+    assert e.value.errno == UC.UC_ERR_EXCEPTION
+    assert att.last_fault == (outside, "read", "emulated")
+    assert att.stats["fills_denied_read"] == 1
+    assert vm.stats["faults_emulate"] == 1
+    assert vm.layout.is_mmio_spte(vm.walk(outside >> 12)[-1][1])
+    vm.audit()
+
+
+def test_an_address_beyond_the_guest_width_faults_the_guest(code):
+    vm, _slot, v = make(name="list", size=100)
+    att = sfu.attach(new_uc(), v)
+    p = R.prepare(att, "list", 100, code=code["list"])
+    far = 1 << 50                               # beyond 4-level EPT's 48 bits
+    att.write(R.ARGS_GPA, np.uint64(far).tobytes())
+    R.start(att.uc, p)
+    with pytest.raises(unicorn.UcError):
+        att.emu_start(R.LOAD_GPA, R.EXIT_GPA)
+    assert att.last_fault == (far, "read", "beyond_address_width")
+    vm.audit()
+
+
+@pytest.mark.parametrize("callback", ["c", "python"])
+def test_out_of_page_table_memory_is_raised_by_emu_start(code, callback):
+    vm, _slot, v = make(name="list", size=3000, max_level=1, max_pt_pages=8)
+    att = sfu.attach(new_uc(), v, callback=callback)
+    p = R.prepare(att, "list", 3000, code=code["list"])
+    R.start(att.uc, p)
+    with pytest.raises(sf.OutOfMemory):
+        att.emu_start(R.LOAD_GPA, R.EXIT_GPA)
+    assert att.last_fault[2] == "model_error"
+    vm.audit()
+
+
+# -- attach / detach ------------------------------------------------------------------------
+
+def test_attach_refuses_bad_arguments():
+    vm, _slot, v = make(name="list", size=100)
+    uc = new_uc()
+    with pytest.raises(TypeError):
+        sfu.attach(object(), v)
+    with pytest.raises(ValueError):
+        sfu.attach(uc, v, callback="rust")
+    with pytest.raises(ValueError):
+        sfu.attach(uc, v, guest=object())
+    with pytest.raises(TypeError):
+        sfu.attach(uc, object())
+    rvm, _s, rv = make(reference, name="list", size=100)
+    with pytest.raises(TypeError):
+        sfu.attach(uc, rv, callback="c")      # the C path needs the engine
+    assert uc.mem_regions() is not None and list(uc.mem_regions()) == []   # nothing done
+    att = sfu.attach(uc, v)
+    with pytest.raises(ValueError):
+        sfu.attach(uc, v)
+    att.detach()
+    with pytest.raises(ValueError):
+        att.detach()
+    with pytest.raises(ValueError):
+        att.emu_start(R.LOAD_GPA, R.EXIT_GPA)
+
+
+def test_detach_restores_the_emulator(code):
+    """After detach no fill reaches spte_fast: the hook is gone, the memory attach mapped is
+    unmapped, and unicorn translates by itself again."""
+    vm, _slot, v = make(name="list", size=100)
+    uc = new_uc()
+    att = sfu.attach(uc, v)
+    assert [(b, e) for b, e, _ in uc.mem_regions()] == \
+        [(HOST_PFN << 12, (HOST_PFN << 12) + R.memory_bytes("list", 100) - 1)]
+    run(att, code, "list", 100)
+    fills = att.stats["tlb_fills"]
+    att.detach()
+    assert list(uc.mem_regions()) == []
+    uc.mem_map(0, R.memory_bytes("list", 100))
+    p = R.prepare(R.FlatMemory(uc), "list", 100, code=code["list"])
+    R.start(uc, p)
+    uc.emu_start(R.LOAD_GPA, R.EXIT_GPA)
+    p.check(R.FlatMemory(uc))
+    assert att.stats["tlb_fills"] == fills
+    assert not hasattr(uc, "_spte_fast_attachment")
+
+
+def test_memslots_added_after_attach_are_mapped_at_the_next_run(code):
+    vm = sf.Vm(sf.SpteLayout.ept())
+    v = vm.vcpu()
+    att = sfu.attach(new_uc(), v)
+    assert list(att.uc.mem_regions()) == []
+    vm.add_memslot(0, R.memory_bytes("list", 100) >> 12, HOST_PFN)
+    run(att, code, "list", 100)
+    assert att.host_address(0x1234) == (HOST_PFN << 12) + 0x1234
+    with pytest.raises(ValueError):
+        att.host_address(1 << 40)
+
+
+def test_a_zap_between_runs_is_seen_by_the_next_run(code):
+    """zap_gfn_range flushes; emu_start flushes unicorn's TLB, so the next run walks again
+    and re-faults every page it touches."""
+    vm, _slot, v = make(name="list", size=500, max_level=1)
+    att = sfu.attach(new_uc(), v)
+    run(att, code, "list", 500)
+    exits = att.stats["fill_exits"]
+    run(att, code, "list", 500)
+    assert att.stats["fill_exits"] == exits     # everything mapped: no exit
+    vm.zap_gfn_range(0, 1 << 20)
+    run(att, code, "list", 500)
+    assert att.stats["fill_exits"] == 2 * exits
+    assert vm.stats["faults_fixed"] == 2 * exits

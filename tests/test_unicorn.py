@@ -45,7 +45,7 @@ if shutil.which("cc") is None and shutil.which("gcc") is None:
     pytest.skip("no C compiler: the routines cannot be built", allow_module_level=True)
 
 HOST_PFN = 0x100000             # guest RAM at host physical 4 GiB (2M- and 1G-aligned)
-SMALL = {"sort": 3000, "hash": 2000, "matmul": 20, "list": 3000}
+SMALL = {"sort": 3000, "hash": 2000, "matmul": 20, "list": 3000, "invlpg": 64}
 KINDS = ("read", "write", "fetch")
 
 
@@ -83,10 +83,9 @@ def new_uc():
 
 def touched(code, name, size, seed=0):
     """{page: kind of its first access} from unicorn's memory hooks on a plain run (RAM at
-    gpa 0, unicorn's identity translation): UC_HOOK_MEM_READ / _WRITE for data, UC_HOOK_BLOCK
-    for the code pages each executed block occupies."""
+    gpa 0, unicorn's default identity translation): UC_HOOK_MEM_READ / _WRITE for data,
+    UC_HOOK_BLOCK for the code pages each executed block occupies."""
     uc = new_uc()
-    uc.ctl_set_tlb_mode(UC.UC_TLB_VIRTUAL)
     uc.mem_map(0, R.memory_bytes(name, size))
     mem = R.FlatMemory(uc)
     p = R.prepare(mem, name, size, seed=seed, code=code[name])
@@ -197,7 +196,6 @@ def test_dirty_log_holds_the_pages_the_guest_wrote(code, name, kind, pml, callba
     size = SMALL[name]
     writes = set()
     uc0 = new_uc()
-    uc0.ctl_set_tlb_mode(UC.UC_TLB_VIRTUAL)
     uc0.mem_map(0, R.memory_bytes(name, size))
     p0 = R.prepare(R.FlatMemory(uc0), name, size, seed=1, code=code[name])
     R.start(uc0, p0)

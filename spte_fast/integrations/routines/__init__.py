@@ -31,8 +31,11 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 #: Bundled routines and their default sizes (sort: integers; hash: keys, probed as many
-#: times; matmul: N of N x N; list: nodes).
-ROUTINES = {"sort": 1_000_000, "hash": 1 << 17, "matmul": 96, "list": 1 << 17}
+#: times; matmul: N of N x N; list: nodes; invlpg: pages, loaded 16 times each with an
+#: invlpg after every load -- a TLB miss per load, for measuring fills).
+ROUTINES = {"sort": 1_000_000, "hash": 1 << 17, "matmul": 96, "list": 1 << 17,
+            "invlpg": 4096}
+INVLPG_ROUNDS = 16
 
 LOAD_GPA = 0x1000
 EXIT_GPA = LOAD_GPA + 5             # _start: a 5-byte call, then the hlt
@@ -105,6 +108,8 @@ def data_bytes(name, size=None):
         return _pages(8 * n) + _pages(16 << _hash_bits(n)) + _pages(8 * n)
     if name == "matmul":
         return 3 * _pages(8 * n * n)
+    if name == "invlpg":
+        return 4096 * n
     return _pages(64 * n)                   # list: 4 slots of 16 bytes per node
 
 
@@ -215,6 +220,18 @@ def prepare(mem, name, size=None, seed=0, code=None):
         def expect(m):
             got = tuple(int(v) for v in _u64(m, ARGS_GPA + 8, 2))
             assert got == want, f"list: (count, sum) {got} != {want}"
+
+    elif name == "invlpg":
+        words = rng.integers(0, 1 << 32, n, dtype=np.uint64)
+        pages = np.zeros((n, 512), dtype=np.uint64)
+        pages[:, 0] = words
+        mem.write(DATA_GPA, pages.tobytes())
+        args[:3] = (n, DATA_GPA, INVLPG_ROUNDS)
+        want = INVLPG_ROUNDS * int(words.sum(dtype=np.uint64)) % (1 << 64)
+
+        def expect(m):
+            got = int(_u64(m, ARGS_GPA + 3 * 8, 1)[0])
+            assert got == want, f"invlpg: sum {got} != {want}"
 
     else:
         raise ValueError(f"unknown routine {name!r}: one of {', '.join(ROUTINES)}")

@@ -9,6 +9,9 @@
                              samples.csv, ``--plot`` draws the run.
 ``spte-fast trace convert``  any trace -> the binary trace format (file or stdout).
 ``spte-fast trace info``     what a trace holds: records, kinds, pages, regions, reuse.
+``spte-fast emulate``        run x86-64 code (a bundled routine or a flat binary) under
+                             unicorn with spte_fast as its MMU (``spte_fast.sim.emulate``;
+                             needs the ``[unicorn]`` extra) and print the run's report.
 ``spte-fast demo``           the two initialisation paths of KVM 6.10's memory cache.
 
 A bare ``spte-fast`` prints the help on stdout and exits 0; ``--version`` prints the version.
@@ -32,6 +35,7 @@ import time
 import spte_fast as sf
 
 from .sim import demo as _demo
+from .sim import emulate as _emulate
 from .sim import engine as _engine
 from .sim import info as _info
 from .sim import readers as _readers
@@ -401,6 +405,33 @@ def cmd_trace_info(args):
     return 0
 
 
+def cmd_emulate(args):
+    if args.guest_paging != "none":
+        raise CliError(f"--guest-paging {args.guest_paging} needs the guest page-table model "
+                       "(guest page tables, two-dimensional walks, the shadow MMU), which "
+                       "spte_fast does not have yet; 'none' runs the guest with paging off")
+    if args.output:
+        _check_output_dir(args.output, "-o")
+    config = _emulate.EmulateConfig(
+        program=args.program, size=args.size, seed=args.seed, layout=args.layout,
+        root_level=args.root_level, max_level=MAX_LEVELS[args.max_level],
+        callback=args.callback, guest_bytes=args.guest_size, timeout_s=args.timeout,
+        count_instructions=not args.no_count)
+    res = _emulate.run(config)
+    doc = res.to_dict()
+    if args.output:
+        os.makedirs(args.output, exist_ok=True)
+        with open(os.path.join(args.output, "stats.json"), "w") as f:
+            f.write(json.dumps(doc, indent=2) + "\n")
+    if args.json:
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        return 0
+    sys.stdout.write(_emulate.summary(res))
+    if args.output:
+        sys.stdout.write(f"  {'output':<13}{args.output}/ (stats.json)\n")
+    return 0
+
+
 def cmd_demo(args):
     """KVM 6.10's memory cache on both initialisation paths, then a VM on each layout."""
     out = sys.stdout
@@ -541,6 +572,51 @@ def build_parser():
     i.add_argument("--json", action="store_true", help="print one JSON document")
     _add_trace_input(i, "summarise what precedes a cut-off end instead of failing")
     i.set_defaults(func=cmd_trace_info)
+
+    from .integrations import routines as _routines
+    e = sub.add_parser(
+        "emulate", formatter_class=fmt,
+        help="run x86-64 code under unicorn with spte_fast as the MMU",
+        description="Run PROGRAM under the unicorn CPU emulator with a vCPU's hardware view "
+                    "answering\nevery TLB fill (spte_fast.integrations.unicorn), then print "
+                    "the run's report\n(or --json) and audit the model.  Needs the [unicorn] "
+                    "extra and, for the bundled\nroutines, a C compiler (they are built on "
+                    "first use and cached).",
+        epilog="bundled routines (default size):\n" + "".join(
+            f"  {k:<8} {v:,}\n" for k, v in _routines.ROUTINES.items()) +
+               "\nA flat binary is loaded at 0x1000 and entered there (rdi = 0x8000, rsp = "
+               "0x80000);\nit runs until it executes hlt.  Guest paging is off: addresses "
+               "are guest-physical.\n\nlayouts:\n" +
+               "".join(f"  {k:<9} {v[0]}\n" for k, v in LAYOUTS.items()))
+    e.add_argument("program", metavar="PROGRAM",
+                   help="a bundled routine's name, or the path of a flat x86-64 binary")
+    e.add_argument("--size", type=parse_count, metavar="N",
+                   help="the routine's size (integers, keys, N of NxN, nodes, pages)")
+    e.add_argument("--seed", type=parse_seed, default=0, metavar="N",
+                   help="seed of the routine's input (default 0)")
+    e.add_argument("--layout", choices=list(LAYOUTS), default="ept",
+                   help="SPTE layout (default ept; see below)")
+    e.add_argument("--root-level", type=int, choices=(4, 5), default=4,
+                   help="EPT/NPT paging levels (default 4)")
+    e.add_argument("--max-level", choices=list(MAX_LEVELS), default="1g",
+                   help="largest mapping (default 1g, KVM's)")
+    e.add_argument("--callback", choices=("c", "python"), default="c",
+                   help="the TLB-fill callback: c (default: GIL-free, no Python per fill) or "
+                        "python (the public API per fill)")
+    e.add_argument("--guest-paging", choices=("none", "tdp", "shadow"), default="none",
+                   help="none (default): the guest runs with paging off; tdp and shadow need "
+                        "guest page tables, not built yet")
+    e.add_argument("--guest-size", type=parse_size, metavar="SIZE",
+                   help="guest RAM for a flat binary (default 64M; a routine sizes its own)")
+    e.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="stop a flat binary after S seconds (default 60; 0: no limit)")
+    e.add_argument("--no-count", action="store_true",
+                   help="do not count instructions (a second run of the program on unicorn "
+                        "alone)")
+    e.add_argument("--json", action="store_true",
+                   help="print one JSON document instead of the report")
+    e.add_argument("-o", "--output", metavar="DIR", help="write stats.json into DIR")
+    e.set_defaults(func=cmd_emulate)
 
     d = sub.add_parser("demo", help="the two cache initialisation paths, side by side")
     d.set_defaults(func=cmd_demo)

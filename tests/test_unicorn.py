@@ -305,7 +305,7 @@ def test_an_access_outside_the_memslots_is_emulated_and_faults_the_guest(code, c
     with pytest.raises(unicorn.UcError) as e:
         att.emu_start(R.LOAD_GPA, R.EXIT_GPA)
     assert e.value.errno == UC.UC_ERR_EXCEPTION
-    assert att.last_fault == (outside, "read", "emulated")
+    assert att.fault == (outside, "read", "emulated")
     assert att.stats["fills_denied_read"] == 1
     assert vm.stats["faults_emulate"] == 1
     assert vm.layout.is_mmio_spte(vm.walk(outside >> 12)[-1][1])
@@ -321,7 +321,7 @@ def test_an_address_beyond_the_guest_width_faults_the_guest(code):
     R.start(att.uc, p)
     with pytest.raises(unicorn.UcError):
         att.emu_start(R.LOAD_GPA, R.EXIT_GPA)
-    assert att.last_fault == (far, "read", "beyond_address_width")
+    assert att.fault == (far, "read", "beyond_address_width")
     vm.audit()
 
 
@@ -333,7 +333,7 @@ def test_out_of_page_table_memory_is_raised_by_emu_start(code, callback):
     R.start(att.uc, p)
     with pytest.raises(sf.OutOfMemory):
         att.emu_start(R.LOAD_GPA, R.EXIT_GPA)
-    assert att.last_fault[2] == "model_error"
+    assert att.fault[2] == "model_error"
     vm.audit()
 
 
@@ -410,3 +410,77 @@ def test_a_zap_between_runs_is_seen_by_the_next_run(code):
     run(att, code, "list", 500)
     assert att.stats["fill_exits"] == 2 * exits
     assert vm.stats["faults_fixed"] == 2 * exits
+
+
+# -- spte-fast emulate ------------------------------------------------------------------------
+
+@pytest.fixture
+def cli(monkeypatch, tmp_path_factory):
+    """cli.main in-process, the routines built into a cache of this test run."""
+    from spte_fast import cli as _cli
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg"))
+    return _cli.main
+
+
+@pytest.mark.parametrize("name", list(R.ROUTINES))
+def test_emulate_runs_each_bundled_routine(cli, capsys, name):
+    assert cli(["emulate", name, "--size", str(SMALL[name]), "--json"]) == 0
+    import json
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["check"].startswith("right") and doc["audit"] == "passed"
+    assert doc["config"]["size"] == SMALL[name]
+    assert doc["instructions"] > 0 and doc["tlb_fills"]["tlb_fills"] > 0
+    st, fills = doc["stats"], doc["tlb_fills"]
+    assert fills["fill_exits"] == st["faults_fixed"] == st["pages_2m"] + st["pages_4k"] > 0
+
+
+def test_emulate_report_and_output_dir(cli, capsys, tmp_path):
+    out = tmp_path / "run"
+    assert cli(["emulate", "matmul", "--size", "16", "--layout", "npt", "--max-level", "4k",
+                "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    for row in ("result       right", "instructions ", "TLB fills    ", "exits        ",
+                "leaves       4K ", "audit        passed", "layout npt"):
+        assert row in text, row
+    import json
+    doc = json.loads((out / "stats.json").read_text())
+    assert doc["config"]["layout"] == "npt" and doc["stats"]["pages_2m"] == 0
+    assert doc["stats"]["pages_4k"] == doc["tlb_fills"]["fill_exits"]
+
+
+def _flat(tmp_path, hexcode):
+    path = tmp_path / "prog.bin"
+    path.write_bytes(bytes.fromhex(hexcode))
+    return str(path)
+
+
+def test_emulate_a_flat_binary(cli, capsys, tmp_path):
+    # mov rax, [0x2000]; mov [0x3000], rax; hlt
+    prog = _flat(tmp_path, "488b042500200000" "4889042500300000" "f4")
+    assert cli(["emulate", prog, "--max-level", "4k", "--json"]) == 0
+    import json
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["check"].startswith("not checked")
+    f = doc["tlb_fills"]
+    # code page (fetch), 0x2000 (read), 0x3000 (write) and nothing else: stack unused
+    assert (f["fill_exits_fetch"], f["fill_exits_read"], f["fill_exits_write"]) == (1, 1, 1)
+    assert doc["stats"]["pages_4k"] == 3 and doc["instructions"] == 3
+
+
+def test_emulate_reports_a_guest_fault(cli, capsys, tmp_path):
+    # mov rax, [0x40000000]: past the 64 MiB guest, an MMIO access nothing answers
+    prog = _flat(tmp_path, "488b042500000040" "f4")
+    assert cli(["emulate", prog, "--no-count"]) == 1
+    err = capsys.readouterr().err
+    assert "the guest stopped at rip 0x1000" in err and "read of 0x40000000, emulated" in err
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["emulate", "sort", "--guest-paging", "tdp"], "needs the guest page-table model"),
+    (["emulate", "no-such-routine"], "neither a bundled routine"),
+    (["emulate", "sort", "--layout", "x86"], "invalid choice"),
+    (["emulate", "sort", "--size", "0"], "at least 1"),
+])
+def test_emulate_refuses_bad_input(cli, capsys, argv, msg):
+    assert cli(argv) == 2
+    assert msg in capsys.readouterr().err

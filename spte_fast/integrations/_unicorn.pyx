@@ -58,20 +58,23 @@ ctypedef struct fill_state_t:
     int64_t flush_seen              # the vCPU's tlb_flushes + tlb_flushes_ranged
     int error                       # the first model error (-SPTE_E*), 0 for none
     uint64_t error_gfn
-    uint64_t last_denied_vaddr
-    int last_denied_kind
-    int last_denied_reason
+    uint64_t denied_vaddr           # the first fill answered with a fault since reset
+    int denied_kind
+    int denied_reason
     sf_uc_ctl_fn uc_ctl
     int flush_control               # UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0)
     sf_uc_emu_stop_fn uc_emu_stop
 
 
 cdef inline bint _deny(fill_state_t* s, uint64_t vaddr, int acc, int reason) noexcept nogil:
+    """Answer with a fault; the first one since reset_denied is kept (what follows it is the
+    CPU delivering the fault, with no IDT to deliver it to)."""
     if acc >= ACC_READ and acc <= ACC_FETCH:
         s.denied[acc] += 1
-    s.last_denied_vaddr = vaddr
-    s.last_denied_kind = acc
-    s.last_denied_reason = reason
+    if s.denied_reason == DENY_NONE:
+        s.denied_vaddr = vaddr
+        s.denied_kind = acc
+        s.denied_reason = reason
     return False
 
 
@@ -133,7 +136,7 @@ cdef class TlbFill:
         self.s.flush_control = flush_control
         self.s.uc_emu_stop = <sf_uc_emu_stop_fn><void*>uc_emu_stop
         self.s.flush_seen = v.stat.tlb_flushes + v.stat.tlb_flushes_ranged
-        self.s.last_denied_kind = -1
+        self.s.denied_kind = -1
 
     def __dealloc__(self):
         PyMem_RawFree(self.s)
@@ -156,12 +159,15 @@ cdef class TlbFill:
                 "fast": s.counts[COUNT_FAST], "no_exit": s.counts[0],
                 "tlb_flushes": s.tlb_flushes}
 
-    def last_denied(self):
-        """(vaddr, kind, reason) of the last fill answered with a fault, or None."""
-        if self.s.last_denied_reason == DENY_NONE:
+    def first_denied(self):
+        """(vaddr, kind, reason) of the first fill answered with a fault since
+        reset_denied(), or None."""
+        if self.s.denied_reason == DENY_NONE:
             return None
-        return (self.s.last_denied_vaddr, self.s.last_denied_kind,
-                DENY_REASONS[self.s.last_denied_reason])
+        return (self.s.denied_vaddr, self.s.denied_kind, DENY_REASONS[self.s.denied_reason])
+
+    def reset_denied(self):
+        self.s.denied_reason = DENY_NONE
 
     def take_error(self):
         """(-SPTE_E* code, gfn) of the first model error since the last call, or None."""

@@ -33,7 +33,7 @@ Two callbacks answer the fills:
 A fill KVM cannot back with RAM is answered with a fault, which unicorn raises in the guest
 as a page fault (``UcError(UC_ERR_EXCEPTION)`` unless the program handles interrupts):
 an MMIO access (no memslot: KVM emulates it, and there is no device here), or an address
-beyond the guest's physical address width.  :attr:`Attachment.last_fault` says which.
+beyond the guest's physical address width.  :attr:`Attachment.fault` says which.
 A failure of the model itself (``OutOfMemory`` when the page-table pool is exhausted)
 stops the emulation and is raised by :meth:`Attachment.emu_start`.
 
@@ -142,7 +142,7 @@ class Attachment:
         self._py = None                     # the Python counts (callback "python")
         self._flushes_seen = _vm_flushes(self.vm)
         self._emulator_flushes = 0          # flushes of unicorn's TLB at emu_start
-        self._last_fault = None
+        self._fault = None
         self._error = None
         self._detached = False
 
@@ -218,6 +218,9 @@ class Attachment:
         if flushes != self._flushes_seen:
             self._flushes_seen = flushes
             self.flush()
+        if self._fill is not None:
+            self._fill.reset_denied()
+        self._fault = None
         try:
             self.uc.emu_start(begin, until, timeout, count)
         except _uc.UcError as e:
@@ -243,14 +246,15 @@ class Attachment:
     # -- what happened --------------------------------------------------------------------
 
     @property
-    def last_fault(self):
-        """(address, kind, reason) of the last fill answered with a fault -- reason
-        "emulated" (no memslot: KVM emulated the access), "beyond_address_width" or
-        "model_error" -- or None."""
+    def fault(self):
+        """(address, kind, reason) of the first fill of the last run answered with a fault
+        -- reason "emulated" (no memslot: KVM emulated the access), "beyond_address_width"
+        or "model_error" -- or None.  (Later fills of that run are the CPU delivering the
+        page fault, which a program without an IDT cannot take.)"""
         if self._fill is not None:
-            f = self._fill.last_denied()
+            f = self._fill.first_denied()
             return None if f is None else (f[0], KINDS[f[1]] if 0 <= f[1] < 3 else f[1], f[2])
-        return self._last_fault
+        return self._fault
 
     @property
     def stats(self):
@@ -278,7 +282,7 @@ class Attachment:
         kind = access - _const.UC_MEM_READ
         c = self._py
         if not 0 <= kind < 3:
-            self._last_fault = (vaddr, kind, "bad_access_type")
+            self._deny_first(vaddr, kind, "bad_access_type")
             return False
         c["fills"][kind] += 1
         gfn = vaddr >> 12
@@ -286,13 +290,13 @@ class Attachment:
             r = self.vcpu.access(gfn, write=kind == 1, exec=kind == 2)
         except ValueError:                  # beyond the guest's physical address width
             c["denied"][kind] += 1
-            self._last_fault = (vaddr, KINDS[kind], "beyond_address_width")
+            self._deny_first(vaddr, KINDS[kind], "beyond_address_width")
             return False
         except SpteError as e:
             if self._error is None:
                 self._error = e
             c["denied"][kind] += 1
-            self._last_fault = (vaddr, KINDS[kind], "model_error")
+            self._deny_first(vaddr, KINDS[kind], "model_error")
             uc.emu_stop()
             return False
         hit = None
@@ -302,7 +306,7 @@ class Attachment:
             hit = self.vm.lookup(gfn)
         if hit is None:
             c["denied"][kind] += 1
-            self._last_fault = (vaddr, KINDS[kind], "emulated")
+            self._deny_first(vaddr, KINDS[kind], "emulated")
             return False
         if r is not None:                   # only an exit can make KVM ask for a flush
             flushes = _vm_flushes(self.vm)
@@ -316,6 +320,10 @@ class Attachment:
         entry.paddr = pfn * _PAGE
         entry.perms = self._perms(spte)
         return True
+
+    def _deny_first(self, vaddr, kind, reason):
+        if self._fault is None:
+            self._fault = (vaddr, kind, reason)
 
     def _perms(self, spte):
         need_r, need_w, need_x, nx, dirty = self._masks

@@ -49,24 +49,8 @@ def summary(result, title=TITLE):
                                  f"{res['accesses']:,} replayed" +
                                  (f" (dropped at the end: {c['trace_partial']})"
                                   if c.get("trace_partial") else "")))
+    rows += mmu_rows(st, r, c["root_level"])
     rows += [
-        ("faults", f"fixed {r['fixed']:,}   fast {r['fast']:,}   spurious {r['spurious']:,}   "
-                   f"emulate {r['emulate']:,}   retries {r['retry']:,}"),
-        ("leaves", f"4K {st['pages_4k']:,}   2M {st['pages_2m']:,}   1G {st['pages_1g']:,}   "
-                   f"MMIO SPTEs created {st['mmio_sptes_created']:,}"),
-    ]
-    rows.append(("page tables", f"{'level':>5} {'pages':>12} {'bytes':>11}"))
-    for lvl in range(c["root_level"], 0, -1):
-        n = st[f"pt_pages_l{lvl}"]
-        rows.append(("", f"{'L' + str(lvl):>5} {n:>12,} {format_bytes(n * 4096):>11}"))
-    rows.append(("", f"{'total':>5} {st['pt_pages']:>12,} "
-                     f"{format_bytes(st['pt_pages'] * 4096):>11}"
-                     f"   (allocated {st['tables_allocated']:,}, freed {st['tables_freed']:,})"))
-    rows += [
-        ("table init", f"cache fills {st['cache_fills']:,} (memset64)   zero-inits "
-                       f"{st['cache_zero_inits']:,}   bytes written "
-                       f"{format_bytes(st['init_bytes_written'])}"),
-        ("TLB flushes", f"full {st['tlb_flushes']:,}   ranged {st['tlb_flushes_ranged']:,}"),
         ("zaps", f"2M ranges {z['gfn_range']:,} ({z['gfn_range_flushed']:,} flushed)   "
                  f"zap_all {z['all']:,} ({z['all_flushed']:,} flushed)"),
         ("audit", res["audit"]),
@@ -78,6 +62,31 @@ def summary(result, title=TITLE):
             f"layout {c['layout']} (non-present {c['nonpresent_value']}), {c['root_level']}-level "
             f"root, max level {c['max_level'].upper()}, {c['vcpus']} vCPU(s), seed {c['seed']}\n")
     return head + "\n" + "".join(f"  {k:<13}{v}\n" for k, v in rows)
+
+
+def mmu_rows(st, r, root_level):
+    """The summary rows of what KVM did (``vm.stats`` ``st``, the exits' results ``r``):
+    faults, leaves, page tables per level, table initialisation, TLB flushes."""
+    rows = [
+        ("faults", f"fixed {r['fixed']:,}   fast {r['fast']:,}   spurious {r['spurious']:,}   "
+                   f"emulate {r['emulate']:,}   retries {r['retry']:,}"),
+        ("leaves", f"4K {st['pages_4k']:,}   2M {st['pages_2m']:,}   1G {st['pages_1g']:,}   "
+                   f"MMIO SPTEs created {st['mmio_sptes_created']:,}"),
+        ("page tables", f"{'level':>5} {'pages':>12} {'bytes':>11}"),
+    ]
+    for lvl in range(root_level, 0, -1):
+        n = st[f"pt_pages_l{lvl}"]
+        rows.append(("", f"{'L' + str(lvl):>5} {n:>12,} {format_bytes(n * 4096):>11}"))
+    rows.append(("", f"{'total':>5} {st['pt_pages']:>12,} "
+                     f"{format_bytes(st['pt_pages'] * 4096):>11}"
+                     f"   (allocated {st['tables_allocated']:,}, freed {st['tables_freed']:,})"))
+    rows += [
+        ("table init", f"cache fills {st['cache_fills']:,} (memset64)   zero-inits "
+                       f"{st['cache_zero_inits']:,}   bytes written "
+                       f"{format_bytes(st['init_bytes_written'])}"),
+        ("TLB flushes", f"full {st['tlb_flushes']:,}   ranged {st['tlb_flushes_ranged']:,}"),
+    ]
+    return rows
 
 
 def to_json(result, **extra):

@@ -138,6 +138,60 @@ def test_the_hardware_view_from_c_matches_access_batch(embed, layout_name):
     vms[0].audit()
 
 
+@pytest.mark.parametrize("layout_name", ["ept", "npt"])
+def test_a_tlb_fill_from_c_is_the_access_then_the_leaf(embed, layout_name):
+    """vcpu_tlb_fill (the embedding API an emulator's TLB miss calls): the access exactly as
+    access_batch runs it, then what the TLB caches -- the leaf's level, the host pfn of the
+    gfn (slot pfn + offset, DESIGN.md), and the permissions: RAM leaves are RWX (EPT
+    ACC_ALL; NPT P|U|W without NX), a write only with D set (SDM vol. 3 §29.3.5, APM vol. 2
+    §15.25.7); nothing for an emulated (MMIO) access."""
+    layout = {"ept": sf.SpteLayout.ept(), "npt": sf.SpteLayout.npt()}[layout_name]
+    rng = np.random.default_rng(6)
+    npages, pfn0 = 1 << 14, 0x100000
+    gfns = rng.integers(0, npages + 1024, 3000, dtype=np.uint64)      # some past the slot
+    kind = rng.integers(0, 3, gfns.size, dtype=np.uint8)
+    vms = []
+    for _ in range(2):
+        vm = sf.Vm(layout, max_level=sf.PG_LEVEL_2M, max_pt_pages=512)
+        vm.add_memslot(0, npages, pfn0, dirty_log=False)
+        vms.append(vm)
+    fills, counts = embed.tlb_fill_gfns(vms[0].vcpu(), gfns, kind)
+    out = np.zeros(gfns.size, dtype=np.int8)
+    res = vms[1].vcpu().access_batch(gfns, kind, out=out)
+    assert [f[0] for f in fills] == out.tolist()
+    assert counts[0] == res["hits"] and counts[sf.PF.FIXED] == res["fixed"]
+    assert vms[0].stats == vms[1].stats
+    for g, (code, level, pfn, perms) in zip(gfns.tolist(), fills):
+        if g >= npages:
+            assert (code, level, pfn, perms) == (sf.PF.EMULATE, 0, None, 0)
+            continue
+        spte, lvl = vms[0].lookup(g)
+        assert (level, pfn, perms) == (lvl, pfn0 + g, 7)
+        assert layout.spte_to_pfn(spte) + (g & ((1 << (9 * (lvl - 1))) - 1)) == pfn
+    with pytest.raises(MemoryError):            # a kind that is none of the three
+        embed.tlb_fill_gfns(vms[0].vcpu(), gfns[:1], np.array([3], dtype=np.uint8))
+
+
+@pytest.mark.parametrize("layout_name,pml", [("ept", True), ("ept", False), ("npt", False)])
+def test_a_clean_tlb_entry_does_not_allow_a_write(embed, layout_name, pml):
+    """After get_dirty_log re-protects the slot (PML: D cleared; otherwise W removed), a
+    read fill caches R|X only, so the next write misses and walks; the write fill sets D
+    (PML) or takes the fast page fault, and then caches R|W|X."""
+    layout = {"ept": sf.SpteLayout.ept(), "npt": sf.SpteLayout.npt()}[layout_name]
+    vm = sf.Vm(layout, max_pt_pages=64, pml=pml)
+    slot = vm.add_memslot(0, 512, 0x100000, dirty_log=True)
+    v = vm.vcpu()
+    g = np.array([7], dtype=np.uint64)
+    (first,), _ = embed.tlb_fill_gfns(v, g, np.array([0], dtype=np.uint8))
+    assert first == (sf.PF.FIXED, 1, 0x100007, 7)     # a writable leaf made with D
+    vm.get_dirty_log(slot)
+    (read,), _ = embed.tlb_fill_gfns(v, g, np.array([0], dtype=np.uint8))
+    assert read == (0, 1, 0x100007, 5)                 # no exit; R|X: clean or read-only
+    (write,), _ = embed.tlb_fill_gfns(v, g, np.array([1], dtype=np.uint8))
+    assert write == ((0 if pml else sf.PF.FIXED), 1, 0x100007, 7)
+    assert int(vm.get_dirty_log(slot)[0]) == 1 << 7
+
+
 def test_cdef_class_layouts_reach_the_kvm_mmu_pages(embed):
     """An embedder reads a Vm's kvm_t and the tables' kvm_mmu_page straight from C."""
     vm = sf.Vm(sf.SpteLayout.ept(), root_level=4, max_level=sf.PG_LEVEL_4K, max_pt_pages=64)

@@ -32,7 +32,6 @@ import pytest
 
 unicorn = pytest.importorskip("unicorn", reason="the [unicorn] extra is not installed")
 from unicorn import unicorn_const as UC  # noqa: E402
-from unicorn import x86_const  # noqa: E402
 
 import spte_fast as sf  # noqa: E402
 from spte_fast import reference  # noqa: E402
@@ -484,3 +483,32 @@ def test_emulate_reports_a_guest_fault(cli, capsys, tmp_path):
 def test_emulate_refuses_bad_input(cli, capsys, argv, msg):
     assert cli(argv) == 2
     assert msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("callback", ["c", "python"])
+@pytest.mark.parametrize("kind", ["ept_ad", "npt"])
+def test_an_exec_fault_splits_a_huge_page_without_a_flush(kind, callback):
+    """The NX huge-page mitigation: a read maps region 1 with a non-executable 2M leaf;
+    jumping into it is an exec fault that cannot use a huge page, and 6.10's
+    kvm_tdp_mmu_map splits the huge SPTE in place (tdp_mmu_split_huge_page: 512 4K leaves
+    of the same pfns, "the translation will be the same either way", no TLB flush) and then
+    maps the exec page.  So the emulator's TLB is not flushed, and the re-read of page 0x201
+    is answered by its cached entry: no fill, no fault."""
+    vm, _slot, v = make(kind=kind, name="list", size=1 << 18, nx_huge_pages=True)
+    att = sfu.attach(new_uc(), v, callback=callback)
+    # 0x1000: mov rax, [0x201000]; mov rbx, 0x200000; jmp rbx
+    att.write(0x1000, bytes.fromhex("488b042500102000" "48c7c300002000" "ffe3"))
+    # 0x200000: mov rcx, [0x201000]; hlt
+    att.write(0x200000, bytes.fromhex("488b0c2500102000" "f4"))
+    att.emu_start(0x1000, 0x1001)
+    leaves = present_leaves(vm)
+    assert {g for g, (lvl, _) in leaves.items() if lvl == 1} == \
+        {0x1} | set(range(0x200, 0x400))
+    assert all(lvl == 1 for lvl, _ in leaves.values())
+    assert v.stats["faults_fixed"] == 3          # code, the 2M read, the exec split
+    st = att.stats
+    assert (st["fill_exits_fetch"], st["fill_exits_read"]) == (2, 1)
+    assert st["tlb_fills_read"] == 1             # the re-read hit unicorn's TLB
+    assert st["emulator_tlb_flushes"] == 1       # attach's only
+    assert vm.stats["tlb_flushes"] + vm.stats["tlb_flushes_ranged"] == 0
+    vm.audit()

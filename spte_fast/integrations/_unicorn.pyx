@@ -5,8 +5,8 @@
 # unicorn's C signature (uc_cb_tlbevent_t), registered through unicorn's ctypes API as a raw
 # function pointer: each fill is one vcpu_tlb_fill (the embedding API of spte_fast._core)
 # with no Python object and no GIL -- uc_emu_start runs with the GIL released (ctypes).
-# Nothing here links against unicorn: its two entry points the callback needs (uc_ctl for
-# a TLB flush, uc_emu_stop) come in as addresses from the loaded library.
+# Nothing here links against unicorn: the one entry point the callback needs (uc_emu_stop,
+# when the model fails) comes in as an address from the loaded library.
 #
 # Also here: two C callbacks the benchmarks and the `emulate` command use to measure the
 # emulator itself -- an identity TLB fill (the cost of the hook mechanism alone) and an
@@ -25,13 +25,11 @@ cdef extern from *:
     #include <stdint.h>
     /* struct uc_tlb_entry (unicorn.h): uint64_t paddr; uc_prot perms (an int enum). */
     typedef struct { uint64_t paddr; int perms; } sf_uc_tlb_entry;
-    typedef int (*sf_uc_ctl_fn)(void *uc, int control, ...);
     typedef int (*sf_uc_emu_stop_fn)(void *uc);
     """
     ctypedef struct sf_uc_tlb_entry:
         uint64_t paddr
         int perms
-    ctypedef int (*sf_uc_ctl_fn)(void* uc, int control, ...) noexcept nogil
     ctypedef int (*sf_uc_emu_stop_fn)(void* uc) noexcept nogil
 
 cdef enum:
@@ -54,15 +52,11 @@ ctypedef struct fill_state_t:
     int64_t exits[3]                # fills whose access raised at least one VM exit
     int64_t denied[3]               # fills answered with a fault
     int64_t counts[NR_BATCH_COUNTS] # the accesses' exits by RET_PF_* (vcpu_tlb_fill)
-    int64_t tlb_flushes             # flushes of the emulator's TLB from inside a run
-    int64_t flush_seen              # the vCPU's tlb_flushes + tlb_flushes_ranged
     int error                       # the first model error (-SPTE_E*), 0 for none
     uint64_t error_gfn
     uint64_t denied_vaddr           # the first fill answered with a fault since reset
     int denied_kind
     int denied_reason
-    sf_uc_ctl_fn uc_ctl
-    int flush_control               # UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0)
     sf_uc_emu_stop_fn uc_emu_stop
 
 
@@ -86,7 +80,6 @@ cdef bint tlb_fill(void* uc, uint64_t vaddr, int mem_type, sf_uc_tlb_entry* resu
     cdef int acc = mem_type - UC_MEM_READ
     cdef hw_tlb_entry_t e
     cdef int r = ACCESS_INTERRUPTED, rounds = 0
-    cdef int64_t flushes
     if acc < ACC_READ or acc > ACC_FETCH:
         return _deny(s, vaddr, acc, DENY_BAD_KIND)
     s.fills[acc] += 1
@@ -105,13 +98,11 @@ cdef bint tlb_fill(void* uc, uint64_t vaddr, int mem_type, sf_uc_tlb_entry* resu
         s.exits[acc] += 1
     if e.level == 0:
         return _deny(s, vaddr, acc, DENY_EMULATED)
-    # A flush KVM asked for while handling this access (a table replaced by a huge page):
-    # the emulator's TLB may hold a translation the change removed.
-    flushes = s.vcpu.stat.tlb_flushes + s.vcpu.stat.tlb_flushes_ranged
-    if flushes != s.flush_seen:
-        s.flush_seen = flushes
-        s.tlb_flushes += 1
-        s.uc_ctl(uc, s.flush_control)
+    # No flush of the emulator's TLB is needed here: 6.10's TDP fault path flushes only when
+    # a table gives way to a huge page at the fault's goal level, which needs the host
+    # mapping level to grow (this model never limits it), and its in-fault huge-page split
+    # keeps every translation (tdp_mmu_split_huge_page: no flush).  KVM's other flushes
+    # come from VM operations, which Attachment.emu_start passes on.
     result.paddr = e.pfn << 12
     result.perms = e.perms
     return True
@@ -123,19 +114,16 @@ cdef class TlbFill:
     cdef fill_state_t* s
     cdef readonly object vcpu
 
-    def __cinit__(self, vcpu, uint64_t uc_ctl, int flush_control, uint64_t uc_emu_stop):
+    def __cinit__(self, vcpu, uint64_t uc_emu_stop):
         cdef kvm_vcpu_t* v = vcpu_handle(vcpu)      # TypeError for anything but a Vcpu
-        if not uc_ctl or not uc_emu_stop:
-            raise ValueError("the addresses of uc_ctl and uc_emu_stop are needed")
+        if not uc_emu_stop:
+            raise ValueError("the address of uc_emu_stop is needed")
         self.s = <fill_state_t*>PyMem_RawCalloc(1, sizeof(fill_state_t))
         if self.s == NULL:
             raise MemoryError()
         self.vcpu = vcpu
         self.s.vcpu = v
-        self.s.uc_ctl = <sf_uc_ctl_fn><void*>uc_ctl
-        self.s.flush_control = flush_control
         self.s.uc_emu_stop = <sf_uc_emu_stop_fn><void*>uc_emu_stop
-        self.s.flush_seen = v.stat.tlb_flushes + v.stat.tlb_flushes_ranged
         self.s.denied_kind = -1
 
     def __dealloc__(self):
@@ -151,13 +139,12 @@ cdef class TlbFill:
         return <uint64_t><void*>self.s
 
     def counts(self):
-        """fills, exits and denied fills by kind; the exits' results; mid-run flushes."""
+        """fills, exits and denied fills by kind; the exits' results."""
         cdef fill_state_t* s = self.s
         return {"fills": tuple(s.fills), "exits": tuple(s.exits), "denied": tuple(s.denied),
                 "fixed": s.counts[RET_PF_FIXED], "spurious": s.counts[RET_PF_SPURIOUS],
                 "retry": s.counts[RET_PF_RETRY], "emulate": s.counts[RET_PF_EMULATE],
-                "fast": s.counts[COUNT_FAST], "no_exit": s.counts[0],
-                "tlb_flushes": s.tlb_flushes}
+                "fast": s.counts[COUNT_FAST], "no_exit": s.counts[0]}
 
     def first_denied(self):
         """(vaddr, kind, reason) of the first fill answered with a fault since

@@ -39,9 +39,11 @@ stops the emulation and is raised by :meth:`Attachment.emu_start`.
 
 KVM flushes TLBs when it changes SPTEs (zaps, write protection for dirty logging, aging).
 :meth:`Attachment.emu_start` flushes unicorn's TLB before it starts when the VM counted a
-flush since the last run; a flush the vCPU's own fault asks for during a run is passed to
-unicorn at once.  VM operations that another thread makes *during* a run take effect at
-the next ``emu_start`` (real KVM would kick the vCPU out of the guest).
+flush since the last run.  The vCPU's own exits never need one here (6.10's TDP fault path
+flushes only when a table gives way to a huge page, which needs the host's mapping level to
+grow; its huge-page split keeps every translation and flushes nothing).  VM operations that
+another thread makes *during* a run take effect at the next ``emu_start`` (real KVM would
+kick the vCPU out of the guest).
 
 Guest paging (a guest with its own page tables, translated by two-dimensional walks or
 shadow paging) needs the guest page-table model, which does not exist yet: ``guest`` must
@@ -101,11 +103,6 @@ def hook_c(uc, htype, state):
 
 def unhook_c(uc, handle):
     _hook_del_c(uc, handle)
-
-
-def _flush_control():
-    """UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0), as uc_ctl_flush_tlb() encodes it."""
-    return (_const.UC_CTL_IO_WRITE << 30) | _const.UC_CTL_TLB_FLUSH
 
 
 def _flush_tlb(uc):
@@ -263,13 +260,10 @@ class Attachment:
         if self._fill is not None:
             c = self._fill.counts()
             fills, exits, denied = c["fills"], c["exits"], c["denied"]
-            mid_run = c["tlb_flushes"]
         else:
             fills, exits, denied = self._py["fills"], self._py["exits"], self._py["denied"]
-            mid_run = self._py["tlb_flushes"]
         out = {"tlb_fills": sum(fills), "fill_exits": sum(exits),
-               "fills_denied": sum(denied),
-               "emulator_tlb_flushes": self._emulator_flushes + mid_run}
+               "fills_denied": sum(denied), "emulator_tlb_flushes": self._emulator_flushes}
         for i, k in enumerate(KINDS):
             out[f"tlb_fills_{k}"] = fills[i]
             out[f"fill_exits_{k}"] = exits[i]
@@ -308,12 +302,6 @@ class Attachment:
             c["denied"][kind] += 1
             self._deny_first(vaddr, KINDS[kind], "emulated")
             return False
-        if r is not None:                   # only an exit can make KVM ask for a flush
-            flushes = _vm_flushes(self.vm)
-            if flushes != self._flushes_seen:
-                self._flushes_seen = flushes
-                c["tlb_flushes"] += 1
-                _flush_tlb(uc)
         spte, level = hit
         layout = self.vm.layout
         pfn = layout.spte_to_pfn(spte) + (gfn & ((1 << (9 * (level - 1))) - 1))
@@ -341,14 +329,11 @@ class Attachment:
     def _install(self):
         self._map_memslots()
         if self.callback == "c":
-            self._fill = _unicorn.TlbFill(self.vcpu, _c_address(_ucmod.uclib.uc_ctl),
-                                          _flush_control(),
-                                          _c_address(_ucmod.uclib.uc_emu_stop))
+            self._fill = _unicorn.TlbFill(self.vcpu, _c_address(_ucmod.uclib.uc_emu_stop))
             self._hook = hook_c(self.uc, _const.UC_HOOK_TLB_FILL, self._fill)
         else:
             self._masks = _layout_perms(self.vm.layout)
-            self._py = {"fills": [0, 0, 0], "exits": [0, 0, 0], "denied": [0, 0, 0],
-                        "tlb_flushes": 0}
+            self._py = {"fills": [0, 0, 0], "exits": [0, 0, 0], "denied": [0, 0, 0]}
             self._hook = self.uc.hook_add(_const.UC_HOOK_TLB_FILL, self._python_fill)
         self.uc.ctl_set_tlb_mode(_const.UC_TLB_VIRTUAL)
         self.flush()                        # nothing translated before attach survives

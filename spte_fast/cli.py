@@ -116,6 +116,17 @@ def parse_seed(text):
     return n
 
 
+def parse_seconds(text):
+    """A duration in seconds: a finite decimal >= 0."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= x < 1e9:
+        raise argparse.ArgumentTypeError(f"seconds must be >= 0 (and finite), not {text!r}")
+    return x
+
+
 def _vcpus(text):
     n = parse_count(text)
     if n > _engine.MAX_VCPUS:
@@ -608,7 +619,7 @@ def build_parser():
                         "guest page tables, not built yet")
     e.add_argument("--guest-size", type=parse_size, metavar="SIZE",
                    help="guest RAM for a flat binary (default 64M; a routine sizes its own)")
-    e.add_argument("--timeout", type=float, default=60.0, metavar="S",
+    e.add_argument("--timeout", type=parse_seconds, default=60.0, metavar="S",
                    help="stop a flat binary after S seconds (default 60; 0: no limit)")
     e.add_argument("--no-count", action="store_true",
                    help="do not count instructions (a second run of the program on unicorn "

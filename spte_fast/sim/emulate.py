@@ -21,6 +21,7 @@ from .report import format_bytes, mmu_rows
 
 HOST_PFN = 0x100000                 # guest RAM at host physical 4 GiB
 FLAT_GUEST_BYTES = 64 << 20
+MAX_GUEST_BYTES = 16 << 30          # unicorn maps (and numpy builds) all of it
 KINDS = ("read", "write", "fetch")
 TITLE = "spte-fast emulate"
 
@@ -80,6 +81,9 @@ def _load(config):
     """(code bytes, routine?) of the program; InputError for what cannot run."""
     from ..integrations import routines
     if config.program in routines.ROUTINES:
+        if config.guest_bytes is not None:
+            raise InputError("--guest-size applies to a flat binary (a routine sizes its "
+                             "own memory)")
         try:
             return routines.build(config.program), True
         except RuntimeError as e:
@@ -159,6 +163,10 @@ def run(config):
     from ..integrations import unicorn as sfu
     code, routine = _load(config)
     guest_bytes = _guest_bytes(config, routine, code)
+    if guest_bytes > MAX_GUEST_BYTES:
+        raise InputError(f"the run needs {format_bytes(guest_bytes)} of guest memory; "
+                         f"emulate maps at most {format_bytes(MAX_GUEST_BYTES)} (a smaller "
+                         "--size or --guest-size)")
     layout = LAYOUTS[config.layout][1]()
     try:
         vm = sf.Vm(layout, root_level=config.root_level, max_level=config.max_level)
@@ -167,7 +175,11 @@ def run(config):
     vm.add_memslot(0, guest_bytes >> 12, HOST_PFN)
     vcpu = vm.vcpu()
     uc = Uc(UC.UC_ARCH_X86, UC.UC_MODE_64)
-    att = sfu.attach(uc, vcpu, callback=config.callback)
+    try:
+        att = sfu.attach(uc, vcpu, callback=config.callback)
+    except UcError as e:
+        raise RunError(f"unicorn could not map {format_bytes(guest_bytes)} of guest RAM: "
+                       f"{e}") from None
     timeout_us = int(config.timeout_s * 1e6) if not routine and config.timeout_s else 0
     # A flat binary stops at its hlt.  unicorn then looks up the page of emu_start's
     # `until` address (a fetch fill), so `until` is inside the code's first page: no fill

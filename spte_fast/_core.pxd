@@ -13,7 +13,7 @@
 cimport cython
 from cpython.mem cimport PyMem_RawCalloc, PyMem_RawFree, PyMem_RawMalloc
 from libc.stdint cimport int8_t, int64_t, uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
 from posix.mman cimport (MADV_NOHUGEPAGE, MAP_ANONYMOUS, MAP_FAILED, MAP_NORESERVE,
                          MAP_PRIVATE, PROT_READ, PROT_WRITE, madvise, mmap, munmap)
@@ -259,6 +259,17 @@ ctypedef struct mmu_stats_t:
     int64_t warn[NR_MMU_WARN]       # by WARN_*
 
 
+# Guest memory's contents (core/guest_memory.pxi), kept for the host pages that were
+# written: a hash from host pfn to a 512-word page, so that aliased and moved memslots
+# see the host's memory, as a VMM's mappings do.
+ctypedef struct guest_mem_t:
+    u64* keys                       # host pfn + 1 per slot (0: empty)
+    u64** pages
+    int bits                        # capacity 1 << bits (0: nothing allocated)
+    u64 count
+    pthread_mutex_t lock            # lookups and insertions
+
+
 # ---------------------------------------------------------------------------
 # struct kvm: the VM's MMU state
 # ---------------------------------------------------------------------------
@@ -314,6 +325,7 @@ ctypedef struct kvm_t:
     bint eager_page_split
     int nx_huge_pages_recovery_ratio
     int nr_memslots_dirty_logging   # PML is on in the vCPUs while this is non-zero
+    guest_mem_t guest_mem           # what the guest's memory holds (read/write_guest)
     int fatal                       # a BUG() case was hit (present leaf -> other pfn)
     gfn_t fatal_gfn
     int fatal_level

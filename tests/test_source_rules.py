@@ -56,6 +56,8 @@ METADATA = {
     "levels",  # tdp_mmu_zap_root's local list of zap levels
     "kvm.leaf_4k_template",  # make_spte's precomputed 4K leaves (per host_writable)
     "vcpu.pml_buf",  # the vCPU's page-modification log (gfns, not SPTEs)
+    # guest memory (core/guest_memory.pxi): the hash of host pages and the guest's words
+    "g.keys", "g.pages", "new_keys", "new_pages", "words_",
 }
 
 _HEAD = re.compile(r"^\s*(?:cdef|cpdef|def)\s+(?:inline\s+)?(?:[\w\*\.\[\], ]+\s+)?"

@@ -13,66 +13,6 @@ from libc.stdint cimport INT64_MAX, INT64_MIN
 from libc.string cimport memmove
 
 
-cdef inline void _stats_add(mmu_stats_t* acc, const mmu_stats_t* s) noexcept nogil:
-    cdef int i
-    for i in range(6):
-        acc.faults[i] += s.faults[i]
-        acc.pt_pages[i] += s.pt_pages[i]
-    for i in range(4):
-        acc.pages[i] += s.pages[i]
-    for i in range(NR_MMU_WARN):
-        acc.warn[i] += s.warn[i]
-    acc.tables_allocated += s.tables_allocated
-    acc.tables_freed += s.tables_freed
-    acc.tlb_flushes += s.tlb_flushes
-    acc.tlb_flushes_ranged += s.tlb_flushes_ranged
-    acc.cas_failures += s.cas_failures
-    acc.spte_changes += s.spte_changes
-    acc.mmio_sptes_created += s.mmio_sptes_created
-    acc.faults_fast += s.faults_fast
-    acc.hw_walks += s.hw_walks
-    acc.hw_ad_sets += s.hw_ad_sets
-    acc.exits_ept_violation += s.exits_ept_violation
-    acc.exits_misconfig += s.exits_misconfig
-    acc.exits_pml_full += s.exits_pml_full
-    acc.pml_logged += s.pml_logged
-    acc.dirty_pages_marked += s.dirty_pages_marked
-    acc.huge_pages_split += s.huge_pages_split
-    acc.nx_huge_pages_recovered += s.nx_huge_pages_recovered
-
-
-ctypedef struct vm_counters_t:
-    mmu_stats_t st                      # the VM's own context plus every vCPU's
-    cache_init_stats_t init             # every vCPU cache
-    int64_t cache_warn[NR_CACHE_WARN]   # the same caches' warnings
-    int64_t nx_lpage_splits
-
-
-cdef void _sum_counters(Vm vm, vm_counters_t* c):
-    """Every counter of the VM, summed over its contexts and caches (mmu_lock held)."""
-    cdef Vcpu v
-    cdef int i
-    memset(c, 0, sizeof(vm_counters_t))
-    _stats_add(&c.st, &vm.st)
-    for v in vm._vcpus:
-        _stats_add(&c.st, &v.vcpu.stat)
-        _init_stats_add(&c.init, &v.cache.mc.init)
-        for i in range(NR_CACHE_WARN):
-            c.cache_warn[i] += v.cache.mc.warn[i]
-    c.nx_lpage_splits = vm.kvm.nx_lpage_splits
-
-
-cdef int _read_counters(Vm vm, vm_counters_t* c) except -1:
-    """_sum_counters under mmu_lock for write: a consistent snapshot of every vCPU's."""
-    with nogil:
-        kvm_mmu_write_lock(&vm.kvm)
-    try:
-        _sum_counters(vm, c)
-    finally:
-        kvm_mmu_write_unlock(&vm.kvm)
-    return 0
-
-
 cdef void _leaf_templates(kvm_t* kvm) noexcept nogil:
     """make_spte(level 1, ACC_ALL, pfn 0, not prefetch, over a non-writable old SPTE) for
     each host_writable: the fault path ORs the pfn in.  They depend on nx_huge_pages."""
@@ -125,6 +65,7 @@ cdef class Vm:
         self.st.rcu_reader = VM_READER  # its own read-side slot (shared operations)
         spte_rwlock_init(&self.kvm.mmu_lock)
         pthread_mutex_init(&self.kvm.tdp_mmu_pages_lock, NULL)
+        pthread_mutex_init(&self.kvm.guest_mem.lock, NULL)
         self.kvm.rcu_gp_seq = 1
         self.kvm.possible_nx_head = -1
         self.kvm.possible_nx_tail = -1
@@ -168,6 +109,7 @@ cdef class Vm:
         PyMem_RawFree(self.kvm.slots)
         free(self.kvm.rcu_pending)
         free(self.kvm.rcu_pending_seq)
+        guest_mem_destroy(&self.kvm.guest_mem)
         pthread_rwlock_destroy(&self.kvm.mmu_lock)
         pthread_mutex_destroy(&self.kvm.tdp_mmu_pages_lock)
 
@@ -238,6 +180,16 @@ cdef class Vm:
                 out.append((s.id, s.base_gfn, s.npages, s.pfn,
                             bool(s.flags & KVM_MEM_READONLY)))
         return out
+
+    def read_guest(self, gpa, count=None):
+        """The VMM reads guest memory (host side, the MMU is not involved): the 8-byte word
+        at gpa as an int, or with ``count`` a uint64 array of that many words."""
+        return guest_read(self, gpa, count)
+
+    def write_guest(self, gpa, value):
+        """The VMM writes guest memory (host side: no SPTE, exit or dirty log sees it): an
+        int, or a 1-D array of words from gpa on.  Nothing is written on an error."""
+        guest_write(self, gpa, value)
 
     cdef gfn_t _gfn(self, v, str name) except? 0xFFFFFFFFFFFFFFFF:
         cdef u64 g = _as_u64(v, name)

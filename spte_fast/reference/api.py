@@ -8,9 +8,10 @@ contract is docs/API.md; every check raises TypeError / ValueError before anythi
 """
 import numpy as np
 
-from . import aging, audit, huge_pages, hw, memslots, mmu, notifiers, tdp_mmu, tdp_mmu_roots
+from . import aging, audit, guest_memory, huge_pages, hw, memslots, mmu, notifiers, tdp_mmu
+from . import tdp_mmu_roots
 from . import dirty_log as dirty_log_mod
-from ._checks import check_int, check_int_array, check_out_array
+from ._checks import check_int, check_int_array, check_out_array, check_u64, check_u64_array
 from .kvm_host import (KVM_MAX_VCPUS, Kvm, kvm_flush_remote_tlbs, kvm_stats,
                        kvm_vm_ioctl_create_vcpu,
                        kvm_warnings_by_reason)
@@ -18,6 +19,8 @@ from .spte import PG_LEVEL_1G, PG_LEVEL_4K, SpteLayout, is_last_spte, is_shadow_
 
 #: Error codes are the 32 architectural bits of the #PF / #NPF error code.
 ERROR_CODE_LIMIT = 1 << 32
+#: Words one read_guest call returns at most.
+GUEST_READ_MAX = 1 << 24
 
 
 class Vm:
@@ -196,6 +199,25 @@ class Vm:
     @property
     def memslots(self):
         return [slot.as_tuple() for slot in memslots.kvm_memslots_sorted(self._kvm)]
+
+    def read_guest(self, gpa, count=None):
+        gpa = check_u64("gpa", gpa)
+        n = 1 if count is None else check_int("count", count, 1, GUEST_READ_MAX + 1)
+        words = guest_memory.kvm_read_guest(self._kvm, gpa, n)
+        return words[0] if count is None else np.array(words, dtype=np.uint64)
+
+    def write_guest(self, gpa, value):
+        if isinstance(value, np.ndarray):
+            value = check_u64_array("value", value)
+            if value.ndim != 1 or value.shape[0] == 0:
+                raise ValueError("value must be an int or a non-empty 1-D uint64 array of "
+                                 "words")
+            if not value.flags.c_contiguous:
+                raise ValueError("value must be C-contiguous")
+            values = value.tolist()
+        else:
+            values = [check_u64("value", value)]
+        guest_memory.kvm_write_guest(self._kvm, check_u64("gpa", gpa), values)
 
     def _check_backed_pfn(self, pfn):
         pfn = check_int("pfn", pfn, 0)

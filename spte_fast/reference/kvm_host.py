@@ -70,6 +70,7 @@ class Kvm:
         self.mmu_pages = {}                   # pool index -> kvm_mmu_page (page_private)
         self.possible_nx_huge_pages = []      # kvm->arch.possible_nx_huge_pages, FIFO
         self.memslots = {}                    # slot id -> KvmMemorySlot
+        self.host_memory = {}                 # host pfn -> its 512 words, once written
         self.next_slot_id = 0
         # kvm_memslots(kvm)->generation of address space 0: +2 per swap (two address
         # spaces on x86 with SMM); MMIO SPTEs carry it & MMIO_SPTE_GEN_MASK.

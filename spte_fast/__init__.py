@@ -7,6 +7,7 @@ contract both follow is docs/API.md.
 from ._core import *  # noqa: F401,F403
 from ._core import __all__ as _core_all
 from .errors import AuditError, CacheConfigError, OutOfMemory, SpteError
+from .guest import GuestPageTables
 from .pf import PF
 
 __version__ = "0.1.0"
@@ -20,5 +21,5 @@ def get_include():
     return os.path.join(os.path.dirname(__file__), "include")
 
 
-__all__ = ["AuditError", "CacheConfigError", "OutOfMemory", "SpteError", "PF", "get_include",
-           *_core_all]
+__all__ = ["AuditError", "CacheConfigError", "GuestPageTables", "OutOfMemory", "SpteError", "PF",
+           "get_include", *_core_all]

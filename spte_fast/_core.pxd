@@ -256,6 +256,10 @@ ctypedef struct mmu_stats_t:
     int64_t dirty_pages_marked      # mark_page_dirty_in_slot calls on a dirty-logged slot
     int64_t huge_pages_split        # huge SPTEs replaced by a table of 512 (eager split)
     int64_t nx_huge_pages_recovered # possible-NX-huge-page tables zapped by NX recovery
+    int64_t guest_walks             # guest-virtual accesses walked (each re-execution too)
+    int64_t guest_walk_refs         # memory references of those walks (guest + TDP entries)
+    int64_t guest_faults            # guest page faults (#PF delivered in the guest)
+    int64_t guest_ad_sets           # guest page-table entries whose A (and D) the CPU set
     int64_t warn[NR_MMU_WARN]       # by WARN_*
 
 
@@ -360,6 +364,9 @@ ctypedef struct kvm_vcpu_t:
     int pml_count                   # entries in pml_buf (the CPU's PML index counts down
                                     # from 511; this counts up)
     gfn_t pml_buf[PML_ENTITY_NUM]   # the page-modification log: gfns whose D the CPU set
+    bint guest_paging               # the guest runs with paging on (CR3 below)
+    u64 guest_cr3                   # the guest's CR3: its root table's gpa
+    int guest_levels                # 4- or 5-level guest paging (CR4.LA57)
 
 
 # A translation as the CPU's TLB holds it after a walk (vcpu_tlb_fill).
@@ -440,6 +447,12 @@ cdef int vcpu_access(kvm_vcpu_t* vcpu, gfn_t gfn, bint write, bint exec) noexcep
 # [0] += 1 when there was none, [RET_PF_*] per exit, [COUNT_FAST] those fast_page_fault fixed.
 cdef int vcpu_tlb_fill(kvm_vcpu_t* vcpu, gfn_t gfn, int acc, int64_t* counts,
                        hw_tlb_entry_t* e) noexcept nogil
+# A guest-virtual access of a guest with paging on (core/guest_walk.pxi): the
+# two-dimensional walk, re-executed after every exit, as vcpu_access does for a gfn.
+# 0 (no exit), ACCESS_GUEST_PAGE_FAULT (14), the RET_PF_* of the first exit, ACCESS_INTERRUPTED,
+# or -SPTE_E*.  acc: ACC_*; counts as vcpu_tlb_fill's.
+cdef int vcpu_guest_access(kvm_vcpu_t* vcpu, u64 gva, int acc, bint user,
+                           int64_t* counts) noexcept nogil
 # The kvm_vcpu_t of a Python Vcpu (with the GIL; keep the Vcpu alive while using it).
 cdef kvm_vcpu_t* vcpu_handle(object vcpu) except NULL
 

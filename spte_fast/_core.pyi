@@ -52,6 +52,7 @@ PFERR_USER_MASK: int
 PFERR_RSVD_MASK: int
 PFERR_FETCH_MASK: int
 ACCESS_HIT: int
+GUEST_PAGE_FAULT: int
 
 U64Array = npt.NDArray[np.uint64]
 
@@ -228,6 +229,11 @@ class Vcpu:
     def fault_batch(self, gfns: npt.NDArray[np.integer], access: Optional[npt.NDArray[np.integer]] = ...,
                     out: Optional[npt.NDArray[np.int8]] = ..., *,
                     error_codes: Optional[npt.NDArray[np.integer]] = ...) -> dict[str, int]: ...
-    def access(self, gfn: int, write: bool = ..., exec: bool = ...) -> Optional[PF]: ...
+    cr3: Optional[int]
+    guest_levels: int
+    def set_cr3(self, gpa: Optional[int], *, levels: int = ...) -> None: ...
+    def walk(self, gva: int) -> list[tuple[int, int]]: ...
+    def access(self, addr: int, write: bool = ..., exec: bool = ...,
+               user: bool = ...) -> Union[None, PF, int]: ...
     def access_batch(self, gfns: npt.NDArray[np.integer], access: Optional[npt.NDArray[np.integer]] = ...,
                      out: Optional[npt.NDArray[np.int8]] = ...) -> dict[str, int]: ...

@@ -26,6 +26,7 @@ include "core/dirty_log.pxi"     # KVM_GET/CLEAR_DIRTY_LOG           (kvm_main.c
 include "core/boundary.pxi"      # argument checks, _check_rc
 include "core/api.pxi"           # constants, SpteLayout, kernels, PagePool, MemoryCache
 include "core/guest_memory.pxi"  # guest memory as the VMM sees it    (kvm_main.c guest access)
+include "core/guest_walk.pxi"    # the CPU: two-dimensional walks    (SDM §4.5, paging_tmpl.h)
 include "core/kvm_stats.pxi"     # counters summed over contexts
 include "core/kvm_main.pxi"      # Vm                                (kvm_main.c ioctls)
 include "core/kvm_vcpu.pxi"      # Vcpu                              (kvm_main.c vCPU ioctls)

@@ -50,18 +50,20 @@ def test_constants_are_exported():
 
 def test_stats_keys_and_order():
     """vcpu->stat.pf_fast sits after pf_emulate; the hardware counters, then those of
-    dirty logging and huge pages (issue 11) come last."""
+    dirty logging and huge pages (issue 11), then the two-dimensional walk's (issue 12)
+    come last."""
     vm, v = vm_vcpu()
     keys = list(vm.stats)
+    guest = ["guest_walks", "guest_walk_refs", "guest_faults", "guest_ad_sets"]
     assert keys[:5] == ["faults_fixed", "faults_spurious", "faults_retry", "faults_emulate",
                         "faults_fast"]
-    assert keys[-9:] == ["hw_walks", "hw_ad_sets", "exits_ept_violation", "exits_misconfig",
-                         "exits_pml_full", "pml_logged", "dirty_pages_marked",
-                         "huge_pages_split", "nx_huge_pages_recovered"]
+    assert keys[-13:] == ["hw_walks", "hw_ad_sets", "exits_ept_violation", "exits_misconfig",
+                          "exits_pml_full", "pml_logged", "dirty_pages_marked",
+                          "huge_pages_split", "nx_huge_pages_recovered", *guest]
     assert list(v.stats) == ["faults_fixed", "faults_spurious", "faults_retry",
                              "faults_emulate", "faults_fast", "hw_walks", "hw_ad_sets",
                              "exits_ept_violation", "exits_misconfig", "exits_pml_full",
-                             "pml_logged", "dirty_pages_marked"]
+                             "pml_logged", "dirty_pages_marked", *guest]
 
 
 # --- the divergence table ------------------------------------------------------------------

@@ -58,6 +58,9 @@ METADATA = {
     "vcpu.pml_buf",  # the vCPU's page-modification log (gfns, not SPTEs)
     # guest memory (core/guest_memory.pxi): the hash of host pages and the guest's words
     "g.keys", "g.pages", "new_keys", "new_pages", "words_",
+    # the two-dimensional walk (core/guest_walk.pxi): its output, counts and the guest
+    # entries it read (locals)
+    "pfn", "w.counts", "pfns", "idx", "ptes",
 }
 
 _HEAD = re.compile(r"^\s*(?:cdef|cpdef|def)\s+(?:inline\s+)?(?:[\w\*\.\[\], ]+\s+)?"

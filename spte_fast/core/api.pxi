@@ -18,7 +18,7 @@ __all__ = [
     "MMIO_SPTE_GEN_MASK", "MMIO_SPTE_GEN_LOW_START", "MMIO_SPTE_GEN_LOW_END",
     "MMIO_SPTE_GEN_HIGH_START", "MMIO_SPTE_GEN_HIGH_END", "NPT_MMIO_VALUE",
     "PFERR_PRESENT_MASK", "PFERR_WRITE_MASK", "PFERR_USER_MASK", "PFERR_RSVD_MASK",
-    "PFERR_FETCH_MASK", "ACCESS_HIT",
+    "PFERR_FETCH_MASK", "ACCESS_HIT", "GUEST_PAGE_FAULT",
     "SpteLayout", "PagePool", "MemoryCache", "Vm", "Vcpu",
     "fill_pages", "scan_present", "count_present", "cmpxchg", "xchg", "atomic_or",
     "atomic_and_not",
@@ -68,6 +68,7 @@ globals().update(dict(
     PFERR_FETCH_MASK=PFERR_FETCH_MASK,
 ))
 ACCESS_HIT = 0      # access_batch's per-access code of an access that caused no exit
+GUEST_PAGE_FAULT = ACCESS_GUEST_PAGE_FAULT  # an access with guest paging: the guest's #PF
 PG_LEVEL_4K = 1
 PG_LEVEL_2M = 2
 PG_LEVEL_1G = 3

@@ -811,6 +811,8 @@ cdef class Vm:
             "dirty_pages_marked": c.st.dirty_pages_marked,
             "huge_pages_split": c.st.huge_pages_split,
             "nx_huge_pages_recovered": c.st.nx_huge_pages_recovered,
+            "guest_walks": c.st.guest_walks, "guest_walk_refs": c.st.guest_walk_refs,
+            "guest_faults": c.st.guest_faults, "guest_ad_sets": c.st.guest_ad_sets,
         })
         return d
 

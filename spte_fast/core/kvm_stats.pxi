@@ -32,6 +32,10 @@ cdef inline void _stats_add(mmu_stats_t* acc, const mmu_stats_t* s) noexcept nog
     acc.dirty_pages_marked += s.dirty_pages_marked
     acc.huge_pages_split += s.huge_pages_split
     acc.nx_huge_pages_recovered += s.nx_huge_pages_recovered
+    acc.guest_walks += s.guest_walks
+    acc.guest_walk_refs += s.guest_walk_refs
+    acc.guest_faults += s.guest_faults
+    acc.guest_ad_sets += s.guest_ad_sets
 
 
 ctypedef struct vm_counters_t:

@@ -37,6 +37,7 @@ cdef class Vcpu:
         self.vcpu.mmu_shadow_page_cache = &self.cache.mc
         self.vcpu.stat.rcu_reader = -1
         self.vcpu.root = -1                 # INVALID_PAGE until its first entry
+        self.vcpu.guest_levels = 4
         vm._register_vcpu(self)         # Vcpu(vm) and vm.vcpu() are the same thing
 
     @property
@@ -116,16 +117,88 @@ cdef class Vcpu:
                 "retry": counts[RET_PF_RETRY], "emulate": counts[RET_PF_EMULATE],
                 "fast": counts[COUNT_FAST]}
 
-    def access(self, gfn, write=False, exec=False):
-        """One guest access as the CPU makes it: the EPT/NPT walk (setting A, and D on a
-        write), and the exits it raises until the access completes.  None if no exit
-        happened, else the PF of the last exit (EMULATE: the emulator did the access)."""
-        cdef gfn_t g = self.vm._gfn(gfn, "gfn")
+    @property
+    def cr3(self):
+        """The guest's CR3 (a gpa), or None while the guest runs with paging off."""
+        return self.vcpu.guest_cr3 if self.vcpu.guest_paging else None
+
+    @property
+    def guest_levels(self):
+        return self.vcpu.guest_levels
+
+    def set_cr3(self, gpa, *, levels=4):
+        """The guest loads CR3 (long mode, CR0.WP=1, EFER.NX=1, no PCID): from now on
+        ``access`` takes guest-virtual addresses.  None turns guest paging off.  Under TDP
+        no exit happens (CR3 loads are not intercepted) and no MMU state changes."""
+        cdef u64 g
+        cdef int lv
+        if gpa is None:
+            self.vcpu.guest_paging = False
+            return
+        g = _as_u64(gpa, "gpa")
+        lv = <int>_as_int(levels, "levels", 0, 1 << 30)
+        if lv != 4 and lv != 5:
+            raise ValueError(f"levels must be 4 or 5, not {lv}")
+        if g & 0xFFF:
+            raise ValueError(f"CR3 {g:#x} must be 4K-aligned (no PCID or flag bits here)")
+        if (g >> 12) >= self.vm.kvm.gfn_limit or (g >> self.vm.kvm.host_phys_bits):
+            raise ValueError(f"CR3 {g:#x} is beyond the guest's physical address width")
+        with nogil:                         # not under a running access of this vCPU
+            pthread_mutex_lock(&self.vcpu.mmu_shadow_page_cache.lock)
+            self.vcpu.guest_cr3 = g
+            self.vcpu.guest_levels = lv
+            self.vcpu.guest_paging = True
+            pthread_mutex_unlock(&self.vcpu.mmu_shadow_page_cache.lock)
+
+    def walk(self, gva):
+        """[(level, entry)] of the guest's page tables for gva, from CR3 down to the first
+        entry that is not a present table (read as the VMM reads guest memory)."""
+        if not self.vcpu.guest_paging:
+            raise ValueError("the guest runs with paging off: vm.walk(gfn) lists the SPTEs")
+        cdef u64 g = _canonical_gva(&self.vcpu, gva)
+        cdef u64 table = self.vcpu.guest_cr3
+        out = []
+        for level in range(self.vcpu.guest_levels, 0, -1):
+            try:
+                pte = self.vm.read_guest(table + 8 * ((g >> (12 + 9 * (level - 1))) & 511))
+            except ValueError:
+                break
+            out.append((level, pte))
+            if not pte & 1 or level == 1 or (level in (2, 3) and pte & 0x80):
+                break
+            table = pte & GPTE_FRAME
+        return out
+
+    def access(self, addr, write=False, exec=False, user=True):
+        """One guest access as the CPU makes it, with its exits until it completes.  Paging
+        off: ``addr`` is a gfn; the EPT/NPT walk (setting A, and D on a write); None if no
+        exit happened, else the PF of the last exit (EMULATE: the emulator did the access).
+        Paging on: ``addr`` is a guest-virtual address; the two-dimensional walk; None,
+        GUEST_PAGE_FAULT, or the PF of the first exit."""
         cdef bint w = bool(write)
         cdef bint x = bool(exec)
+        cdef bint u = bool(user)
         cdef int r = ACCESS_INTERRUPTED
+        cdef u64 gva
+        cdef int64_t counts[NR_BATCH_COUNTS]
         if w and x:
             raise ValueError("an access is a read, a write or an instruction fetch, not both")
+        if self.vcpu.guest_paging:
+            gva = _canonical_gva(&self.vcpu, addr)
+            memset(counts, 0, sizeof(counts))
+            while r == ACCESS_INTERRUPTED:
+                with nogil:
+                    r = vcpu_guest_access(&self.vcpu, gva,
+                                          ACC_WRITE if w else (ACC_FETCH if x else ACC_READ),
+                                          u, counts)
+                if r == ACCESS_INTERRUPTED:
+                    PyErr_CheckSignals()
+            self.vm._raise_fatal()
+            _check_rc(r, f"access(gva={gva:#x})", self.cache.mc.last_warn)
+            if r == ACCESS_GUEST_PAGE_FAULT:
+                return GUEST_PAGE_FAULT
+            return None if r == 0 else PF(r)
+        cdef gfn_t g = self.vm._gfn(addr, "gfn")
         while r == ACCESS_INTERRUPTED:
             with nogil:
                 r = vcpu_access(&self.vcpu, g, w, x)
@@ -190,7 +263,21 @@ cdef class Vcpu:
                 "faults_fast": st.faults_fast, "hw_walks": st.hw_walks,
                 "hw_ad_sets": st.hw_ad_sets, "exits_ept_violation": st.exits_ept_violation,
                 "exits_misconfig": st.exits_misconfig, "exits_pml_full": st.exits_pml_full,
-                "pml_logged": st.pml_logged, "dirty_pages_marked": st.dirty_pages_marked}
+                "pml_logged": st.pml_logged, "dirty_pages_marked": st.dirty_pages_marked,
+                "guest_walks": st.guest_walks, "guest_walk_refs": st.guest_walk_refs,
+                "guest_faults": st.guest_faults, "guest_ad_sets": st.guest_ad_sets}
+
+
+cdef u64 _canonical_gva(kvm_vcpu_t* vcpu, gva) except? 0xFFFFFFFFFFFFFFFF:
+    """A guest-virtual address of the vCPU's paging mode: bits 63..47 (56 with 5 levels)
+    equal, else ValueError (the access would #GP, not #PF)."""
+    cdef u64 g = _as_u64(gva, "gva")
+    cdef int bits = 48 if vcpu.guest_levels == 4 else 57
+    cdef u64 top = g >> (bits - 1)
+    if top != 0 and top != (<u64>1 << (65 - bits)) - 1:
+        raise ValueError(f"gva {g:#x} is not canonical for {vcpu.guest_levels}-level paging "
+                         "(the access would #GP)")
+    return g
 
 
 cdef kvm_vcpu_t* vcpu_handle(object vcpu) except NULL:

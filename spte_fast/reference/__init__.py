@@ -34,6 +34,7 @@ made are marked with a comment starting ``API.md is silent:``.
 from ..errors import AuditError, CacheConfigError, OutOfMemory, SpteError
 from ..pf import PF
 from .api import Vcpu, Vm
+from .guest_walk import GUEST_PAGE_FAULT
 from .hw import ACCESS_HIT
 from .kernels import (atomic_and_not, atomic_or, cmpxchg, count_present, fill_pages,
                       scan_present, xchg)
@@ -74,7 +75,7 @@ __all__ = [
     "MMIO_SPTE_GEN_MASK", "MMIO_SPTE_GEN_LOW_START", "MMIO_SPTE_GEN_LOW_END",
     "MMIO_SPTE_GEN_HIGH_START", "MMIO_SPTE_GEN_HIGH_END", "NPT_MMIO_VALUE",
     "PFERR_PRESENT_MASK", "PFERR_WRITE_MASK", "PFERR_USER_MASK", "PFERR_RSVD_MASK",
-    "PFERR_FETCH_MASK", "ACCESS_HIT",
+    "PFERR_FETCH_MASK", "ACCESS_HIT", "GUEST_PAGE_FAULT",
     # page-fault results and errors
     "PF", "SpteError", "OutOfMemory", "CacheConfigError", "AuditError",
     # classes

@@ -8,7 +8,8 @@ contract is docs/API.md; every check raises TypeError / ValueError before anythi
 """
 import numpy as np
 
-from . import aging, audit, guest_memory, huge_pages, hw, memslots, mmu, notifiers, tdp_mmu
+from . import (aging, audit, guest_memory, guest_walk, huge_pages, hw, memslots, mmu, notifiers,
+               tdp_mmu)
 from . import tdp_mmu_roots
 from . import dirty_log as dirty_log_mod
 from ._checks import check_int, check_int_array, check_out_array, check_u64, check_u64_array
@@ -433,13 +434,60 @@ class Vcpu:
         out = self._check_out(out, n)
         return mmu.kvm_mmu_page_fault_batch(self._vcpu, gfn_list, code_list, out)
 
-    def access(self, gfn, write=False, exec=False):  # noqa: A002 - the contract's name
-        """The guest accesses gfn once: None if the hardware completed it without an exit,
-        else the PF of the last exit."""
-        gfn = self._vm._check_gfn(gfn)
+    @property
+    def cr3(self):
+        """The guest's CR3 (a gpa), or None while the guest runs with paging off."""
+        return self._vcpu.guest_cr3
+
+    @property
+    def guest_levels(self):
+        return self._vcpu.guest_levels
+
+    def set_cr3(self, gpa, *, levels=4):
+        """The guest loads CR3 (long mode, CR0.WP=1, EFER.NX=1, no PCID): from now on
+        ``access`` takes guest-virtual addresses.  None turns guest paging off.  Under TDP
+        no exit happens (CR3 loads are not intercepted) and no MMU state changes."""
+        if gpa is None:
+            self._vcpu.guest_cr3 = None
+            return
+        gpa = check_u64("gpa", gpa)
+        levels = check_int("levels", levels)
+        if levels not in (4, 5):
+            raise ValueError(f"levels must be 4 or 5, not {levels}")
+        if gpa & 0xFFF:
+            raise ValueError(f"CR3 {gpa:#x} must be 4K-aligned (no PCID or flag bits here)")
+        if gpa >> 12 >= self._vm._kvm.gfn_limit or gpa >> self._vm._kvm.host_maxphyaddr:
+            raise ValueError(f"CR3 {gpa:#x} is beyond the guest's physical address width")
+        self._vcpu.guest_cr3 = gpa
+        self._vcpu.guest_levels = levels
+
+    def _check_gva(self, gva):
+        gva = check_u64("gva", gva)
+        bits = 48 if self._vcpu.guest_levels == 4 else 57
+        if gva >> (bits - 1) not in (0, (1 << (65 - bits)) - 1):
+            raise ValueError(f"gva {gva:#x} is not canonical for {self._vcpu.guest_levels}-"
+                             "level paging (the access would #GP)")
+        return gva
+
+    def access(self, addr, write=False, exec=False, user=True):  # noqa: A002
+        """The guest accesses ``addr`` once -- a gfn with paging off, a guest-virtual
+        address with paging on.  Paging off: None if the hardware completed it without an
+        exit, else the PF of the last exit.  Paging on (the two-dimensional walk): None,
+        GUEST_PAGE_FAULT, or the PF of the first exit."""
         if write and exec:
             raise ValueError("an access is a write or an instruction fetch, not both")
+        if self._vcpu.guest_cr3 is not None:
+            return guest_walk.kvm_vcpu_guest_access(self._vcpu, self._check_gva(addr),
+                                                    bool(write), bool(exec), bool(user))
+        gfn = self._vm._check_gfn(addr)
         return hw.kvm_vcpu_access_one(self._vcpu, gfn, bool(write), bool(exec))
+
+    def walk(self, gva):
+        """[(level, entry)] of the guest's page tables for gva, from CR3 down to the first
+        entry that is not a present table (read as the VMM reads guest memory)."""
+        if self._vcpu.guest_cr3 is None:
+            raise ValueError("the guest runs with paging off: vm.walk(gfn) lists the SPTEs")
+        return guest_walk.guest_walk_entries(self._vcpu, self._check_gva(gva))
 
     def access_batch(self, gfns, access=None, out=None):
         """Every access in order -> {"hits", "fixed", "spurious", "retry", "emulate",

@@ -76,6 +76,11 @@ def hw_leaf_permits(kvm, spte, write, exec):  # noqa: A002 - the contract's name
 
 def hw_walk(vcpu, gfn, write, exec):  # noqa: A002
     """One walk from the vCPU's root -> (outcome, sptep, spte) of the last entry read."""
+    return hw_walk_level(vcpu, gfn, write, exec)[:3]
+
+
+def hw_walk_level(vcpu, gfn, write, exec):  # noqa: A002
+    """hw_walk, and the level of the last entry read: (outcome, sptep, spte, level)."""
     kvm = vcpu.kvm
     table = vcpu.root.spt
     level = vcpu.root.role.level
@@ -83,16 +88,16 @@ def hw_walk(vcpu, gfn, write, exec):  # noqa: A002
         sptep = (table, spte_index(gfn, level))
         spte = kvm_tdp_mmu_read_spte(kvm.pool, sptep)
         if not hw_entry_present(kvm, spte):
-            return WALK_VIOLATION, sptep, spte
+            return WALK_VIOLATION, sptep, spte, level
         if hw_entry_misconfigured(kvm, spte):
-            return WALK_MISCONFIG, sptep, spte
+            return WALK_MISCONFIG, sptep, spte, level
         if level > PG_LEVEL_4K and not spte & PT_PAGE_SIZE_MASK:
             table = spte_to_pfn(spte)
             level -= 1
             continue
         if hw_leaf_permits(kvm, spte, write, exec):
-            return WALK_PERMITTED, sptep, spte
-        return WALK_VIOLATION, sptep, spte
+            return WALK_PERMITTED, sptep, spte, level
+        return WALK_VIOLATION, sptep, spte, level
 
 
 def hw_set_accessed_dirty(vcpu, gfn, sptep, spte, write):

@@ -34,7 +34,8 @@ KVM_STATS = (
 #: hardware's work: walks, accessed/dirty bits it set, and its exits by reason.
 VCPU_STATS = ("faults_fixed", "faults_spurious", "faults_retry", "faults_emulate",
               "faults_fast", "hw_walks", "hw_ad_sets", "exits_ept_violation",
-              "exits_misconfig", "exits_pml_full", "pml_logged", "dirty_pages_marked")
+              "exits_misconfig", "exits_pml_full", "pml_logged", "dirty_pages_marked",
+              "guest_walks", "guest_walk_refs", "guest_faults", "guest_ad_sets")
 
 KVM_MAX_VCPUS = 256
 
@@ -107,6 +108,8 @@ class KvmVcpu:
         self.mmio_gfn = 0                     # vcpu->arch.mmio_gfn (0: nothing cached)
         self.mmio_gen = 0                     # vcpu->arch.mmio_gen
         self.pml_buf = []                     # the page-modification log: gfns, <= 512
+        self.guest_cr3 = None                 # the guest's CR3 (None: paging off)
+        self.guest_levels = 4                 # 4- or 5-level guest paging (CR4.LA57)
         self.stat = dict.fromkeys(VCPU_STATS, 0)
 
 
@@ -176,4 +179,5 @@ STATS_ORDER = (
     "hw_walks", "hw_ad_sets", "exits_ept_violation", "exits_misconfig",
     "exits_pml_full", "pml_logged", "dirty_pages_marked", "huge_pages_split",
     "nx_huge_pages_recovered",
+    "guest_walks", "guest_walk_refs", "guest_faults", "guest_ad_sets",
 )

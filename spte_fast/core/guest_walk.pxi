@@ -1,0 +1,228 @@
+# =====================================================================================
+# core/guest_walk.pxi: the CPU's two-dimensional walk -- a guest-virtual access of a
+# guest with paging on, under TDP (Intel SDM vol. 3 §4.5, §4.6, §4.8, §29.3.2; AMD APM
+# vol. 2 §5.3, §15.25)
+# =====================================================================================
+# Not KVM code: each guest paging-structure entry is read at a guest-physical address that
+# the TDP tables translate first (an EPT violation / #NPF there is a real exit), then the
+# final guest-physical address is translated for the access itself.  The choices the
+# manuals leave open follow KVM's own model of this walk, FNAME(walk_addr_generic) in
+# paging_tmpl.h: paging-structure accesses go through the TDP tables as user writes
+# (nested_access = PFERR_WRITE_MASK | PFERR_USER_MASK: x86-64 guest entries have A/D bits)
+# with PFERR_GUEST_PAGE_MASK in the exit's error code, the final access as itself with
+# PFERR_GUEST_FINAL_MASK; the entries are read top down, the access rights checked
+# (CR0.WP=1, EFER.NX=1, no SMEP/SMAP), the final address translated, and only then A set
+# in every entry and D in the leaf on a write -- none on a guest page fault.  After an exit
+# KVM handled, the guest re-executes the access from the start; KVM emulating a
+# paging-structure access (no memslot behind it) ends it with a guest page fault.  Guest
+# entries are words of guest memory (core/guest_memory.pxi), read and OR-ed under its lock.
+
+cdef extern from *:
+    """
+    #define SF_PFERR_GUEST_FINAL_MASK (1ULL << 32)
+    #define SF_PFERR_GUEST_PAGE_MASK (1ULL << 33)
+    #define SF_GPTE_FRAME (((1ULL << 52) - 1) & ~0xFFFULL)
+    """
+    u64 PFERR_GUEST_FINAL_MASK "SF_PFERR_GUEST_FINAL_MASK"
+    u64 PFERR_GUEST_PAGE_MASK "SF_PFERR_GUEST_PAGE_MASK"
+    u64 GPTE_FRAME "SF_GPTE_FRAME"
+
+cdef enum:
+    ACCESS_GUEST_PAGE_FAULT = 14    # what an access returns when the guest takes a #PF
+    GPTE_P = 1 << 0
+    GPTE_W = 1 << 1
+    GPTE_U = 1 << 2
+    GPTE_A = 1 << 5
+    GPTE_D = 1 << 6
+    GPTE_PS = 1 << 7
+    # one execution of the access:
+    GW_OK = 0
+    GW_RESTART = 1                  # an exit was handled: re-execute
+    GW_GUEST_FAULT = 2              # the guest takes a page fault
+    GW_EMULATED = 3                 # KVM emulated the final access
+
+
+ctypedef struct guest_walk_t:
+    int64_t refs                    # memory references: guest entries and TDP entries read
+    int first                       # RET_PF_* of the first exit, -1 before any
+    int64_t* counts                 # NR_BATCH_COUNTS, as vcpu_tlb_fill's
+
+
+cdef inline u64 _gpte_nx() noexcept nogil:
+    return <u64>1 << 63
+
+
+cdef u64 guest_mem_read_word(guest_mem_t* g, pfn_t pfn, int index) noexcept nogil:
+    cdef u64* words_
+    cdef u64 v = 0
+    pthread_mutex_lock(&g.lock)
+    words_ = guest_mem_lookup(g, pfn)
+    if words_ != NULL:
+        v = words_[index]
+    pthread_mutex_unlock(&g.lock)
+    return v
+
+
+cdef int guest_mem_or_word(guest_mem_t* g, pfn_t pfn, int index, u64 bits) noexcept nogil:
+    """The CPU's locked OR into a guest entry (0, or -SPTE_ENOMEM)."""
+    cdef u64* words_
+    pthread_mutex_lock(&g.lock)
+    words_ = guest_mem_page(g, pfn)
+    if words_ != NULL:
+        words_[index] |= bits
+    pthread_mutex_unlock(&g.lock)
+    return 0 if words_ != NULL else -SPTE_ENOMEM
+
+
+cdef int _tdp_depth(kvm_vcpu_t* vcpu, gfn_t gfn) noexcept nogil:
+    """How many TDP entries a walk of gfn reads: down to the first entry that is not a
+    present table (what the CPU read before it exited)."""
+    cdef kvm_t* kvm = vcpu.kvm
+    cdef tdp_ptep_t table = pool_page(kvm.pool, vcpu.root)
+    cdef int level = kvm.root_level, n = 0
+    cdef u64 spte
+    while True:
+        spte = kvm_tdp_mmu_read_spte(table + spte_index(gfn, level))
+        n += 1
+        if not (spte & kvm.hw_present_mask) or (spte & kvm.rsvd_pa_mask) or \
+                (kvm.m.ept and (spte & (PT_PRESENT_MASK | PT_WRITABLE_MASK)) == PT_WRITABLE_MASK) \
+                or level == 1 or (spte & PT_PAGE_SIZE_MASK):
+            return n
+        table = spte_to_child_pt(kvm, spte)
+        level -= 1
+
+
+cdef int _tdp_translate(kvm_vcpu_t* vcpu, u64 gpa, int acc, u64 extra, guest_walk_t* w,
+                        pfn_t* pfn) noexcept nogil:
+    """The TDP walk of one guest-physical address: GW_OK with the host pfn, GW_RESTART after
+    an exit KVM handled, GW_GUEST_FAULT / GW_EMULATED when KVM emulated it, or -SPTE_E*."""
+    cdef kvm_t* kvm = vcpu.kvm
+    cdef gfn_t gfn = gpa >> 12
+    cdef bint leaf_present = False
+    cdef hw_tlb_entry_t e
+    cdef int ex, r
+    cdef int64_t fast_before
+    if gfn >= kvm.gfn_limit:
+        return GW_GUEST_FAULT
+    w.refs += _tdp_depth(vcpu, gfn)
+    ex = hw_tdp_walk(vcpu, gfn, acc, &leaf_present)
+    if ex == HW_HIT:
+        hw_tlb_entry(vcpu, gfn, &e)
+        pfn[0] = e.pfn
+        return GW_OK
+    if vcpu.pml_count:                      # every VM exit flushes the PML buffer first
+        vmx_flush_pml_buffer(vcpu)
+    if ex == HW_PML_FULL:
+        vcpu.stat.exits_pml_full += 1
+        return GW_RESTART
+    if ex == HW_VIOLATION:
+        vcpu.stat.exits_ept_violation += 1
+    else:
+        vcpu.stat.exits_misconfig += 1
+    fast_before = vcpu.stat.faults_fast
+    r = kvm_mmu_page_fault(vcpu, gfn, tdp_exit_error_code(kvm, ex, acc, leaf_present) | extra)
+    if r < 0:
+        return r
+    w.counts[r] += 1
+    w.counts[COUNT_FAST] += vcpu.stat.faults_fast - fast_before
+    if w.first < 0:
+        w.first = r
+    if r == RET_PF_EMULATE:
+        return GW_GUEST_FAULT if extra == PFERR_GUEST_PAGE_MASK else GW_EMULATED
+    return GW_RESTART
+
+
+cdef inline bint _gpte_reserved(kvm_t* kvm, u64 pte, int level) noexcept nogil:
+    """Reserved bits of a present entry: address bits at or above MAXPHYADDR (the guest's =
+    the host's), PS at levels 4 and 5, the low frame bits of a 2M / 1G page (not PAT)."""
+    cdef u64 low
+    if pte & GPTE_FRAME & ~((<u64>1 << kvm.host_phys_bits) - 1):
+        return True
+    if level >= 4 and (pte & GPTE_PS):
+        return True
+    if (level == 2 or level == 3) and (pte & GPTE_PS):
+        low = ((<u64>1 << (9 * (level - 1))) - 1) << 12
+        return (pte & low & ~(<u64>1 << 12)) != 0
+    return False
+
+
+cdef int _guest_walk_once(kvm_vcpu_t* vcpu, u64 gva, int acc, bint user,
+                          guest_walk_t* w) noexcept nogil:
+    """One execution of the access (inside the read side): GW_* or -SPTE_E*."""
+    cdef kvm_t* kvm = vcpu.kvm
+    cdef u64 table = vcpu.guest_cr3 & GPTE_FRAME, gpa, pte = 0, final, want, size
+    cdef pfn_t pfn
+    cdef pfn_t pfns[5]
+    cdef int idx[5]
+    cdef u64 ptes[5]
+    cdef int level, n = 0, r, i
+    cdef bint w_ok = True, u_ok = True, xd = False
+    vcpu.stat.guest_walks += 1
+    level = vcpu.guest_levels
+    while level >= 1:
+        gpa = table + 8 * ((gva >> (12 + 9 * (level - 1))) & 511)
+        r = _tdp_translate(vcpu, gpa, ACC_WRITE, PFERR_GUEST_PAGE_MASK, w, &pfn)
+        if r != GW_OK:
+            return r
+        pte = guest_mem_read_word(&kvm.guest_mem, pfn, <int>((gpa >> 3) & 511))
+        w.refs += 1
+        pfns[n] = pfn
+        idx[n] = <int>((gpa >> 3) & 511)
+        ptes[n] = pte
+        n += 1
+        if not (pte & GPTE_P) or _gpte_reserved(kvm, pte, level):
+            return GW_GUEST_FAULT
+        w_ok = w_ok and (pte & GPTE_W) != 0
+        u_ok = u_ok and (pte & GPTE_U) != 0
+        xd = xd or (pte & _gpte_nx()) != 0
+        if level == 1 or ((level == 2 or level == 3) and (pte & GPTE_PS)):
+            break
+        table = pte & GPTE_FRAME
+        level -= 1
+    if (user and not u_ok) or (acc == ACC_WRITE and not w_ok) or (acc == ACC_FETCH and xd):
+        return GW_GUEST_FAULT
+    size = <u64>1 << (12 + 9 * (level - 1))
+    final = (pte & GPTE_FRAME & ~(size - 1)) | (gva & (size - 1))
+    r = _tdp_translate(vcpu, final, acc, PFERR_GUEST_FINAL_MASK, w, &pfn)
+    if r != GW_OK and r != GW_EMULATED:
+        return r
+    for i in range(n):
+        want = GPTE_A | (GPTE_D if acc == ACC_WRITE and i == n - 1 else 0)
+        if (ptes[i] & want) != want:
+            if guest_mem_or_word(&kvm.guest_mem, pfns[i], idx[i], want) < 0:
+                return -SPTE_ENOMEM
+            vcpu.stat.guest_ad_sets += 1
+    return GW_OK
+
+
+cdef int vcpu_guest_access(kvm_vcpu_t* vcpu, u64 gva, int acc, bint user,
+                           int64_t* counts) noexcept nogil:
+    """The guest's access to gva, re-executed after every exit KVM handled (see _core.pxd)."""
+    cdef guest_walk_t w
+    cdef int r
+    cdef int64_t reexec = 0
+    w.refs = 0
+    w.first = -1
+    w.counts = counts
+    while True:
+        r = vcpu_enter(vcpu)
+        if r < 0:
+            break
+        r = _guest_walk_once(vcpu, gva, acc, user, &w)
+        vcpu_exit(vcpu)
+        if r != GW_RESTART:
+            break
+        reexec += 1
+        if reexec == RETRY_CHECK:
+            r = ACCESS_INTERRUPTED
+            break
+    vcpu.stat.guest_walk_refs += w.refs
+    if r < 0 or r == ACCESS_INTERRUPTED:
+        return r
+    if r == GW_GUEST_FAULT:
+        vcpu.stat.guest_faults += 1
+        return ACCESS_GUEST_PAGE_FAULT
+    if w.first < 0:
+        counts[0] += 1
+        return 0
+    return w.first

@@ -453,6 +453,12 @@ cdef int vcpu_tlb_fill(kvm_vcpu_t* vcpu, gfn_t gfn, int acc, int64_t* counts,
 # or -SPTE_E*.  acc: ACC_*; counts as vcpu_tlb_fill's.
 cdef int vcpu_guest_access(kvm_vcpu_t* vcpu, u64 gva, int acc, bint user,
                            int64_t* counts) noexcept nogil
+# The same, then (as vcpu_tlb_fill) the translation a TLB may cache for gva's page: the
+# TDP leaf of the final gpa, the host pfn, and the permissions both the TDP leaf and the
+# guest's entries grant (a write only once the guest PTE and the TDP leaf are dirty);
+# e.level 0 after a guest page fault or an emulated access.
+cdef int vcpu_guest_tlb_fill(kvm_vcpu_t* vcpu, u64 gva, int acc, bint user, int64_t* counts,
+                             hw_tlb_entry_t* e) noexcept nogil
 # The kvm_vcpu_t of a Python Vcpu (with the GIL; keep the Vcpu alive while using it).
 cdef kvm_vcpu_t* vcpu_handle(object vcpu) except NULL
 

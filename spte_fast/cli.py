@@ -417,17 +417,17 @@ def cmd_trace_info(args):
 
 
 def cmd_emulate(args):
-    if args.guest_paging != "none":
-        raise CliError(f"--guest-paging {args.guest_paging} needs the guest page-table model "
-                       "(guest page tables, two-dimensional walks, the shadow MMU), which "
-                       "spte_fast does not have yet; 'none' runs the guest with paging off")
+    if args.guest_paging == "shadow":
+        raise CliError("--guest-paging shadow needs the shadow MMU (shadow pages, unsync, "
+                       "sync_page), which spte_fast does not have yet; 'tdp' runs the guest "
+                       "with paging on under TDP (two-dimensional walks)")
     if args.output:
         _check_output_dir(args.output, "-o")
     config = _emulate.EmulateConfig(
         program=args.program, size=args.size, seed=args.seed, layout=args.layout,
         root_level=args.root_level, max_level=MAX_LEVELS[args.max_level],
         callback=args.callback, guest_bytes=args.guest_size, timeout_s=args.timeout,
-        count_instructions=not args.no_count)
+        count_instructions=not args.no_count, guest_paging=args.guest_paging)
     res = _emulate.run(config)
     doc = res.to_dict()
     if args.output:
@@ -615,8 +615,9 @@ def build_parser():
                    help="the TLB-fill callback: c (default: GIL-free, no Python per fill) or "
                         "python (the public API per fill)")
     e.add_argument("--guest-paging", choices=("none", "tdp", "shadow"), default="none",
-                   help="none (default): the guest runs with paging off; tdp and shadow need "
-                        "guest page tables, not built yet")
+                   help="none (default): the guest runs with paging off; tdp: its own page "
+                        "tables map all memory with 2M pages and every fill is a "
+                        "two-dimensional walk; shadow: not built yet")
     e.add_argument("--guest-size", type=parse_size, metavar="SIZE",
                    help="guest RAM for a flat binary (default 64M; a routine sizes its own)")
     e.add_argument("--timeout", type=parse_seconds, default=60.0, metavar="S",

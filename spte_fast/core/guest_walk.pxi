@@ -46,6 +46,9 @@ ctypedef struct guest_walk_t:
     int64_t refs                    # memory references: guest entries and TDP entries read
     int first                       # RET_PF_* of the first exit, -1 before any
     int64_t* counts                 # NR_BATCH_COUNTS, as vcpu_tlb_fill's
+    # what the last complete walk found (for a TLB entry):
+    u64 final_gpa
+    int guest_perms                 # HW_PERM_*: what the guest's entries allow
 
 
 cdef inline u64 _gpte_nx() noexcept nogil:
@@ -192,12 +195,31 @@ cdef int _guest_walk_once(kvm_vcpu_t* vcpu, u64 gva, int acc, bint user,
             if guest_mem_or_word(&kvm.guest_mem, pfns[i], idx[i], want) < 0:
                 return -SPTE_ENOMEM
             vcpu.stat.guest_ad_sets += 1
-    return GW_OK
+    # A TLB entry may then read always, write only with the rights and D in the leaf (a
+    # clean entry walks again on the first write), fetch without XD.
+    w.final_gpa = final
+    w.guest_perms = HW_PERM_READ | (0 if xd else HW_PERM_EXEC)
+    if w_ok and (acc == ACC_WRITE or (ptes[n - 1] & GPTE_D)):
+        w.guest_perms |= HW_PERM_WRITE
+    return r
 
 
 cdef int vcpu_guest_access(kvm_vcpu_t* vcpu, u64 gva, int acc, bint user,
                            int64_t* counts) noexcept nogil:
     """The guest's access to gva, re-executed after every exit KVM handled (see _core.pxd)."""
+    return _guest_access(vcpu, gva, acc, user, counts, NULL)
+
+
+cdef int vcpu_guest_tlb_fill(kvm_vcpu_t* vcpu, u64 gva, int acc, bint user, int64_t* counts,
+                             hw_tlb_entry_t* e) noexcept nogil:
+    """vcpu_guest_access, then the TLB entry for gva's page (see _core.pxd)."""
+    e.level = 0
+    e.perms = 0
+    return _guest_access(vcpu, gva, acc, user, counts, e)
+
+
+cdef int _guest_access(kvm_vcpu_t* vcpu, u64 gva, int acc, bint user, int64_t* counts,
+                       hw_tlb_entry_t* e) noexcept nogil:
     cdef guest_walk_t w
     cdef int r
     cdef int64_t reexec = 0
@@ -209,6 +231,9 @@ cdef int vcpu_guest_access(kvm_vcpu_t* vcpu, u64 gva, int acc, bint user,
         if r < 0:
             break
         r = _guest_walk_once(vcpu, gva, acc, user, &w)
+        if r == GW_OK and e != NULL:        # the entry, in the section the walk ran in
+            hw_tlb_entry(vcpu, w.final_gpa >> 12, e)
+            e.perms &= w.guest_perms
         vcpu_exit(vcpu)
         if r != GW_RESTART:
             break

@@ -18,7 +18,7 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 from spte_fast._core cimport (ACC_FETCH, ACC_READ, ACCESS_INTERRUPTED, COUNT_FAST,
                               NR_BATCH_COUNTS, RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY,
                               RET_PF_SPURIOUS, SPTE_EINVAL, hw_tlb_entry_t, kvm_vcpu_t,
-                              vcpu_handle, vcpu_tlb_fill)
+                              vcpu_guest_tlb_fill, vcpu_handle, vcpu_tlb_fill)
 
 cdef extern from *:
     """
@@ -42,8 +42,11 @@ cdef enum:
     DENY_BEYOND = 2                 # a gfn beyond the guest's address width
     DENY_ERROR = 3                  # the model failed (OutOfMemory, ...): emulation stops
     DENY_BAD_KIND = 4               # not a read, write or fetch
+    DENY_GUEST_FAULT = 5            # the guest's own page tables refuse it (a #PF)
+    GUEST_PAGE_FAULT_CODE = 14      # vcpu_guest_tlb_fill's guest page fault
 
-DENY_REASONS = ("", "emulated", "beyond_address_width", "model_error", "bad_access_type")
+DENY_REASONS = ("", "emulated", "beyond_address_width", "model_error", "bad_access_type",
+                "guest_page_fault")
 
 
 ctypedef struct fill_state_t:
@@ -57,6 +60,8 @@ ctypedef struct fill_state_t:
     uint64_t denied_vaddr           # the first fill answered with a fault since reset
     int denied_kind
     int denied_reason
+    bint guest_paging               # vaddr is guest-virtual: the two-dimensional walk
+    bint user                       # the guest's accesses are user-mode
     sf_uc_emu_stop_fn uc_emu_stop
 
 
@@ -74,8 +79,9 @@ cdef inline bint _deny(fill_state_t* s, uint64_t vaddr, int acc, int reason) noe
 
 cdef bint tlb_fill(void* uc, uint64_t vaddr, int mem_type, sf_uc_tlb_entry* result,
                    void* user_data) noexcept nogil:
-    """uc_cb_tlbevent_t: translate the page at `vaddr` (a guest-physical address: the guest
-    runs with paging off) for an access of `mem_type` through the vCPU's hardware view."""
+    """uc_cb_tlbevent_t: translate the page at `vaddr` for an access of `mem_type` through
+    the vCPU's hardware view: a guest-physical address when the guest runs with paging off,
+    else guest-virtual (the two-dimensional walk through the guest's own tables)."""
     cdef fill_state_t* s = <fill_state_t*>user_data
     cdef int acc = mem_type - UC_MEM_READ
     cdef hw_tlb_entry_t e
@@ -84,10 +90,15 @@ cdef bint tlb_fill(void* uc, uint64_t vaddr, int mem_type, sf_uc_tlb_entry* resu
         return _deny(s, vaddr, acc, DENY_BAD_KIND)
     s.fills[acc] += 1
     while r == ACCESS_INTERRUPTED and rounds < INTERRUPTED_RETRIES:
-        r = vcpu_tlb_fill(s.vcpu, vaddr >> 12, acc, s.counts, &e)
+        if s.guest_paging:
+            r = vcpu_guest_tlb_fill(s.vcpu, vaddr, acc, s.user, s.counts, &e)
+        else:
+            r = vcpu_tlb_fill(s.vcpu, vaddr >> 12, acc, s.counts, &e)
         rounds += 1
     if r == -SPTE_EINVAL:
         return _deny(s, vaddr, acc, DENY_BEYOND)
+    if s.guest_paging and r == GUEST_PAGE_FAULT_CODE:
+        return _deny(s, vaddr, acc, DENY_GUEST_FAULT)
     if r < 0 or r == ACCESS_INTERRUPTED:
         if s.error == 0:
             s.error = r if r < 0 else -ACCESS_INTERRUPTED
@@ -114,7 +125,7 @@ cdef class TlbFill:
     cdef fill_state_t* s
     cdef readonly object vcpu
 
-    def __cinit__(self, vcpu, uint64_t uc_emu_stop):
+    def __cinit__(self, vcpu, uint64_t uc_emu_stop, bint guest_paging=False, bint user=True):
         cdef kvm_vcpu_t* v = vcpu_handle(vcpu)      # TypeError for anything but a Vcpu
         if not uc_emu_stop:
             raise ValueError("the address of uc_emu_stop is needed")
@@ -124,6 +135,8 @@ cdef class TlbFill:
         self.vcpu = vcpu
         self.s.vcpu = v
         self.s.uc_emu_stop = <sf_uc_emu_stop_fn><void*>uc_emu_stop
+        self.s.guest_paging = guest_paging
+        self.s.user = user
         self.s.denied_kind = -1
 
     def __dealloc__(self):

@@ -45,9 +45,15 @@ grow; its huge-page split keeps every translation and flushes nothing).  VM oper
 another thread makes *during* a run take effect at the next ``emu_start`` (real KVM would
 kick the vCPU out of the guest).
 
-Guest paging (a guest with its own page tables, translated by two-dimensional walks or
-shadow paging) needs the guest page-table model, which does not exist yet: ``guest`` must
-be None, and the virtual address unicorn asks about is the guest-physical address.
+With ``guest=None`` the guest runs with paging off: the virtual address unicorn asks
+about is the guest-physical address.  With ``guest`` a guest paging model -- an object with
+``root_gpa`` and ``levels``, such as :class:`spte_fast.GuestPageTables` -- attach loads its
+root into the vCPU's CR3 and every fill is a guest-virtual access: the two-dimensional walk
+through the guest's own tables and the TDP tables (``vcpu.access(gva)``), its exits, the
+guest's A/D bits; the entry grants what both the guest's entries and the TDP leaf allow (a
+write once the guest PTE and the leaf are dirty).  A gva the guest's tables do not map (or
+do not permit) is a guest page fault, answered to unicorn as a fault.  The accesses are
+user-mode (a process).  Shadow paging needs the shadow MMU, which does not exist yet.
 """
 import ctypes
 
@@ -59,6 +65,7 @@ except ImportError as e:         # pragma: no cover - exercised only without the
     raise ImportError("spte_fast.integrations.unicorn needs unicorn: "
                       "pip install 'spte_fast[unicorn]'") from e
 
+from .._core import GUEST_PAGE_FAULT
 from ..errors import OutOfMemory, SpteError
 from ..pf import PF
 from . import _unicorn
@@ -128,11 +135,12 @@ def _layout_perms(layout):
 class Attachment:
     """spte_fast answering one ``Uc``'s TLB fills for one vCPU (see :func:`attach`)."""
 
-    def __init__(self, uc, vcpu, callback):
+    def __init__(self, uc, vcpu, callback, guest=None):
         self.uc = uc
         self.vcpu = vcpu
         self.vm = vcpu.vm
         self.callback = callback
+        self.guest = guest
         self._mapped = []                   # (host address, size) this attachment mapped
         self._hook = None
         self._fill = None                   # the C state (callback "c")
@@ -279,6 +287,8 @@ class Attachment:
             self._deny_first(vaddr, kind, "bad_access_type")
             return False
         c["fills"][kind] += 1
+        if self.guest is not None:
+            return self._python_fill_guest(uc, vaddr, kind, entry)
         gfn = vaddr >> 12
         try:
             r = self.vcpu.access(gfn, write=kind == 1, exec=kind == 2)
@@ -309,6 +319,43 @@ class Attachment:
         entry.perms = self._perms(spte)
         return True
 
+    def _python_fill_guest(self, uc, vaddr, kind, entry):
+        """The guest-paging fill: vcpu.access(gva), then the guest's entries (vcpu.walk)
+        and the TDP leaf of the final gpa (vm.lookup)."""
+        c = self._py
+        try:
+            r = self.vcpu.access(vaddr, write=kind == 1, exec=kind == 2, user=True)
+        except SpteError as e:
+            if self._error is None:
+                self._error = e
+            c["denied"][kind] += 1
+            self._deny_first(vaddr, KINDS[kind], "model_error")
+            uc.emu_stop()
+            return False
+        if r is not None and r != GUEST_PAGE_FAULT:
+            c["exits"][kind] += 1
+        if r == GUEST_PAGE_FAULT or r == PF.EMULATE:
+            c["denied"][kind] += 1
+            self._deny_first(vaddr, KINDS[kind],
+                             "guest_page_fault" if r == GUEST_PAGE_FAULT else "emulated")
+            return False
+        walk = self.vcpu.walk(vaddr)
+        level, leaf = walk[-1]
+        size = 1 << (12 + 9 * (level - 1))
+        final = (leaf & 0x000F_FFFF_FFFF_F000 & ~(size - 1)) | (vaddr & (size - 1))
+        spte, tdp_level = self.vm.lookup(final >> 12)
+        layout = self.vm.layout
+        gfn = final >> 12
+        pfn = layout.spte_to_pfn(spte) + (gfn & ((1 << (9 * (tdp_level - 1))) - 1))
+        perms = self._perms(spte)
+        if any(e >> 63 for _, e in walk):
+            perms &= ~_const.UC_PROT_EXEC
+        if not all(e & 2 for _, e in walk) or not leaf & 0x40:
+            perms &= ~_const.UC_PROT_WRITE
+        entry.paddr = pfn * _PAGE
+        entry.perms = perms
+        return True
+
     def _deny_first(self, vaddr, kind, reason):
         if self._fault is None:
             self._fault = (vaddr, kind, reason)
@@ -327,9 +374,12 @@ class Attachment:
     # -- lifetime --------------------------------------------------------------------------
 
     def _install(self):
+        if self.guest is not None:          # ValueError for a bad root: before anything
+            self.vcpu.set_cr3(self.guest.root_gpa, levels=self.guest.levels)
         self._map_memslots()
         if self.callback == "c":
-            self._fill = _unicorn.TlbFill(self.vcpu, _c_address(_ucmod.uclib.uc_emu_stop))
+            self._fill = _unicorn.TlbFill(self.vcpu, _c_address(_ucmod.uclib.uc_emu_stop),
+                                          self.guest is not None, True)
             self._hook = hook_c(self.uc, _const.UC_HOOK_TLB_FILL, self._fill)
         else:
             self._masks = _layout_perms(self.vm.layout)
@@ -374,14 +424,15 @@ def attach(uc, vcpu, *, guest=None, callback="c"):
 
     ``callback``: "c" (the GIL-free C callback; a ``spte_fast.Vcpu``) or "python" (the
     public API from Python; any vCPU with ``access`` and a ``vm`` with ``lookup``, the
-    reference model's included).  ``guest``: a guest paging model; none exists yet."""
+    reference model's included).  ``guest``: None (paging off) or a guest paging model
+    with ``root_gpa`` and ``levels`` (a GuestPageTables): its root goes into CR3."""
     if not isinstance(uc, _uc.Uc):
         raise TypeError(f"uc must be a unicorn.Uc, not {type(uc).__name__}")
     if callback not in ("c", "python"):
         raise ValueError(f"callback must be 'c' or 'python', not {callback!r}")
-    if guest is not None:
-        raise ValueError("guest paging needs a guest page-table model (GuestPageTables), "
-                         "which spte_fast does not have yet: pass guest=None")
+    if guest is not None and not (hasattr(guest, "root_gpa") and hasattr(guest, "levels")):
+        raise TypeError(f"guest must be a guest paging model with root_gpa and levels (a "
+                        f"spte_fast.GuestPageTables), not {type(guest).__name__}")
     if not hasattr(vcpu, "access") or not hasattr(vcpu, "vm"):
         raise TypeError(f"vcpu must be a spte_fast vCPU, not {type(vcpu).__name__}")
     if callback == "c":
@@ -393,7 +444,7 @@ def attach(uc, vcpu, *, guest=None, callback="c"):
         raise ValueError("this Uc already has spte_fast attached: detach() it first")
     if uc.ctl_get_page_size() != _PAGE:
         raise ValueError(f"the emulator's page size is {uc.ctl_get_page_size()}, not 4096")
-    a = Attachment(uc, vcpu, callback)
+    a = Attachment(uc, vcpu, callback, guest)
     a._install()
     uc._spte_fast_attachment = a            # the hook's state lives as long as the Uc
     return a

@@ -8,6 +8,10 @@ input is generated from ``seed`` and its result checked in emulated memory), or 
 a flat x86-64 binary, loaded at 0x1000 and entered there with ``rsp`` = 0x80000 and ``rdi``
 = 0x8000, that runs until it executes ``hlt`` (or reaches 0x1001, emu_start's ``until``).
 
+``guest_paging="tdp"`` runs the guest with paging on: a :class:`spte_fast.GuestPageTables`
+(4-level, frames after the program's memory) maps all guest memory at the same virtual
+addresses with 2M pages, as a boot loader would, and every fill is a two-dimensional walk.
+
 Instructions executed are counted on a second run of the same program and input on
 unicorn alone (a C ``UC_HOOK_CODE`` counter triples the time of the run it is on, so the
 timed run has none); ``count_instructions=False`` skips it.
@@ -21,6 +25,7 @@ from .report import format_bytes, mmu_rows
 
 HOST_PFN = 0x100000                 # guest RAM at host physical 4 GiB
 FLAT_GUEST_BYTES = 64 << 20
+GUEST_TABLE_FRAMES = 64             # guest page-table frames (guest paging on)
 MAX_GUEST_BYTES = 16 << 30          # unicorn maps (and numpy builds) all of it
 KINDS = ("read", "write", "fetch")
 TITLE = "spte-fast emulate"
@@ -38,6 +43,7 @@ class EmulateConfig:
     guest_bytes: int = None          # a flat binary's guest RAM (default 64 MiB)
     timeout_s: float = 60.0          # a flat binary's time limit (0: none)
     count_instructions: bool = True
+    guest_paging: str = "none"       # "none" (paging off) or "tdp" (two-dimensional walks)
 
 
 @dataclasses.dataclass
@@ -63,7 +69,7 @@ class EmulateResult:
                        "nonpresent_value": hex(self.nonpresent_value),
                        "root_level": c.root_level, "max_level": ("4k", "2m", "1g")[c.max_level - 1],
                        "callback": c.callback, "guest_bytes": self.guest_bytes,
-                       "guest_paging": "none", "host_pfn": HOST_PFN},
+                       "guest_paging": c.guest_paging, "host_pfn": HOST_PFN},
             "seconds": self.seconds,
             "instructions": self.instructions,
             "instructions_per_s": (self.instructions / self.seconds
@@ -153,6 +159,9 @@ def run(config):
         raise InputError(f"unknown layout {config.layout!r}: one of {', '.join(LAYOUTS)}")
     if config.callback not in ("c", "python"):
         raise InputError(f"callback must be c or python, not {config.callback!r}")
+    if config.guest_paging not in ("none", "tdp"):
+        raise InputError(f"guest paging {config.guest_paging!r}: none or tdp (shadow paging "
+                         "needs the shadow MMU, not built yet)")
     try:
         from unicorn import Uc, UcError, unicorn_const as UC
     except ImportError:
@@ -172,11 +181,18 @@ def run(config):
         vm = sf.Vm(layout, root_level=config.root_level, max_level=config.max_level)
     except ValueError as e:
         raise InputError(str(e)) from None
-    vm.add_memslot(0, guest_bytes >> 12, HOST_PFN)
+    tables = GUEST_TABLE_FRAMES if config.guest_paging == "tdp" else 0
+    vm.add_memslot(0, (guest_bytes >> 12) + tables, HOST_PFN)
     vcpu = vm.vcpu()
+    guest = None
+    if tables:
+        guest = sf.GuestPageTables(vm, table_gfns=(guest_bytes >> 12,
+                                                   (guest_bytes >> 12) + tables))
+        for g in range(0, guest_bytes >> 12, 512):          # the same addresses, 2M pages
+            guest.map(g << 12, g, level=2)
     uc = Uc(UC.UC_ARCH_X86, UC.UC_MODE_64)
     try:
-        att = sfu.attach(uc, vcpu, callback=config.callback)
+        att = sfu.attach(uc, vcpu, callback=config.callback, guest=guest)
     except UcError as e:
         raise RunError(f"unicorn could not map {format_bytes(guest_bytes)} of guest RAM: "
                        f"{e}") from None
@@ -229,7 +245,8 @@ def run(config):
                "spurious": vst["faults_spurious"], "emulate": vst["faults_emulate"],
                "retry": vst["faults_retry"]}
     hardware = {k: vst[k] for k in ("hw_walks", "hw_ad_sets", "exits_ept_violation",
-                                    "exits_misconfig", "exits_pml_full")}
+                                    "exits_misconfig", "exits_pml_full", "guest_walks",
+                                    "guest_walk_refs", "guest_faults", "guest_ad_sets")}
     if routine and config.size is None:
         config = dataclasses.replace(config, size=routines.ROUTINES[config.program])
     return EmulateResult(config, routine, guest_bytes, layout.nonpresent_value, seconds,
@@ -243,8 +260,10 @@ def summary(result, title=TITLE):
     c, f, hw = d["config"], d["tlb_fills"], d["hardware"]
     what = (f"routine {c['program']} (size {c['size']:,})" if c["routine"]
             else f"flat binary {c['program']}")
+    paging = ("guest paging off" if c["guest_paging"] == "none" else
+              "guest paging on (4-level, 2M pages; two-dimensional walks)")
     head = (f"{title}: {what}, {format_bytes(c['guest_bytes'])} guest in 1 memslot, "
-            f"guest paging off\nlayout {c['layout']} (non-present {c['nonpresent_value']}), "
+            f"{paging}\nlayout {c['layout']} (non-present {c['nonpresent_value']}), "
             f"{c['root_level']}-level root, max level {c['max_level'].upper()}, "
             f"{c['callback']} callback, seed {c['seed']}\n")
     if d["instructions"] is not None:
@@ -265,6 +284,12 @@ def summary(result, title=TITLE):
                   f"misconfiguration / RSVD {hw['exits_misconfig']:,}   PML full "
                   f"{hw['exits_pml_full']:,}"),
     ]
+    if c["guest_paging"] != "none":
+        gw = hw["guest_walks"]
+        rows.append(("guest walks", f"{gw:,}   memory references {hw['guest_walk_refs']:,}"
+                                    f" ({hw['guest_walk_refs'] / max(gw, 1):.1f} per walk)"
+                                    f"   guest page faults {hw['guest_faults']:,}   guest A/D"
+                                    f" set {hw['guest_ad_sets']:,}"))
     rows += mmu_rows(d["stats"], d["results"], c["root_level"])
     rows += [("emulator TLB", f"flushes {f['emulator_tlb_flushes']:,}"),
              ("audit", d["audit"])]

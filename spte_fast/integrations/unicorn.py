@@ -287,74 +287,55 @@ class Attachment:
             self._deny_first(vaddr, kind, "bad_access_type")
             return False
         c["fills"][kind] += 1
-        if self.guest is not None:
-            return self._python_fill_guest(uc, vaddr, kind, entry)
-        gfn = vaddr >> 12
+        guest = self.guest is not None
         try:
-            r = self.vcpu.access(gfn, write=kind == 1, exec=kind == 2)
-        except ValueError:                  # beyond the guest's physical address width
-            c["denied"][kind] += 1
-            self._deny_first(vaddr, KINDS[kind], "beyond_address_width")
-            return False
+            if guest:                        # a guest-virtual access: the 2D walk
+                r = self.vcpu.access(vaddr, write=kind == 1, exec=kind == 2, user=True)
+            else:
+                r = self.vcpu.access(vaddr >> 12, write=kind == 1, exec=kind == 2)
+        except ValueError:                  # beyond the guest's address width
+            return self._deny(uc, vaddr, kind, "beyond_address_width")
         except SpteError as e:
-            if self._error is None:
-                self._error = e
-            c["denied"][kind] += 1
-            self._deny_first(vaddr, KINDS[kind], "model_error")
-            uc.emu_stop()
-            return False
-        hit = None
+            return self._deny(uc, vaddr, kind, "model_error", e)
+        if r == GUEST_PAGE_FAULT:
+            return self._deny(uc, vaddr, kind, "guest_page_fault")
         if r is not None:
             c["exits"][kind] += 1
-        if r != PF.EMULATE:
-            hit = self.vm.lookup(gfn)
+        if r == PF.EMULATE:
+            return self._deny(uc, vaddr, kind, "emulated")
+        gfn, allowed = self._guest_final(vaddr) if guest else (vaddr >> 12, _const.UC_PROT_ALL)
+        hit = self.vm.lookup(gfn)
         if hit is None:
-            c["denied"][kind] += 1
-            self._deny_first(vaddr, KINDS[kind], "emulated")
-            return False
+            return self._deny(uc, vaddr, kind, "emulated")
         spte, level = hit
-        layout = self.vm.layout
-        pfn = layout.spte_to_pfn(spte) + (gfn & ((1 << (9 * (level - 1))) - 1))
+        pfn = self.vm.layout.spte_to_pfn(spte) + (gfn & ((1 << (9 * (level - 1))) - 1))
         entry.paddr = pfn * _PAGE
-        entry.perms = self._perms(spte)
+        entry.perms = self._perms(spte) & allowed
         return True
 
-    def _python_fill_guest(self, uc, vaddr, kind, entry):
-        """The guest-paging fill: vcpu.access(gva), then the guest's entries (vcpu.walk)
-        and the TDP leaf of the final gpa (vm.lookup)."""
-        c = self._py
-        try:
-            r = self.vcpu.access(vaddr, write=kind == 1, exec=kind == 2, user=True)
-        except SpteError as e:
-            if self._error is None:
-                self._error = e
-            c["denied"][kind] += 1
-            self._deny_first(vaddr, KINDS[kind], "model_error")
-            uc.emu_stop()
-            return False
-        if r is not None and r != GUEST_PAGE_FAULT:
-            c["exits"][kind] += 1
-        if r == GUEST_PAGE_FAULT or r == PF.EMULATE:
-            c["denied"][kind] += 1
-            self._deny_first(vaddr, KINDS[kind],
-                             "guest_page_fault" if r == GUEST_PAGE_FAULT else "emulated")
-            return False
-        walk = self.vcpu.walk(vaddr)
+    def _guest_final(self, gva):
+        """(the final gfn, what the guest's entries allow) after a completed guest access:
+        W only with R/W at every level and a dirty PTE, X only without XD anywhere."""
+        walk = self.vcpu.walk(gva)
         level, leaf = walk[-1]
         size = 1 << (12 + 9 * (level - 1))
-        final = (leaf & 0x000F_FFFF_FFFF_F000 & ~(size - 1)) | (vaddr & (size - 1))
-        spte, tdp_level = self.vm.lookup(final >> 12)
-        layout = self.vm.layout
-        gfn = final >> 12
-        pfn = layout.spte_to_pfn(spte) + (gfn & ((1 << (9 * (tdp_level - 1))) - 1))
-        perms = self._perms(spte)
+        final = (leaf & 0x000F_FFFF_FFFF_F000 & ~(size - 1)) | (gva & (size - 1))
+        allowed = _const.UC_PROT_ALL
         if any(e >> 63 for _, e in walk):
-            perms &= ~_const.UC_PROT_EXEC
+            allowed &= ~_const.UC_PROT_EXEC
         if not all(e & 2 for _, e in walk) or not leaf & 0x40:
-            perms &= ~_const.UC_PROT_WRITE
-        entry.paddr = pfn * _PAGE
-        entry.perms = perms
-        return True
+            allowed &= ~_const.UC_PROT_WRITE
+        return final >> 12, allowed
+
+    def _deny(self, uc, vaddr, kind, reason, error=None):
+        """Answer the fill with a fault; a model error also stops the run."""
+        self._py["denied"][kind] += 1
+        self._deny_first(vaddr, KINDS[kind], reason)
+        if error is not None:
+            if self._error is None:
+                self._error = error
+            uc.emu_stop()
+        return False
 
     def _deny_first(self, vaddr, kind, reason):
         if self._fault is None:

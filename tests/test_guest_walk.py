@@ -182,6 +182,25 @@ def test_data_without_memory_is_emulated(impl):
     assert all(e & A for e in entries(v, 0x3000))         # the emulator's walk sets A
 
 
+def test_invlpg_under_tdp_changes_nothing(impl):
+    """EPT / NPT guests run INVLPG without an exit (it is not intercepted under TDP), and
+    the model keeps no guest TLB: every walk reads the tables."""
+    from support.snapshots import snapshot
+    vm, _slot, pt, v = guest(impl)
+    pt.map(0x1000, 0x900)
+    v.access(0x1000)
+    before = snapshot(vm, [v])
+    v.invlpg(0x1000)
+    after = snapshot(vm, [v])
+    assert np.array_equal(before.pop("pages"), after.pop("pages")) and after == before
+    assert v.access(0x1000) is None
+    with pytest.raises(ValueError, match="canonical"):
+        v.invlpg(0x0000_8000_0000_0000)
+    v.set_cr3(None)
+    with pytest.raises(ValueError, match="paging off"):
+        v.invlpg(0x1000)
+
+
 def test_set_cr3_and_addresses_are_checked(impl):
     vm, _slot, pt, v = guest(impl)
     for bad, exc in ((0x1001, ValueError), (1 << 46, ValueError), (-1, ValueError),

@@ -150,6 +150,13 @@ cdef class Vcpu:
             self.vcpu.guest_paging = True
             pthread_mutex_unlock(&self.vcpu.mmu_shadow_page_cache.lock)
 
+    def invlpg(self, gva):
+        """The guest invalidates gva's translation.  Under TDP INVLPG is not intercepted
+        (no exit) and the model keeps no guest TLB: nothing changes."""
+        if not self.vcpu.guest_paging:
+            raise ValueError("the guest runs with paging off: INVLPG has no translation")
+        _canonical_gva(&self.vcpu, gva)
+
     def walk(self, gva):
         """[(level, entry)] of the guest's page tables for gva, from CR3 down to the first
         entry that is not a present table (read as the VMM reads guest memory)."""

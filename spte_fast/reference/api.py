@@ -482,6 +482,13 @@ class Vcpu:
         gfn = self._vm._check_gfn(addr)
         return hw.kvm_vcpu_access_one(self._vcpu, gfn, bool(write), bool(exec))
 
+    def invlpg(self, gva):
+        """The guest invalidates gva's translation.  Under TDP INVLPG is not intercepted
+        (no exit) and the model keeps no guest TLB: nothing changes."""
+        if self._vcpu.guest_cr3 is None:
+            raise ValueError("the guest runs with paging off: INVLPG has no translation")
+        self._check_gva(gva)
+
     def walk(self, gva):
         """[(level, entry)] of the guest's page tables for gva, from CR3 down to the first
         entry that is not a present table (read as the VMM reads guest memory)."""

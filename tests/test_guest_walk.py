@@ -201,6 +201,33 @@ def test_invlpg_under_tdp_changes_nothing(impl):
         v.invlpg(0x1000)
 
 
+def test_store_and_load_through_the_mmu(impl):
+    """vcpu.store / vcpu.load: user-mode 8-byte MOVs -- the access with its exits, then the
+    word lands in (or comes from) the page the translation reached."""
+    vm, slot, pt, v = guest(impl)
+    pt.map(0x7000, 0x900)
+    assert v.store(0x7008, 0xDEAD) == sf.PF.FIXED        # first exit: a table page
+    assert vm.read_guest((0x900 << 12) + 8) == 0xDEAD
+    assert v.load(0x7008) == (0xDEAD, None)
+    assert entries(v, 0x7008)[-1] & D                     # the store dirtied the PTE
+    assert v.store(0x8000, 1) == sf.GUEST_PAGE_FAULT       # not mapped: nothing written
+    assert v.load(0x8000) == (None, sf.GUEST_PAGE_FAULT)
+    pt.protect(0x7000, writable=False)
+    assert v.store(0x7008, 2) == sf.GUEST_PAGE_FAULT
+    assert vm.read_guest((0x900 << 12) + 8) == 0xDEAD
+    with pytest.raises(ValueError, match="aligned"):
+        v.store(0x7004, 1)
+    with pytest.raises(ValueError, match="canonical"):
+        v.load(0x0000_8000_0000_0000)
+    v.set_cr3(None)                                       # paging off: gpas
+    assert v.store(0x900 << 12, 7) is None                # mapped by the walk above
+    assert v.load(0x900 << 12) == (7, None)
+    assert v.store(1 << 30, 5) == sf.PF.EMULATE            # no memslot: MMIO, no RAM
+    assert v.load(1 << 30) == (None, sf.PF.EMULATE)
+    with pytest.raises(ValueError):
+        v.load(1 << 48)
+
+
 def test_set_cr3_and_addresses_are_checked(impl):
     vm, _slot, pt, v = guest(impl)
     for bad, exc in ((0x1001, ValueError), (1 << 46, ValueError), (-1, ValueError),
@@ -235,6 +262,9 @@ _op = st.one_of(
     st.tuples(st.just("zap")),
     st.tuples(st.just("zap_all")),
     st.tuples(st.just("dirty")),
+    st.tuples(st.just("store"), st.integers(0, 15), st.integers(0, 511),
+              st.integers(0, (1 << 64) - 1)),
+    st.tuples(st.just("load"), st.integers(0, 15), st.integers(0, 511)),
 )
 
 
@@ -274,6 +304,12 @@ def test_engine_and_oracle_walk_the_same(fast, reference, layout, max_level, pml
                 out.append(vm.zap_gfn_range(0, 1 << 14))
             elif op[0] == "zap_all":
                 out.append(vm.zap_all())
+            elif op[0] == "store":
+                r = v.store(_gva(op[1]) + 8 * op[2], op[3])
+                out.append(None if r is None else int(r))
+            elif op[0] == "load":
+                val, r = v.load(_gva(op[1]) + 8 * op[2])
+                out.append((val, None if r is None else int(r)))
             else:
                 out.append(vm.get_dirty_log(slot).tolist() if pml is not None else None)
         assert out[0] == out[1], op
@@ -283,4 +319,7 @@ def test_engine_and_oracle_walk_the_same(fast, reference, layout, max_level, pml
     assert present_leaves(fv) == present_leaves(rv)
     n = (TABLES[1] - TABLES[0]) * 512
     assert np.array_equal(fv.read_guest(TABLES[0] << 12, n), rv.read_guest(TABLES[0] << 12, n))
+    # the data pages a store can reach: the first page of every frame a map can name
+    for gfn in sorted({0x800 + i for i in range(64)} | {0x800 + 512 * k for k in range(27)}):
+        assert np.array_equal(fv.read_guest(gfn << 12, 512), rv.read_guest(gfn << 12, 512))
     fv.audit()

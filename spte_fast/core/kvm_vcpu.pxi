@@ -215,6 +215,18 @@ cdef class Vcpu:
         _check_rc(r, f"access(gfn={g:#x})", self.cache.mc.last_warn)
         return None if r == 0 else PF(r)
 
+    def store(self, addr, value):
+        """A user-mode 8-byte MOV to ``addr`` (guest-virtual with paging on, else a gpa):
+        the access with every exit it takes, then the value lands in guest memory.  Returns
+        what ``access`` returns; nothing is written on GUEST_PAGE_FAULT or EMULATE (the
+        MMIO write goes to a device, and there is none)."""
+        return _vcpu_mov(self, addr, True, value)
+
+    def load(self, addr):
+        """A user-mode 8-byte MOV from ``addr``: ``(value, result)``, result as ``access``
+        returns it; value None when no RAM was read (a guest page fault, or MMIO)."""
+        return _vcpu_mov(self, addr, False, None)
+
     def access_batch(self, gfns, access=None, out=None):
         """The CPU's accesses to ``gfns`` in order, in C with the GIL released.
 
@@ -273,6 +285,53 @@ cdef class Vcpu:
                 "pml_logged": st.pml_logged, "dirty_pages_marked": st.dirty_pages_marked,
                 "guest_walks": st.guest_walks, "guest_walk_refs": st.guest_walk_refs,
                 "guest_faults": st.guest_faults, "guest_ad_sets": st.guest_ad_sets}
+
+
+cdef object _vcpu_mov(Vcpu self, addr, bint write, value):
+    """vcpu.load / vcpu.store: the access (vcpu_guest_tlb_fill or vcpu_tlb_fill, which
+    also give the host page that backs it), then the word in guest memory."""
+    cdef u64 a, v = 0
+    cdef hw_tlb_entry_t e
+    cdef int r = ACCESS_INTERRUPTED
+    cdef int acc = ACC_WRITE if write else ACC_READ
+    cdef int64_t counts[NR_BATCH_COUNTS]
+    cdef u64* words_
+    cdef bint paging = self.vcpu.guest_paging
+    if write:
+        v = _as_u64(value, "value")
+    a = _canonical_gva(&self.vcpu, addr) if paging else _as_u64(addr, "gpa")
+    if a & 7:
+        raise ValueError(f"{'gva' if paging else 'gpa'} {a:#x} is not 8-byte aligned")
+    if not paging and (a >> 12) >= self.vm.kvm.gfn_limit:
+        raise ValueError(f"gpa {a:#x} is beyond the {self.vm.kvm.root_level}-level address "
+                         "width")
+    memset(counts, 0, sizeof(counts))
+    while r == ACCESS_INTERRUPTED:
+        with nogil:
+            if paging:
+                r = vcpu_guest_tlb_fill(&self.vcpu, a, acc, True, counts, &e)
+            else:
+                r = vcpu_tlb_fill(&self.vcpu, a >> 12, acc, counts, &e)
+        if r == ACCESS_INTERRUPTED:
+            PyErr_CheckSignals()
+    self.vm._raise_fatal()
+    _check_rc(r, f"{'store' if write else 'load'}({a:#x})", self.cache.mc.last_warn)
+    res = None if r == 0 else (GUEST_PAGE_FAULT if r == ACCESS_GUEST_PAGE_FAULT else PF(r))
+    if e.level == 0:                        # no RAM behind it: nothing moves
+        return res if write else (None, res)
+    with nogil:
+        pthread_mutex_lock(&self.vm.kvm.guest_mem.lock)
+        if write:
+            words_ = guest_mem_page(&self.vm.kvm.guest_mem, e.pfn)
+            if words_ != NULL:
+                words_[(a >> 3) & 511] = v
+        else:
+            words_ = guest_mem_lookup(&self.vm.kvm.guest_mem, e.pfn)
+            v = words_[(a >> 3) & 511] if words_ != NULL else 0
+        pthread_mutex_unlock(&self.vm.kvm.guest_mem.lock)
+    if write and words_ == NULL:
+        raise OutOfMemory("no host memory for a guest memory page")
+    return res if write else (v, res)
 
 
 cdef u64 _canonical_gva(kvm_vcpu_t* vcpu, gva) except? 0xFFFFFFFFFFFFFFFF:

@@ -8,6 +8,7 @@ contract is docs/API.md; every check raises TypeError / ValueError before anythi
 """
 import numpy as np
 
+from ..pf import PF
 from . import (aging, audit, guest_memory, guest_walk, huge_pages, hw, memslots, mmu, notifiers,
                tdp_mmu)
 from . import tdp_mmu_roots
@@ -481,6 +482,43 @@ class Vcpu:
                                                     bool(write), bool(exec), bool(user))
         gfn = self._vm._check_gfn(addr)
         return hw.kvm_vcpu_access_one(self._vcpu, gfn, bool(write), bool(exec))
+
+    def _mov(self, addr, write, value):
+        """vcpu.load / vcpu.store: the access, then the word in guest memory at the gpa it
+        reached (None when no RAM was reached)."""
+        if write:
+            value = check_u64("value", value)
+        paging = self._vcpu.guest_cr3 is not None
+        addr = self._check_gva(addr) if paging else check_u64("gpa", addr)
+        if addr % 8:
+            raise ValueError(f"{'gva' if paging else 'gpa'} {addr:#x} is not 8-byte aligned")
+        if paging:
+            r = guest_walk.kvm_vcpu_guest_access(self._vcpu, addr, write, False, True)
+            if r in (guest_walk.GUEST_PAGE_FAULT, PF.EMULATE):
+                return r, None
+            level, leaf = guest_walk.guest_walk_entries(self._vcpu, addr)[-1]
+            size = 1 << (12 + 9 * (level - 1))
+            gpa = (leaf & 0x000F_FFFF_FFFF_F000 & ~(size - 1)) | (addr & (size - 1))
+        else:
+            r = hw.kvm_vcpu_access_one(self._vcpu, self._vm._check_gfn(addr >> 12), write,
+                                       False)
+            if r == PF.EMULATE:
+                return r, None
+            gpa = addr
+        if write:
+            guest_memory.kvm_write_guest(self._vm._kvm, gpa, [value])
+            return r, None
+        return r, guest_memory.kvm_read_guest(self._vm._kvm, gpa, 1)[0]
+
+    def store(self, addr, value):
+        """A user-mode 8-byte MOV to addr (guest-virtual with paging on, else a gpa):
+        what access returns; nothing written on GUEST_PAGE_FAULT or EMULATE."""
+        return self._mov(addr, True, value)[0]
+
+    def load(self, addr):
+        """A user-mode 8-byte MOV from addr: (value, result); value None without RAM."""
+        r, v = self._mov(addr, False, None)
+        return v, r
 
     def invlpg(self, gva):
         """The guest invalidates gva's translation.  Under TDP INVLPG is not intercepted

@@ -17,6 +17,7 @@ written with A and D clear unless asked.  A virtual address must be canonical: b
 import numpy as np
 
 from .errors import OutOfMemory
+from .pf import PF
 
 PTE_P = 1 << 0
 PTE_W = 1 << 1
@@ -28,6 +29,7 @@ PTE_NX = 1 << 63
 PTE_FRAME = ((1 << 52) - 1) & ~0xFFF
 PTE_TABLE = PTE_P | PTE_W | PTE_U          # what an intermediate entry holds besides the frame
 LEVEL_PAGES = {1: 1, 2: 512, 3: 512 * 512}
+GUEST_PAGE_FAULT = 14                       # what vcpu.access returns for a guest #PF
 
 
 def _index(gva, level):
@@ -38,18 +40,19 @@ class GuestPageTables:
     """x86-64 4- or 5-level page tables of a guest, in ``vm``'s guest memory.
 
     ``table_gfns=(first, end)``: the guest frames the tables come from (half-open, all in
-    memslots); the root is the first.  Writes are the VMM's (``vm.write_guest``, host
-    side), as a boot loader builds tables.  ``direct_map=(vcpu, base_gva)`` -- a guest
-    kernel writing its tables through its own direct map with ``vcpu.store`` -- needs
-    guest-virtual accesses, which the model does not have yet.
+    memslots); the root is the first.  Without ``direct_map`` the writes are the VMM's
+    (``vm.write_guest``, host side), as a boot loader builds tables.  With
+    ``direct_map=(vcpu, base_gva)`` it behaves like a guest kernel: it first maps all
+    guest memory (every memslot, 2M pages) at ``base_gva`` host-side, as a boot loader
+    builds Linux's direct map, loads its root into that vCPU's CR3, and from then on reads
+    and writes every table entry through the direct map with ``vcpu.load`` /
+    ``vcpu.store`` -- so the MMU sees exactly the accesses a real guest's page-table code
+    makes (and a table page is cleared with 512 stores, as clear_page does).
     """
 
     def __init__(self, vm, levels=4, *, table_gfns, direct_map=None):
         if levels not in (4, 5) or isinstance(levels, bool):
             raise ValueError(f"levels must be 4 or 5, not {levels!r}")
-        if direct_map is not None:
-            raise ValueError("direct_map needs guest-virtual accesses (vcpu.store through the "
-                             "guest's own page tables), which the model does not have yet")
         try:
             first, end = (int(x) for x in table_gfns)
         except (TypeError, ValueError):
@@ -67,7 +70,18 @@ class GuestPageTables:
         self._next, self._end = first, end
         self.tables = []                # gfns of the tables, the root first
         self.entries_written = 0        # PTE writes (a table's clearing is not counted)
+        self._vcpu = None               # the direct map's vCPU, once it is in use
+        self._base = None
+        if direct_map is not None:
+            vcpu, base = self._check_direct_map(direct_map)
         self.root_gfn = self._new_table()
+        if direct_map is not None:
+            self.direct_map_base = base
+            for _sid, b, n, _pfn, _ro in vm.memslots:        # the boot loader's work
+                for gfn in range(b & ~511, b + n, 512):
+                    self.map(base + (gfn << 12), gfn, level=2)
+            vcpu.set_cr3(self.root_gpa, levels=levels)
+            self._vcpu, self._base = vcpu, base
 
     # -- the guest's bookkeeping -------------------------------------------------------------
 
@@ -80,21 +94,56 @@ class GuestPageTables:
     def free_table_gfns(self):
         return self._end - self._next
 
+    def _check_direct_map(self, direct_map):
+        try:
+            vcpu, base = direct_map
+        except (TypeError, ValueError):
+            raise TypeError("direct_map must be (vcpu, base_gva)") from None
+        if not (hasattr(vcpu, "store") and hasattr(vcpu, "set_cr3")):
+            raise TypeError(f"direct_map's vcpu must be a vCPU, not {type(vcpu).__name__}")
+        if vcpu.vm is not self.vm:
+            raise ValueError("direct_map's vcpu belongs to another VM")
+        base = self._check_gva(base, 2)
+        top = max((b + n for _sid, b, n, _pfn, _ro in self.vm.memslots), default=0)
+        self._check_gva(base + (((top + 511) & ~511) << 12) - (1 << 21), 2)
+        return vcpu, base
+
     def _new_table(self):
         if self._next >= self._end:
             raise OutOfMemory(f"the guest's page-table frames {self.tables[0]:#x}.."
                               f"{self._end:#x} are used up")
         gfn, self._next = self._next, self._next + 1
-        self.vm.write_guest(gfn << 12, np.zeros(512, dtype=np.uint64))   # clear_page
+        if self._vcpu is None:
+            self.vm.write_guest(gfn << 12, np.zeros(512, dtype=np.uint64))   # clear_page
+        else:
+            for i in range(512):
+                self._store((gfn << 12) + 8 * i, 0)
         self.tables.append(gfn)
         return gfn
 
+    def _store(self, gpa, value):
+        r = self._vcpu.store(self._base + gpa, value)
+        if r == GUEST_PAGE_FAULT or r == PF.EMULATE:     # the direct map covers all RAM
+            raise RuntimeError(f"the guest's store to its table at gpa {gpa:#x} did not "
+                               f"complete ({r!r})")
+
     def _read(self, table, level, gva):
-        return self.vm.read_guest((table << 12) + 8 * _index(gva, level))
+        gpa = (table << 12) + 8 * _index(gva, level)
+        if self._vcpu is None:
+            return self.vm.read_guest(gpa)
+        value, r = self._vcpu.load(self._base + gpa)
+        if value is None:
+            raise RuntimeError(f"the guest's load of its table at gpa {gpa:#x} did not "
+                               f"complete ({r!r})")
+        return value
 
     def _write(self, table, level, gva, value, old):
         if value != old:                # an entry is written once per change
-            self.vm.write_guest((table << 12) + 8 * _index(gva, level), value)
+            gpa = (table << 12) + 8 * _index(gva, level)
+            if self._vcpu is None:
+                self.vm.write_guest(gpa, value)
+            else:
+                self._store(gpa, value)
             self.entries_written += 1
 
     def _check_gva(self, gva, level=None):

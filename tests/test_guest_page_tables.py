@@ -156,8 +156,13 @@ def test_the_constructor_checks_its_arguments(impl):
         sf.GuestPageTables(vm, table_gfns=(4, 4))
     with pytest.raises(TypeError):
         sf.GuestPageTables(vm, table_gfns=5)
-    with pytest.raises(ValueError, match="direct_map"):
-        sf.GuestPageTables(vm, table_gfns=(1, 4), direct_map=(vm.vcpu(), 0xFFFF_8880_0000_0000))
+    other = impl.Vm(impl.SpteLayout.ept(), max_pt_pages=64)
+    with pytest.raises(ValueError, match="another VM"):
+        sf.GuestPageTables(vm, table_gfns=(1, 8), direct_map=(other.vcpu(), 0xFFFF_8880_0000_0000))
+    with pytest.raises(TypeError):
+        sf.GuestPageTables(vm, table_gfns=(1, 8), direct_map=vm.vcpu())
+    with pytest.raises(ValueError, match="canonical"):
+        sf.GuestPageTables(vm, table_gfns=(1, 8), direct_map=(vm.vcpu(), 0x0000_8000_0000_0000))
 
 
 # (hi, mid, 2M region, 4K page in it, level, gfn, writable, user, unmap): few regions and
@@ -216,3 +221,37 @@ def test_random_maps_against_a_model_of_the_mappings(fast, maps):
         assert got == want
         assert (walk[-1][0], walk[-1][1]) == ((want[1], want[2]) if want else
                                               (walk[-1][0], 0))
+
+
+BASE = 0xFFFF_8880_0000_0000        # Linux's direct map (page_offset_base without KASLR)
+
+
+def test_a_direct_map_guest_writes_its_tables_through_the_mmu(impl):
+    """direct_map=(vcpu, base): all guest memory mapped at base with 2M pages (host side,
+    the boot loader), the root in the vCPU's CR3, then every table access a load or store
+    through the direct map: one per entry change, 512 stores to clear a new table, and the
+    MMU sees each as a guest access (a walk, plus one re-execution per exit)."""
+    vm = impl.Vm(impl.SpteLayout.ept(), max_level=1, max_pt_pages=64)
+    vm.add_memslot(0, 2048, PFN0)                       # 8 MiB: 4 direct-map 2M pages
+    v = vm.vcpu()
+    pt = sf.GuestPageTables(vm, table_gfns=TABLES, direct_map=(v, BASE))
+    assert v.cr3 == pt.root_gpa and pt.direct_map_base == BASE
+    for gfn in (0, 0x200, 0x7FF):                       # (reading them sets A: the
+        gpa, level, pte = pt.lookup(BASE + (gfn << 12) + 8)    # kernel loads its tables)
+        assert (gpa, level, pte & ~0x60) == ((gfn << 12) + 8, 2, ((gfn & ~511) << 12) | 0x87)
+    host = sf.GuestPageTables(make(impl)[0], table_gfns=TABLES)
+    before = v.stats
+    assert before["guest_walks"] > 0 and before["faults_fixed"] > 0   # the lookups above
+    pt.map(0x7000, 0x123, writable=False)
+    host.map(0x7000, 0x123, writable=False)
+    after = v.stats
+    new_tables = 3                                       # L3, L2, L1 for the low half
+    loads = 1                                            # the root's entry: not present
+    stores = 512 * new_tables + new_tables + 1           # clears, links, the leaf
+    exits = after["faults_fixed"] - before["faults_fixed"]
+    assert exits > 0
+    assert after["guest_walks"] - before["guest_walks"] == loads + stores + exits
+    assert pt.lookup(0x7008) == host.lookup(0x7008) == ((0x123 << 12) + 8, 1,
+                                                          (0x123 << 12) | 0x5)
+    # the guest's stores set the direct map's A and D bits, as a kernel's would
+    assert pt.lookup(BASE + (TABLES[0] << 12))[2] & 0x60 == 0x60

@@ -228,6 +228,50 @@ def test_store_and_load_through_the_mmu(impl):
         v.load(1 << 48)
 
 
+@pytest.mark.parametrize("layout", ["ept_noad", "npt"])
+def test_access_batch_is_the_accesses_one_by_one(impl, layout):
+    """With guest paging access_batch takes uint64 gvas; without PML (whose log a batch
+    flushes per chunk, a single access after each) it is access() in a loop: the same codes
+    in ``out`` (0, the PF of the first exit, or GUEST_PAGE_FAULT) and the same stats."""
+    rng = np.random.default_rng(3)
+    sides = []
+    for batch in (True, False):
+        vm, _slot, pt, v = guest(impl, layout)
+        for i in range(0, 64, 3):
+            pt.map(i << 12, 0x900 + i, writable=i % 2 == 0, nx=i % 5 == 0)
+        gvas = (rng.integers(0, 64, 400, dtype=np.uint64) << np.uint64(12)) + \
+            np.uint64(8) * rng.integers(0, 512, 400, dtype=np.uint64)
+        kinds = rng.integers(0, 3, 400, dtype=np.uint8)
+        rng = np.random.default_rng(3)
+        if batch:
+            codes = np.full(400, -1, dtype=np.int8)
+            res = v.access_batch(gvas, kinds, out=codes)
+            codes = codes.tolist()
+        else:
+            codes = []
+            for g, k in zip(gvas.tolist(), kinds.tolist()):
+                r = v.access(g, write=k == 1, exec=k == 2)
+                codes.append(0 if r is None else int(r))
+        sides.append((codes, vm.stats, present_leaves(vm)))
+        if batch:
+            assert res["hits"] == codes.count(0) and res["guest_faults"] == codes.count(14)
+            assert res["guest_faults"] > 0 and res["fixed"] > 0
+    assert sides[0] == sides[1]
+
+
+def test_access_batch_with_paging_checks_its_arguments(impl):
+    vm, _slot, pt, v = guest(impl)
+    with pytest.raises(TypeError):
+        v.access_batch(np.zeros(3, dtype=np.int64))
+    with pytest.raises(ValueError, match="canonical"):
+        v.access_batch(np.array([0x1000, 0x0000_8000_0000_0000], dtype=np.uint64))
+    with pytest.raises(ValueError):
+        v.access_batch(np.zeros(3, dtype=np.uint64), np.zeros(2, dtype=np.uint8))
+    with pytest.raises(ValueError):
+        v.access_batch(np.zeros(3, dtype=np.uint64), np.full(3, 3, dtype=np.uint8))
+    assert v.stats["guest_walks"] == 0
+
+
 def test_set_cr3_and_addresses_are_checked(impl):
     vm, _slot, pt, v = guest(impl)
     for bad, exc in ((0x1001, ValueError), (1 << 46, ValueError), (-1, ValueError),
@@ -265,6 +309,8 @@ _op = st.one_of(
     st.tuples(st.just("store"), st.integers(0, 15), st.integers(0, 511),
               st.integers(0, (1 << 64) - 1)),
     st.tuples(st.just("load"), st.integers(0, 15), st.integers(0, 511)),
+    st.tuples(st.just("batch"), st.lists(st.tuples(st.integers(0, 15), st.integers(0, 511),
+                                                   st.integers(0, 2)), max_size=20)),
 )
 
 
@@ -310,6 +356,12 @@ def test_engine_and_oracle_walk_the_same(fast, reference, layout, max_level, pml
             elif op[0] == "load":
                 val, r = v.load(_gva(op[1]) + 8 * op[2])
                 out.append((val, None if r is None else int(r)))
+            elif op[0] == "batch":
+                gvas = np.array([_gva(i) + 8 * off for i, off, _k in op[1]], dtype=np.uint64)
+                kinds = np.array([k for _i, _o, k in op[1]], dtype=np.uint8)
+                codes = np.zeros(len(op[1]), dtype=np.int8)
+                res = v.access_batch(gvas, kinds, out=codes)
+                out.append((res, codes.tolist()))
             else:
                 out.append(vm.get_dirty_log(slot).tolist() if pml is not None else None)
         assert out[0] == out[1], op

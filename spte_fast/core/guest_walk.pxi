@@ -204,6 +204,64 @@ cdef int _guest_walk_once(kvm_vcpu_t* vcpu, u64 gva, int acc, bint user,
     return r
 
 
+cdef int vcpu_guest_access_batch(kvm_vcpu_t* vcpu, const u64* gvas, const uint8_t* access,
+                                 bint user, int8_t* out, Py_ssize_t n, int64_t* counts,
+                                 int64_t* guest_faults, Py_ssize_t* done) noexcept nogil:
+    """The accesses from ``done[0]`` on, FAULT_CHUNK per read-side section as
+    vcpu_access_batch runs them, each re-executed inside the section until it completes.
+    0, -SPTE_E*, -SPTE_EINVAL for a kind that changed under the batch, or
+    BATCH_INTERRUPTIBLE after RETRY_CHECK re-executions of one access."""
+    cdef guest_walk_t w
+    cdef Py_ssize_t i = done[0], chunk_end
+    cdef int r = 0, acc = ACC_READ, code
+    cdef int64_t reexec
+    w.counts = counts
+    while i < n and r >= 0:
+        chunk_end = min(n, i + FAULT_CHUNK)
+        r = vcpu_enter(vcpu)
+        if r < 0:
+            break
+        while i < chunk_end:
+            if access != NULL:
+                acc = access[i]
+                if acc > ACC_FETCH:
+                    r = -SPTE_EINVAL
+                    break
+            w.refs = 0
+            w.first = -1
+            reexec = 0
+            while True:
+                r = _guest_walk_once(vcpu, gvas[i], acc, user, &w)
+                if r != GW_RESTART:
+                    break
+                reexec += 1
+                if reexec == RETRY_CHECK:
+                    r = ACCESS_INTERRUPTED
+                    break
+            vcpu.stat.guest_walk_refs += w.refs
+            if r < 0 or r == ACCESS_INTERRUPTED:
+                break
+            if r == GW_GUEST_FAULT:
+                vcpu.stat.guest_faults += 1
+                guest_faults[0] += 1
+                code = ACCESS_GUEST_PAGE_FAULT
+            elif w.first < 0:
+                counts[0] += 1
+                code = 0
+            else:
+                code = w.first
+            r = 0
+            if out != NULL:
+                out[i] = <int8_t>code
+            i += 1
+        vcpu_exit(vcpu)
+        if r == ACCESS_INTERRUPTED:
+            done[0] = i
+            return BATCH_INTERRUPTIBLE
+    done[0] = i
+    return r if r < 0 else 0
+
+
 cdef int vcpu_guest_access(kvm_vcpu_t* vcpu, u64 gva, int acc, bint user,
                            int64_t* counts) noexcept nogil:
     """The guest's access to gva, re-executed after every exit KVM handled (see _core.pxd)."""

@@ -228,13 +228,17 @@ cdef class Vcpu:
         return _vcpu_mov(self, addr, False, None)
 
     def access_batch(self, gfns, access=None, out=None):
-        """The CPU's accesses to ``gfns`` in order, in C with the GIL released.
+        """The CPU's accesses to ``gfns`` in order, in C with the GIL released (with guest
+        paging on: to guest-virtual addresses, a uint64 array; user-mode accesses; the
+        results also count "guest_faults").
 
         ``access``: None (reads) or 1-D integers 0 read, 1 write, 2 fetch; ``out``: None or
         a writable int8 array receiving per access ACCESS_HIT (0) or the PF of its last
         exit.  Returns {"hits", "fixed", "spurious", "retry", "emulate", "fast"}: accesses
         without an exit, then the exits by result.
         """
+        if self.vcpu.guest_paging:
+            return _guest_access_batch(self, gfns, access, out)
         cdef cnp.ndarray g_arr = _gfn_array(gfns, "gfns", self.vm.kvm.gfn_limit)
         cdef Py_ssize_t n = g_arr.shape[0]
         cdef cnp.ndarray a_arr = None
@@ -285,6 +289,56 @@ cdef class Vcpu:
                 "pml_logged": st.pml_logged, "dirty_pages_marked": st.dirty_pages_marked,
                 "guest_walks": st.guest_walks, "guest_walk_refs": st.guest_walk_refs,
                 "guest_faults": st.guest_faults, "guest_ad_sets": st.guest_ad_sets}
+
+
+cdef object _guest_access_batch(Vcpu self, gvas, access, out):
+    """access_batch with guest paging: uint64 canonical gvas, user-mode accesses."""
+    cdef cnp.ndarray g_arr = _u64_array(gvas, "gvas", False)
+    if g_arr.ndim != 1:
+        raise ValueError(f"gvas must be 1-D, not of {g_arr.ndim} dimensions")
+    cdef Py_ssize_t n = g_arr.shape[0]
+    cdef int bits = 48 if self.vcpu.guest_levels == 4 else 57
+    top = g_arr >> np.uint64(bits - 1)
+    bad = np.flatnonzero((top != 0) & (top != np.uint64((1 << (65 - bits)) - 1)))
+    if bad.size:
+        raise ValueError(f"gvas[{bad[0]}] = {int(g_arr[bad[0]]):#x} is not canonical for "
+                         f"{self.vcpu.guest_levels}-level paging (the access would #GP)")
+    cdef cnp.ndarray a_arr = None
+    cdef cnp.ndarray o_arr = None
+    cdef int8_t[:] o_view = None
+    cdef const uint8_t* a = NULL
+    cdef int8_t* o = NULL
+    if access is not None:
+        a_arr = _hw_access_array(access, n)
+        a = <const uint8_t*>cnp.PyArray_DATA(a_arr)
+    if out is not None:
+        o_view = _out_view(out, n)
+        o_arr = _out_scratch(o_view)
+        o = <int8_t*>cnp.PyArray_DATA(o_arr) if o_arr is not None else _out_ptr(o_view)
+    cdef const u64* g = <const u64*>cnp.PyArray_DATA(g_arr)
+    cdef int64_t counts[NR_BATCH_COUNTS]
+    cdef int64_t guest_faults = 0
+    cdef Py_ssize_t done = 0
+    cdef int rc = BATCH_INTERRUPTIBLE
+    memset(counts, 0, sizeof(counts))
+    try:
+        while rc == BATCH_INTERRUPTIBLE:
+            with nogil:
+                rc = vcpu_guest_access_batch(&self.vcpu, g, a, True, o, n, counts,
+                                             &guest_faults, &done)
+            if rc == BATCH_INTERRUPTIBLE:
+                PyErr_CheckSignals()
+    finally:
+        if o_arr is not None:
+            _out_copy_back(o_view, o_arr, done)
+    self.vm._raise_fatal()
+    _check_rc(rc, f"access_batch: stopped after {done} of {n} accesses",
+              self.cache.mc.last_warn, done,
+              f"access[{done}] changed under the batch to a bad value")
+    return {"hits": counts[0], "fixed": counts[RET_PF_FIXED],
+            "spurious": counts[RET_PF_SPURIOUS], "retry": counts[RET_PF_RETRY],
+            "emulate": counts[RET_PF_EMULATE], "fast": counts[COUNT_FAST],
+            "guest_faults": guest_faults}
 
 
 cdef object _vcpu_mov(Vcpu self, addr, bint write, value):

@@ -499,6 +499,8 @@ class Vcpu:
             level, leaf = guest_walk.guest_walk_entries(self._vcpu, addr)[-1]
             size = 1 << (12 + 9 * (level - 1))
             gpa = (leaf & 0x000F_FFFF_FFFF_F000 & ~(size - 1)) | (addr & (size - 1))
+            if memslots.gfn_to_memslot(self._vm._kvm, gpa >> 12) is None:
+                return r, None                      # the final access was emulated (MMIO)
         else:
             r = hw.kvm_vcpu_access_one(self._vcpu, self._vm._check_gfn(addr >> 12), write,
                                        False)
@@ -536,7 +538,19 @@ class Vcpu:
 
     def access_batch(self, gfns, access=None, out=None):
         """Every access in order -> {"hits", "fixed", "spurious", "retry", "emulate",
-        "fast"}."""
+        "fast"} (with paging on: to guest-virtual addresses, user-mode, and
+        "guest_faults")."""
+        if self._vcpu.guest_cr3 is not None:
+            gvas = check_u64_array("gvas", gfns)
+            if gvas.ndim != 1:
+                raise ValueError(f"gvas must be 1-D, not of {gvas.ndim} dimensions")
+            gva_list = [self._check_gva(g) for g in gvas.tolist()]
+            n = len(gva_list)
+            access_list = [0] * n if access is None else \
+                self._check_values("access", access, n, 3)
+            out = self._check_out(out, n)
+            return guest_walk.kvm_vcpu_guest_access_batch(self._vcpu, gva_list, access_list,
+                                                          out)
         gfn_list = self._check_gfns(gfns)
         n = len(gfn_list)
         access_list = [0] * n if access is None else self._check_values("access", access, n, 3)

@@ -26,6 +26,7 @@ manuals leave open, and this module follows it:
 A guest page fault is the guest's (#PF delivered in the guest, no exit under TDP):
 ``GUEST_PAGE_FAULT``, counted as ``guest_faults``.
 """
+from ..errors import OutOfMemory
 from ..pf import PF
 from . import dirty_log, hw, mmu
 from .mmu import PF_STATS
@@ -142,9 +143,9 @@ def _walk(vcpu, gva, write, exec, user, w):  # noqa: A002
             vcpu.stat["guest_ad_sets"] += 1
 
 
-def kvm_vcpu_guest_access(vcpu, gva, write, exec, user, counts=None):  # noqa: A002
+def _guest_access(vcpu, gva, write, exec, user, counts):  # noqa: A002
     """The guest's access to gva, re-executed after every exit KVM handled: None (no
-    exit), GUEST_PAGE_FAULT, or the PF of the first exit."""
+    exit), GUEST_PAGE_FAULT, or the PF of the first exit.  No return to the VMM."""
     w = {"refs": 0, "first": None, "counts": counts, "emulated": False}
     try:
         while True:
@@ -159,7 +160,39 @@ def kvm_vcpu_guest_access(vcpu, gva, write, exec, user, counts=None):  # noqa: A
                 return GUEST_PAGE_FAULT
     finally:
         vcpu.stat["guest_walk_refs"] += w["refs"]
+
+
+def kvm_vcpu_guest_access(vcpu, gva, write, exec, user, counts=None):  # noqa: A002
+    """vcpu.access with paging on: the access, then the return to the VMM (an exit: the
+    PML log is flushed)."""
+    try:
+        return _guest_access(vcpu, gva, write, exec, user, counts)
+    finally:
         dirty_log.vmx_flush_pml_buffer(vcpu)
+
+
+def kvm_vcpu_guest_access_batch(vcpu, gvas, accesses, out):
+    """access_batch with paging on: every access in order (0 read, 1 write, 2 fetch), as
+    kvm_vcpu_access_batch runs them (a return to the VMM every KVM_BATCH_CHUNK)."""
+    counts = {"hits": 0, "fixed": 0, "spurious": 0, "retry": 0, "emulate": 0, "fast": 0,
+              "guest_faults": 0}
+    for k, (gva, access) in enumerate(zip(gvas, accesses)):
+        try:
+            ret = _guest_access(vcpu, gva, access == 1, access == 2, True, counts)
+        except OutOfMemory as e:
+            dirty_log.vmx_flush_pml_buffer(vcpu)
+            raise OutOfMemory(f"page pool exhausted after {k} accesses ({e})",
+                              completed=k) from e
+        if (k + 1) % mmu.KVM_BATCH_CHUNK == 0:
+            dirty_log.vmx_flush_pml_buffer(vcpu)
+        if ret is None:
+            counts["hits"] += 1
+        elif ret == GUEST_PAGE_FAULT:
+            counts["guest_faults"] += 1
+        if out is not None:
+            out[k] = 0 if ret is None else int(ret)
+    dirty_log.vmx_flush_pml_buffer(vcpu)
+    return counts
 
 
 def guest_walk_entries(vcpu, gva):

@@ -60,7 +60,7 @@ METADATA = {
     "g.keys", "g.pages", "new_keys", "new_pages", "words_",
     # the two-dimensional walk (core/guest_walk.pxi): its output, counts and the guest
     # entries it read (locals)
-    "pfn", "w.counts", "pfns", "idx", "ptes",
+    "pfn", "w.counts", "pfns", "idx", "ptes", "guest_faults",
 }
 
 _HEAD = re.compile(r"^\s*(?:cdef|cpdef|def)\s+(?:inline\s+)?(?:[\w\*\.\[\], ]+\s+)?"

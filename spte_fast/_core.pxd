@@ -115,6 +115,7 @@ cdef enum:
     VM_READER = MAX_VCPUS            # the VM's own read-side slot (eager split, dirty-log
                                      # protection, collapsible zaps run under the read lock)
     PML_ENTITY_NUM = 512             # entries of a vCPU's page-modification log (vmx.h)
+    GM_CACHE = 8                     # a vCPU's cache of guest-memory page pointers
     KVM_MEM_LOG_DIRTY_PAGES = 1      # memslot flags (include/uapi/linux/kvm.h)
     KVM_MEM_READONLY = 2
     KVM_MEMSLOT_INVALID = 1 << 16    # a slot being deleted or moved (include/linux/kvm_host.h)
@@ -367,6 +368,8 @@ ctypedef struct kvm_vcpu_t:
     bint guest_paging               # the guest runs with paging on (CR3 below)
     u64 guest_cr3                   # the guest's CR3: its root table's gpa
     int guest_levels                # 4- or 5-level guest paging (CR4.LA57)
+    pfn_t gm_pfn[GM_CACHE]          # the guest-memory pages its walks read last (by pfn
+    u64* gm_page[GM_CACHE]          # mod GM_CACHE; a page lives as long as the VM)
 
 
 # A translation as the CPU's TLB holds it after a walk (vcpu_tlb_fill).

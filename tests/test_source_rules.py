@@ -61,6 +61,7 @@ METADATA = {
     # the two-dimensional walk (core/guest_walk.pxi): its output, counts and the guest
     # entries it read (locals)
     "pfn", "w.counts", "pfns", "idx", "ptes", "guest_faults",
+    "vcpu.gm_pfn", "vcpu.gm_page",  # the vCPU's cache of guest-memory page pointers
 }
 
 _HEAD = re.compile(r"^\s*(?:cdef|cpdef|def)\s+(?:inline\s+)?(?:[\w\*\.\[\], ]+\s+)?"

@@ -55,26 +55,37 @@ cdef inline u64 _gpte_nx() noexcept nogil:
     return <u64>1 << 63
 
 
-cdef u64 guest_mem_read_word(guest_mem_t* g, pfn_t pfn, int index) noexcept nogil:
+cdef inline u64* _gm_cached(kvm_vcpu_t* vcpu, pfn_t pfn) noexcept nogil:
+    """The guest-memory page of pfn from the vCPU's cache, else looked up under the lock
+    and cached when it exists (pages are never freed before the VM: a cached pointer stays
+    right; an absent page is not cached, so a later write_guest is seen)."""
+    cdef int k = <int>(pfn & (GM_CACHE - 1))
     cdef u64* words_
-    cdef u64 v = 0
-    pthread_mutex_lock(&g.lock)
-    words_ = guest_mem_lookup(g, pfn)
+    if vcpu.gm_page[k] != NULL and vcpu.gm_pfn[k] == pfn:
+        return vcpu.gm_page[k]
+    pthread_mutex_lock(&vcpu.kvm.guest_mem.lock)
+    words_ = guest_mem_lookup(&vcpu.kvm.guest_mem, pfn)
+    pthread_mutex_unlock(&vcpu.kvm.guest_mem.lock)
     if words_ != NULL:
-        v = words_[index]
-    pthread_mutex_unlock(&g.lock)
-    return v
+        vcpu.gm_pfn[k] = pfn
+        vcpu.gm_page[k] = words_
+    return words_
 
 
-cdef int guest_mem_or_word(guest_mem_t* g, pfn_t pfn, int index, u64 bits) noexcept nogil:
-    """The CPU's locked OR into a guest entry (0, or -SPTE_ENOMEM)."""
-    cdef u64* words_
-    pthread_mutex_lock(&g.lock)
-    words_ = guest_mem_page(g, pfn)
-    if words_ != NULL:
-        words_[index] |= bits
-    pthread_mutex_unlock(&g.lock)
-    return 0 if words_ != NULL else -SPTE_ENOMEM
+cdef u64 guest_mem_read_word(kvm_vcpu_t* vcpu, pfn_t pfn, int index) noexcept nogil:
+    """A guest entry, as the CPU reads it (an 8-byte aligned load: atomic on x86)."""
+    cdef u64* words_ = _gm_cached(vcpu, pfn)
+    return i64_load_relaxed(<const int64_t*>&words_[index]) if words_ != NULL else 0
+
+
+cdef int guest_mem_or_word(kvm_vcpu_t* vcpu, pfn_t pfn, int index, u64 bits) noexcept nogil:
+    """The CPU's locked OR into a guest entry (0, or -SPTE_ENOMEM).  The entry was read
+    present, so its page exists."""
+    cdef u64* words_ = _gm_cached(vcpu, pfn)
+    if words_ == NULL:
+        return -SPTE_ENOMEM
+    u64_or_relaxed(&words_[index], bits)
+    return 0
 
 
 cdef int _tdp_depth(kvm_vcpu_t* vcpu, gfn_t gfn) noexcept nogil:
@@ -103,10 +114,18 @@ cdef int _tdp_translate(kvm_vcpu_t* vcpu, u64 gpa, int acc, u64 extra, guest_wal
     cdef gfn_t gfn = gpa >> 12
     cdef bint leaf_present = False
     cdef hw_tlb_entry_t e
+    cdef hw_tlb_fill_t f
     cdef int ex, r
     cdef int64_t fast_before
     if gfn >= kvm.gfn_limit:
         return GW_GUEST_FAULT
+    hw_tlb_fill_setup(vcpu, &f)
+    if hw_walk_hits(&f, gfn, acc) == HW_HIT:     # the common case: nothing to set
+        vcpu.stat.hw_walks += 1
+        hw_tlb_entry(vcpu, gfn, &e)
+        w.refs += kvm.root_level - e.level + 1
+        pfn[0] = e.pfn
+        return GW_OK
     w.refs += _tdp_depth(vcpu, gfn)
     ex = hw_tdp_walk(vcpu, gfn, acc, &leaf_present)
     if ex == HW_HIT:
@@ -167,7 +186,7 @@ cdef int _guest_walk_once(kvm_vcpu_t* vcpu, u64 gva, int acc, bint user,
         r = _tdp_translate(vcpu, gpa, ACC_WRITE, PFERR_GUEST_PAGE_MASK, w, &pfn)
         if r != GW_OK:
             return r
-        pte = guest_mem_read_word(&kvm.guest_mem, pfn, <int>((gpa >> 3) & 511))
+        pte = guest_mem_read_word(vcpu, pfn, <int>((gpa >> 3) & 511))
         w.refs += 1
         pfns[n] = pfn
         idx[n] = <int>((gpa >> 3) & 511)
@@ -192,7 +211,7 @@ cdef int _guest_walk_once(kvm_vcpu_t* vcpu, u64 gva, int acc, bint user,
     for i in range(n):
         want = GPTE_A | (GPTE_D if acc == ACC_WRITE and i == n - 1 else 0)
         if (ptes[i] & want) != want:
-            if guest_mem_or_word(&kvm.guest_mem, pfns[i], idx[i], want) < 0:
+            if guest_mem_or_word(vcpu, pfns[i], idx[i], want) < 0:
                 return -SPTE_ENOMEM
             vcpu.stat.guest_ad_sets += 1
     # A TLB entry may then read always, write only with the rights and D in the leaf (a

@@ -613,3 +613,26 @@ def test_a_guest_read_only_page_refuses_the_write(code, callback):
         att.emu_start(R.LOAD_GPA, R.EXIT_GPA)
     assert att.fault == (0x8000, "write", "guest_page_fault")
     assert att.stats["tlb_fills_read"] >= 1
+
+
+@pytest.mark.parametrize("name", ["sort", "list", "matmul"])
+def test_guest_paging_leaves_match_the_pages_and_tables_touched(code, name):
+    """With guest paging (4K guest pages mapping gva = gpa, 4K EPT leaves) the TDP leaves are
+    exactly the data pages unicorn's memory hooks saw on a plain run plus the guest's table
+    pages on their walks: the root, its L3 and L2 tables, and the L1 table of every 2M
+    region touched (decoded from the L2 table in guest memory)."""
+    size = SMALL[name]
+    first = touched(code, name, size)
+    vm, pt, v = make_guest(name=name, size=size, level=1, max_level=1)
+    with sfu.attach(new_uc(), v, guest=pt) as att:
+        run(att, code, name, size)
+    root = pt.root_gpa
+    l3 = (vm.read_guest(root) & 0x000F_FFFF_FFFF_F000) >> 12
+    l2 = (vm.read_guest(l3 << 12) & 0x000F_FFFF_FFFF_F000) >> 12
+    l1 = {(vm.read_guest((l2 << 12) + 8 * (p >> 9)) & 0x000F_FFFF_FFFF_F000) >> 12
+          for p in first}
+    want = set(first) | {root >> 12, l3, l2} | l1
+    leaves = present_leaves(vm)
+    assert set(leaves) == want
+    assert all(level == 1 for level, _ in leaves.values())
+    assert vm.stats["faults_fixed"] == len(want)

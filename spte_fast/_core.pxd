@@ -98,6 +98,7 @@ cdef enum:
     HW_PERM_WRITE = 2
     HW_PERM_EXEC = 4
     ACCESS_INTERRUPTED = 1 << 8     # vcpu_access: re-executed 2**16 times, call again
+    ACCESS_GUEST_PAGE_FAULT = 14    # a guest-virtual access the guest takes a #PF on
     NR_BATCH_COUNTS = 7             # access counts: [0] no exit, [RET_PF_*] exits by result,
     COUNT_FAST = 6                  # [COUNT_FAST] exits fast_page_fault resolved
 

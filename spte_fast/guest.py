@@ -16,6 +16,7 @@ written with A and D clear unless asked.  A virtual address must be canonical: b
 """
 import numpy as np
 
+from ._core import GUEST_PAGE_FAULT
 from .errors import OutOfMemory
 from .pf import PF
 
@@ -29,7 +30,6 @@ PTE_NX = 1 << 63
 PTE_FRAME = ((1 << 52) - 1) & ~0xFFF
 PTE_TABLE = PTE_P | PTE_W | PTE_U          # what an intermediate entry holds besides the frame
 LEVEL_PAGES = {1: 1, 2: 512, 3: 512 * 512}
-GUEST_PAGE_FAULT = 14                       # what vcpu.access returns for a guest #PF
 
 
 def _index(gva, level):

@@ -51,6 +51,7 @@ METADATA = {
     "link", "size", "dims", "d", "done", "it.pt_path", "c.cache_warn",
     "kvm.hw_need", "kvm.hw_forbid", "kvm.hw_hit_need", "kvm.hw_hit_check", "ad",
     "leaf_present",  # hw_tdp_walk's output flag
+    "last",  # hw_walk_last's output: the entry the walk stopped at (a copy)
     "kvm.roots",  # kvm->arch.tdp_mmu_roots: pool indices of the roots
     "slots",  # a new memslot array being built (kvm_main.pxi move)
     "levels",  # tdp_mmu_zap_root's local list of zap levels

@@ -15,20 +15,22 @@
 # in every entry and D in the leaf on a write -- none on a guest page fault.  After an exit
 # KVM handled, the guest re-executes the access from the start; KVM emulating a
 # paging-structure access (no memslot behind it) ends it with a guest page fault.  Guest
-# entries are words of guest memory (core/guest_memory.pxi), read and OR-ed under its lock.
+# entries are words of guest memory (core/guest_memory.pxi), read with atomic loads and
+# OR-ed with atomic ORs through the vCPU's cache of page pointers.
 
 cdef extern from *:
     """
     #define SF_PFERR_GUEST_FINAL_MASK (1ULL << 32)
     #define SF_PFERR_GUEST_PAGE_MASK (1ULL << 33)
     #define SF_GPTE_FRAME (((1ULL << 52) - 1) & ~0xFFFULL)
+    #define SF_GPTE_NX (1ULL << 63)
     """
     u64 PFERR_GUEST_FINAL_MASK "SF_PFERR_GUEST_FINAL_MASK"
     u64 PFERR_GUEST_PAGE_MASK "SF_PFERR_GUEST_PAGE_MASK"
     u64 GPTE_FRAME "SF_GPTE_FRAME"
+    u64 GPTE_NX "SF_GPTE_NX"
 
 cdef enum:
-    ACCESS_GUEST_PAGE_FAULT = 14    # what an access returns when the guest takes a #PF
     GPTE_P = 1 << 0
     GPTE_W = 1 << 1
     GPTE_U = 1 << 2
@@ -49,10 +51,6 @@ ctypedef struct guest_walk_t:
     # what the last complete walk found (for a TLB entry):
     u64 final_gpa
     int guest_perms                 # HW_PERM_*: what the guest's entries allow
-
-
-cdef inline u64 _gpte_nx() noexcept nogil:
-    return <u64>1 << 63
 
 
 cdef inline u64* _gm_cached(kvm_vcpu_t* vcpu, pfn_t pfn) noexcept nogil:
@@ -88,24 +86,6 @@ cdef int guest_mem_or_word(kvm_vcpu_t* vcpu, pfn_t pfn, int index, u64 bits) noe
     return 0
 
 
-cdef int _tdp_depth(kvm_vcpu_t* vcpu, gfn_t gfn) noexcept nogil:
-    """How many TDP entries a walk of gfn reads: down to the first entry that is not a
-    present table (what the CPU read before it exited)."""
-    cdef kvm_t* kvm = vcpu.kvm
-    cdef tdp_ptep_t table = pool_page(kvm.pool, vcpu.root)
-    cdef int level = kvm.root_level, n = 0
-    cdef u64 spte
-    while True:
-        spte = kvm_tdp_mmu_read_spte(table + spte_index(gfn, level))
-        n += 1
-        if not (spte & kvm.hw_present_mask) or (spte & kvm.rsvd_pa_mask) or \
-                (kvm.m.ept and (spte & (PT_PRESENT_MASK | PT_WRITABLE_MASK)) == PT_WRITABLE_MASK) \
-                or level == 1 or (spte & PT_PAGE_SIZE_MASK):
-            return n
-        table = spte_to_child_pt(kvm, spte)
-        level -= 1
-
-
 cdef int _tdp_translate(kvm_vcpu_t* vcpu, u64 gpa, int acc, u64 extra, guest_walk_t* w,
                         pfn_t* pfn) noexcept nogil:
     """The TDP walk of one guest-physical address: GW_OK with the host pfn, GW_RESTART after
@@ -114,19 +94,17 @@ cdef int _tdp_translate(kvm_vcpu_t* vcpu, u64 gpa, int acc, u64 extra, guest_wal
     cdef gfn_t gfn = gpa >> 12
     cdef bint leaf_present = False
     cdef hw_tlb_entry_t e
-    cdef hw_tlb_fill_t f
-    cdef int ex, r
+    cdef int ex, r, level
     cdef int64_t fast_before
+    cdef u64 spte
     if gfn >= kvm.gfn_limit:
         return GW_GUEST_FAULT
-    hw_tlb_fill_setup(vcpu, &f)
-    if hw_walk_hits(&f, gfn, acc) == HW_HIT:     # the common case: nothing to set
-        vcpu.stat.hw_walks += 1
-        hw_tlb_entry(vcpu, gfn, &e)
-        w.refs += kvm.root_level - e.level + 1
-        pfn[0] = e.pfn
+    level = hw_walk_last(vcpu, gfn, &spte)
+    w.refs += kvm.root_level - level + 1
+    if hw_entry_usable(kvm, spte) and (spte & kvm.hw_hit_check[acc]) == kvm.hw_hit_need[acc]:
+        vcpu.stat.hw_walks += 1                 # the common case: a walk that sets nothing
+        pfn[0] = hw_leaf_pfn(spte, level, gfn)
         return GW_OK
-    w.refs += _tdp_depth(vcpu, gfn)
     ex = hw_tdp_walk(vcpu, gfn, acc, &leaf_present)
     if ex == HW_HIT:
         hw_tlb_entry(vcpu, gfn, &e)
@@ -196,7 +174,7 @@ cdef int _guest_walk_once(kvm_vcpu_t* vcpu, u64 gva, int acc, bint user,
             return GW_GUEST_FAULT
         w_ok = w_ok and (pte & GPTE_W) != 0
         u_ok = u_ok and (pte & GPTE_U) != 0
-        xd = xd or (pte & _gpte_nx()) != 0
+        xd = xd or (pte & GPTE_NX) != 0
         if level == 1 or ((level == 2 or level == 3) and (pte & GPTE_PS)):
             break
         table = pte & GPTE_FRAME
@@ -221,6 +199,20 @@ cdef int _guest_walk_once(kvm_vcpu_t* vcpu, u64 gva, int acc, bint user,
     if w_ok and (acc == ACC_WRITE or (ptes[n - 1] & GPTE_D)):
         w.guest_perms |= HW_PERM_WRITE
     return r
+
+
+cdef inline int _guest_result(kvm_vcpu_t* vcpu, int r, const guest_walk_t* w,
+                              int64_t* counts) noexcept nogil:
+    """What an access that stopped re-executing returns (r: GW_OK, GW_GUEST_FAULT or
+    GW_EMULATED): ACCESS_GUEST_PAGE_FAULT, 0 when it made no exit, else the first exit's
+    RET_PF_*."""
+    if r == GW_GUEST_FAULT:
+        vcpu.stat.guest_faults += 1
+        return ACCESS_GUEST_PAGE_FAULT
+    if w.first < 0:
+        counts[0] += 1
+        return 0
+    return w.first
 
 
 cdef int vcpu_guest_access_batch(kvm_vcpu_t* vcpu, const u64* gvas, const uint8_t* access,
@@ -260,15 +252,9 @@ cdef int vcpu_guest_access_batch(kvm_vcpu_t* vcpu, const u64* gvas, const uint8_
             vcpu.stat.guest_walk_refs += w.refs
             if r < 0 or r == ACCESS_INTERRUPTED:
                 break
-            if r == GW_GUEST_FAULT:
-                vcpu.stat.guest_faults += 1
+            code = _guest_result(vcpu, r, &w, counts)
+            if code == ACCESS_GUEST_PAGE_FAULT:
                 guest_faults[0] += 1
-                code = ACCESS_GUEST_PAGE_FAULT
-            elif w.first < 0:
-                counts[0] += 1
-                code = 0
-            else:
-                code = w.first
             r = 0
             if out != NULL:
                 out[i] = <int8_t>code
@@ -321,10 +307,4 @@ cdef int _guest_access(kvm_vcpu_t* vcpu, u64 gva, int acc, bint user, int64_t* c
     vcpu.stat.guest_walk_refs += w.refs
     if r < 0 or r == ACCESS_INTERRUPTED:
         return r
-    if r == GW_GUEST_FAULT:
-        vcpu.stat.guest_faults += 1
-        return ACCESS_GUEST_PAGE_FAULT
-    if w.first < 0:
-        counts[0] += 1
-        return 0
-    return w.first
+    return _guest_result(vcpu, r, &w, counts)

@@ -94,6 +94,36 @@ cdef int hw_tdp_walk(kvm_vcpu_t* vcpu, gfn_t gfn, int acc, bint* leaf_present) n
     return HW_HIT
 
 
+cdef inline bint hw_entry_usable(kvm_t* kvm, u64 spte) noexcept nogil:
+    """An entry the CPU walks through or translates with: present to the hardware (EPT:
+    any of R/W/X; NPT: P), no reserved PA bit, and on EPT not W without R (KVM's MMIO
+    value: a misconfiguration)."""
+    return (spte & kvm.hw_present_mask) != 0 and not (spte & kvm.rsvd_pa_mask) and \
+        not (kvm.m.ept and (spte & (PT_PRESENT_MASK | PT_WRITABLE_MASK)) == PT_WRITABLE_MASK)
+
+
+cdef int hw_walk_last(kvm_vcpu_t* vcpu, gfn_t gfn, u64* last) noexcept nogil:
+    """Read gfn's path from the vCPU's root, setting nothing: the level of the last entry
+    read -- the leaf, or the first entry the CPU cannot use -- and that entry in ``last``.
+    The walk read root_level - level + 1 entries."""
+    cdef kvm_t* kvm = vcpu.kvm
+    cdef tdp_ptep_t table = pool_page(kvm.pool, vcpu.root)
+    cdef int level = kvm.root_level
+    cdef u64 spte
+    while True:
+        spte = kvm_tdp_mmu_read_spte(table + spte_index(gfn, level))
+        if not hw_entry_usable(kvm, spte) or level == 1 or (spte & PT_PAGE_SIZE_MASK):
+            last[0] = spte
+            return level
+        table = spte_to_child_pt(kvm, spte)
+        level -= 1
+
+
+cdef inline pfn_t hw_leaf_pfn(u64 spte, int level, gfn_t gfn) noexcept nogil:
+    """The host pfn of gfn under a leaf of that level."""
+    return spte_to_pfn(spte) + (gfn & ((<u64>1 << (9 * (level - 1))) - 1))
+
+
 cdef void hw_tlb_entry(kvm_vcpu_t* vcpu, gfn_t gfn, hw_tlb_entry_t* e) noexcept nogil:
     """What the CPU's TLB holds for gfn after a completed access (inside the read side): the
     leaf, the host pfn of gfn, and the accesses the entry allows without another walk --
@@ -101,23 +131,16 @@ cdef void hw_tlb_entry(kvm_vcpu_t* vcpu, gfn_t gfn, hw_tlb_entry_t* e) noexcept 
     through a clean entry walks again to set it: SDM vol. 3 §29.3.5, APM vol. 2 §15.25.7,
     which is also when PML logs the gfn).  e.level 0: no present leaf translates gfn."""
     cdef kvm_t* kvm = vcpu.kvm
-    cdef tdp_ptep_t table = pool_page(kvm.pool, vcpu.root)
-    cdef int level = kvm.root_level, acc
+    cdef int level, acc
     cdef u64 spte
     e.level = 0
     e.perms = 0
-    while True:
-        spte = kvm_tdp_mmu_read_spte(table + spte_index(gfn, level))
-        if not (spte & kvm.hw_present_mask) or (spte & kvm.rsvd_pa_mask) or \
-                (kvm.m.ept and (spte & (PT_PRESENT_MASK | PT_WRITABLE_MASK)) == PT_WRITABLE_MASK):
-            return
-        if level == 1 or (spte & PT_PAGE_SIZE_MASK):
-            break
-        table = spte_to_child_pt(kvm, spte)
-        level -= 1
+    level = hw_walk_last(vcpu, gfn, &spte)
+    if not hw_entry_usable(kvm, spte):
+        return
     e.spte = spte
     e.level = level
-    e.pfn = spte_to_pfn(spte) + (gfn & ((<u64>1 << (9 * (level - 1))) - 1))
+    e.pfn = hw_leaf_pfn(spte, level, gfn)
     for acc in range(3):                    # HW_PERM_* is 1 << ACC_*
         if (spte & kvm.hw_need[acc]) == kvm.hw_need[acc] and not (spte & kvm.hw_forbid[acc]):
             e.perms |= 1 << acc

@@ -15,7 +15,8 @@
 from cpython.mem cimport PyMem_RawCalloc, PyMem_RawFree
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 
-from spte_fast._core cimport (ACC_FETCH, ACC_READ, ACCESS_INTERRUPTED, COUNT_FAST,
+from spte_fast._core cimport (ACC_FETCH, ACC_READ, ACCESS_GUEST_PAGE_FAULT, ACCESS_INTERRUPTED,
+                              COUNT_FAST,
                               NR_BATCH_COUNTS, RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY,
                               RET_PF_SPURIOUS, SPTE_EINVAL, hw_tlb_entry_t, kvm_vcpu_t,
                               vcpu_guest_tlb_fill, vcpu_handle, vcpu_tlb_fill)
@@ -43,7 +44,6 @@ cdef enum:
     DENY_ERROR = 3                  # the model failed (OutOfMemory, ...): emulation stops
     DENY_BAD_KIND = 4               # not a read, write or fetch
     DENY_GUEST_FAULT = 5            # the guest's own page tables refuse it (a #PF)
-    GUEST_PAGE_FAULT_CODE = 14      # vcpu_guest_tlb_fill's guest page fault
 
 DENY_REASONS = ("", "emulated", "beyond_address_width", "model_error", "bad_access_type",
                 "guest_page_fault")
@@ -97,7 +97,7 @@ cdef bint tlb_fill(void* uc, uint64_t vaddr, int mem_type, sf_uc_tlb_entry* resu
         rounds += 1
     if r == -SPTE_EINVAL:
         return _deny(s, vaddr, acc, DENY_BEYOND)
-    if s.guest_paging and r == GUEST_PAGE_FAULT_CODE:
+    if s.guest_paging and r == ACCESS_GUEST_PAGE_FAULT:
         return _deny(s, vaddr, acc, DENY_GUEST_FAULT)
     if r < 0 or r == ACCESS_INTERRUPTED:
         if s.error == 0:

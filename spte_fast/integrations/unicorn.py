@@ -78,38 +78,30 @@ KINDS = ("read", "write", "fetch")
 
 _PAGE = 4096
 _ENOMEM = 12
-_EIO = 5
 
 
 def _c_address(fn):
     return ctypes.cast(fn, ctypes.c_void_p).value
 
 
-def _hook_add_c(uc, htype, callback, user_data):
-    """uc_hook_add with a C function pointer and a raw user-data pointer."""
+def hook_c(uc, htype, state):
+    """Install one of _unicorn's C callbacks on ``uc``: uc_hook_add with its function
+    pointer (``state.callback``) and raw user data (``state.user_data``), for every
+    address.  Returns the hook handle for :func:`unhook_c`.  Keep ``state`` alive."""
     h = _ucmod.uc_hook_h()
     status = _ucmod.uclib.uc_hook_add(uc._uch, ctypes.byref(h), htype,
-                                      ctypes.c_void_p(callback), ctypes.c_void_p(user_data),
+                                      ctypes.c_void_p(state.callback),
+                                      ctypes.c_void_p(state.user_data),
                                       ctypes.c_uint64(1), ctypes.c_uint64(0))
     if status != _const.UC_ERR_OK:
         raise _uc.UcError(status)
     return h.value
 
 
-def _hook_del_c(uc, handle):
+def unhook_c(uc, handle):
     status = _ucmod.uclib.uc_hook_del(uc._uch, _ucmod.uc_hook_h(handle))
     if status != _const.UC_ERR_OK:
         raise _uc.UcError(status)
-
-
-def hook_c(uc, htype, state):
-    """Install one of _unicorn's C callbacks (``state.callback``/``state.user_data``) on
-    ``uc``; returns the hook handle for :func:`unhook_c`.  Keep ``state`` alive."""
-    return _hook_add_c(uc, htype, state.callback, state.user_data)
-
-
-def unhook_c(uc, handle):
-    _hook_del_c(uc, handle)
 
 
 def _flush_tlb(uc):

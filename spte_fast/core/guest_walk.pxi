@@ -110,17 +110,10 @@ cdef int _tdp_translate(kvm_vcpu_t* vcpu, u64 gpa, int acc, u64 extra, guest_wal
         hw_tlb_entry(vcpu, gfn, &e)
         pfn[0] = e.pfn
         return GW_OK
-    if vcpu.pml_count:                      # every VM exit flushes the PML buffer first
-        vmx_flush_pml_buffer(vcpu)
-    if ex == HW_PML_FULL:
-        vcpu.stat.exits_pml_full += 1
-        return GW_RESTART
-    if ex == HW_VIOLATION:
-        vcpu.stat.exits_ept_violation += 1
-    else:
-        vcpu.stat.exits_misconfig += 1
     fast_before = vcpu.stat.faults_fast
-    r = kvm_mmu_page_fault(vcpu, gfn, tdp_exit_error_code(kvm, ex, acc, leaf_present) | extra)
+    r = hw_vm_exit(vcpu, gfn, ex, acc, leaf_present, extra)
+    if r == EXIT_PML_FULL:
+        return GW_RESTART
     if r < 0:
         return r
     w.counts[r] += 1

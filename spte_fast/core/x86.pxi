@@ -138,6 +138,29 @@ cdef int vcpu_fault_batch(kvm_vcpu_t* vcpu, const gfn_t* gfns, const uint8_t* ac
 
 # -- the hardware view: accesses ----------------------------------------------------------
 
+cdef enum:
+    EXIT_PML_FULL = 1 << 9          # hw_vm_exit: a PML-full exit, nothing to do but re-execute
+
+
+cdef inline int hw_vm_exit(kvm_vcpu_t* vcpu, gfn_t gfn, int ex, int acc, bint leaf_present,
+                           u64 extra) noexcept nogil:
+    """The VM exit the walker's verdict ``ex`` raises (not HW_HIT): the PML flush every exit
+    starts with; a PML-full exit (handle_pml_full) does nothing else and returns
+    EXIT_PML_FULL; else the exit is counted by reason and its error code (the exit
+    handler's, | ``extra``) handed to kvm_mmu_page_fault: RET_PF_* or -SPTE_E*."""
+    if vcpu.pml_count:
+        vmx_flush_pml_buffer(vcpu)
+    if ex == HW_PML_FULL:
+        vcpu.stat.exits_pml_full += 1
+        return EXIT_PML_FULL
+    if ex == HW_VIOLATION:
+        vcpu.stat.exits_ept_violation += 1
+    else:
+        vcpu.stat.exits_misconfig += 1
+    return kvm_mmu_page_fault(vcpu, gfn,
+                              tdp_exit_error_code(vcpu.kvm, ex, acc, leaf_present) | extra)
+
+
 cdef int kvm_access_one(kvm_vcpu_t* vcpu, gfn_t gfn, int acc, int64_t* counts,
                         const hw_tlb_fill_t* f, int ex) noexcept nogil:
     """One access inside the read side, to completion: walk; on an exit hand the error code
@@ -152,6 +175,7 @@ cdef int kvm_access_one(kvm_vcpu_t* vcpu, gfn_t gfn, int acc, int64_t* counts,
     cdef int r = 0
     cdef int64_t reexec = 0
     cdef bint leaf_present = False
+    cdef int x
     while True:
         if ex == HW_UNDECIDED:
             ex = hw_tdp_walk(vcpu, gfn, acc, &leaf_present)
@@ -160,22 +184,16 @@ cdef int kvm_access_one(kvm_vcpu_t* vcpu, gfn_t gfn, int acc, int64_t* counts,
         else:
             vcpu.stat.hw_walks += 1
             leaf_present = False
-        if vcpu.pml_count:                  # every VM exit flushes the PML buffer first
-            vmx_flush_pml_buffer(vcpu)
-        if ex == HW_PML_FULL:               # handle_pml_full: nothing else, re-execute
-            vcpu.stat.exits_pml_full += 1
+        x = hw_vm_exit(vcpu, gfn, ex, acc, leaf_present, 0)
+        if x == EXIT_PML_FULL:
             reexec += 1
             if reexec == RETRY_CHECK:
                 return ACCESS_INTERRUPTED
             ex = HW_UNDECIDED
             continue
-        if ex == HW_VIOLATION:
-            vcpu.stat.exits_ept_violation += 1
-        else:
-            vcpu.stat.exits_misconfig += 1
-        r = kvm_mmu_page_fault(vcpu, gfn, tdp_exit_error_code(vcpu.kvm, ex, acc, leaf_present))
-        if r < 0:
-            return r
+        if x < 0:
+            return x
+        r = x
         counts[r] += 1
         if r == RET_PF_EMULATE:
             return r                        # the emulator performs the access

@@ -237,9 +237,9 @@ cdef class Vcpu:
         exit.  Returns {"hits", "fixed", "spurious", "retry", "emulate", "fast"}: accesses
         without an exit, then the exits by result.
         """
-        if self.vcpu.guest_paging:
-            return _guest_access_batch(self, gfns, access, out)
-        cdef cnp.ndarray g_arr = _gfn_array(gfns, "gfns", self.vm.kvm.gfn_limit)
+        cdef bint paging = self.vcpu.guest_paging
+        cdef cnp.ndarray g_arr = (_gva_array(&self.vcpu, gfns) if paging else
+                                  _gfn_array(gfns, "gfns", self.vm.kvm.gfn_limit))
         cdef Py_ssize_t n = g_arr.shape[0]
         cdef cnp.ndarray a_arr = None
         cdef cnp.ndarray o_arr = None
@@ -253,15 +253,20 @@ cdef class Vcpu:
             o_view = _out_view(out, n)
             o_arr = _out_scratch(o_view)
             o = <int8_t*>cnp.PyArray_DATA(o_arr) if o_arr is not None else _out_ptr(o_view)
-        cdef const gfn_t* g = <const gfn_t*>cnp.PyArray_DATA(g_arr)
+        cdef const u64* g = <const u64*>cnp.PyArray_DATA(g_arr)
         cdef int64_t counts[NR_BATCH_COUNTS]
+        cdef int64_t guest_faults = 0
         cdef Py_ssize_t done = 0
         cdef int rc = BATCH_INTERRUPTIBLE
         memset(counts, 0, sizeof(counts))
         try:
             while rc == BATCH_INTERRUPTIBLE:
                 with nogil:
-                    rc = vcpu_access_batch(&self.vcpu, g, a, o, n, counts, &done)
+                    if paging:
+                        rc = vcpu_guest_access_batch(&self.vcpu, g, a, True, o, n, counts,
+                                                     &guest_faults, &done)
+                    else:
+                        rc = vcpu_access_batch(&self.vcpu, g, a, o, n, counts, &done)
                 if rc == BATCH_INTERRUPTIBLE:
                     PyErr_CheckSignals()
         finally:
@@ -271,9 +276,12 @@ cdef class Vcpu:
         _check_rc(rc, f"access_batch: stopped after {done} of {n} accesses",
                   self.cache.mc.last_warn, done,
                   f"gfns[{done}] or access[{done}] changed under the batch to a bad value")
-        return {"hits": counts[0], "fixed": counts[RET_PF_FIXED],
-                "spurious": counts[RET_PF_SPURIOUS], "retry": counts[RET_PF_RETRY],
-                "emulate": counts[RET_PF_EMULATE], "fast": counts[COUNT_FAST]}
+        res = {"hits": counts[0], "fixed": counts[RET_PF_FIXED],
+               "spurious": counts[RET_PF_SPURIOUS], "retry": counts[RET_PF_RETRY],
+               "emulate": counts[RET_PF_EMULATE], "fast": counts[COUNT_FAST]}
+        if paging:
+            res["guest_faults"] = guest_faults
+        return res
 
     @property
     def stats(self):
@@ -291,54 +299,18 @@ cdef class Vcpu:
                 "guest_faults": st.guest_faults, "guest_ad_sets": st.guest_ad_sets}
 
 
-cdef object _guest_access_batch(Vcpu self, gvas, access, out):
-    """access_batch with guest paging: uint64 canonical gvas, user-mode accesses."""
+cdef cnp.ndarray _gva_array(kvm_vcpu_t* vcpu, gvas):
+    """access_batch's addresses with guest paging: a 1-D uint64 array of canonical gvas."""
     cdef cnp.ndarray g_arr = _u64_array(gvas, "gvas", False)
     if g_arr.ndim != 1:
         raise ValueError(f"gvas must be 1-D, not of {g_arr.ndim} dimensions")
-    cdef Py_ssize_t n = g_arr.shape[0]
-    cdef int bits = 48 if self.vcpu.guest_levels == 4 else 57
+    cdef int bits = 48 if vcpu.guest_levels == 4 else 57
     top = g_arr >> np.uint64(bits - 1)
     bad = np.flatnonzero((top != 0) & (top != np.uint64((1 << (65 - bits)) - 1)))
     if bad.size:
         raise ValueError(f"gvas[{bad[0]}] = {int(g_arr[bad[0]]):#x} is not canonical for "
-                         f"{self.vcpu.guest_levels}-level paging (the access would #GP)")
-    cdef cnp.ndarray a_arr = None
-    cdef cnp.ndarray o_arr = None
-    cdef int8_t[:] o_view = None
-    cdef const uint8_t* a = NULL
-    cdef int8_t* o = NULL
-    if access is not None:
-        a_arr = _hw_access_array(access, n)
-        a = <const uint8_t*>cnp.PyArray_DATA(a_arr)
-    if out is not None:
-        o_view = _out_view(out, n)
-        o_arr = _out_scratch(o_view)
-        o = <int8_t*>cnp.PyArray_DATA(o_arr) if o_arr is not None else _out_ptr(o_view)
-    cdef const u64* g = <const u64*>cnp.PyArray_DATA(g_arr)
-    cdef int64_t counts[NR_BATCH_COUNTS]
-    cdef int64_t guest_faults = 0
-    cdef Py_ssize_t done = 0
-    cdef int rc = BATCH_INTERRUPTIBLE
-    memset(counts, 0, sizeof(counts))
-    try:
-        while rc == BATCH_INTERRUPTIBLE:
-            with nogil:
-                rc = vcpu_guest_access_batch(&self.vcpu, g, a, True, o, n, counts,
-                                             &guest_faults, &done)
-            if rc == BATCH_INTERRUPTIBLE:
-                PyErr_CheckSignals()
-    finally:
-        if o_arr is not None:
-            _out_copy_back(o_view, o_arr, done)
-    self.vm._raise_fatal()
-    _check_rc(rc, f"access_batch: stopped after {done} of {n} accesses",
-              self.cache.mc.last_warn, done,
-              f"access[{done}] changed under the batch to a bad value")
-    return {"hits": counts[0], "fixed": counts[RET_PF_FIXED],
-            "spurious": counts[RET_PF_SPURIOUS], "retry": counts[RET_PF_RETRY],
-            "emulate": counts[RET_PF_EMULATE], "fast": counts[COUNT_FAST],
-            "guest_faults": guest_faults}
+                         f"{vcpu.guest_levels}-level paging (the access would #GP)")
+    return g_arr
 
 
 cdef object _vcpu_mov(Vcpu self, addr, bint write, value):

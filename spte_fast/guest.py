@@ -74,7 +74,7 @@ class GuestPageTables:
         self._base = None
         if direct_map is not None:
             vcpu, base = self._check_direct_map(direct_map)
-        self.root_gfn = self._new_table()
+        self._new_table()                # the root
         if direct_map is not None:
             self.direct_map_base = base
             for _sid, b, n, _pfn, _ro in vm.memslots:        # the boot loader's work
@@ -84,6 +84,10 @@ class GuestPageTables:
             self._vcpu, self._base = vcpu, base
 
     # -- the guest's bookkeeping -------------------------------------------------------------
+
+    @property
+    def root_gfn(self):
+        return self.tables[0]
 
     @property
     def root_gpa(self):

@@ -100,8 +100,7 @@ def _translate(vcpu, gpa, write, exec, extra, w):  # noqa: A002
     if r == PF.EMULATE:
         if extra == PFERR_GUEST_PAGE_MASK:
             raise _GuestFault()
-        w["emulated"] = True
-        return None
+        return None                                 # the emulator did the final access
     raise _Restart()
 
 
@@ -146,7 +145,7 @@ def _walk(vcpu, gva, write, exec, user, w):  # noqa: A002
 def _guest_access(vcpu, gva, write, exec, user, counts):  # noqa: A002
     """The guest's access to gva, re-executed after every exit KVM handled: None (no
     exit), GUEST_PAGE_FAULT, or the PF of the first exit.  No return to the VMM."""
-    w = {"refs": 0, "first": None, "counts": counts, "emulated": False}
+    w = {"refs": 0, "first": None, "counts": counts}
     try:
         while True:
             mmu.kvm_vcpu_enter_guest(vcpu)

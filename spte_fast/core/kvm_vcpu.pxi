@@ -280,7 +280,7 @@ cdef class Vcpu:
                "spurious": counts[RET_PF_SPURIOUS], "retry": counts[RET_PF_RETRY],
                "emulate": counts[RET_PF_EMULATE], "fast": counts[COUNT_FAST]}
         if paging:
-            res["guest_faults"] = guest_faults
+            res.update(guest_faults=guest_faults)
         return res
 
     @property
